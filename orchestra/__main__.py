@@ -1,0 +1,3 @@
+from orchestra.cli.train import main
+
+main()

@@ -1,0 +1,74 @@
+"""`orchestra-train`: compose the Hydra config, validate it, train, print the summary.
+
+Examples::
+
+    orchestra-train experiment=debug
+    orchestra-train model=llama-125m trainer.max_steps=2000 optim.lr=6e-4
+    orchestra-train -m optim.lr=1e-4,3e-4,1e-3          # a Hydra sweep
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from orchestra.cli.common import CONF_DIR, console, fail, table
+from orchestra.config import ConfigError, TrainConfig, register_configs, validate
+
+
+def to_config(cfg: DictConfig) -> TrainConfig:
+    """Typed config from Hydra's composition (the schema has already checked keys and types)."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(plain)  # type: ignore[return-value]
+
+
+class ValidateBeforeRun(Callback):
+    """Hydra callback: cross-field validation before Hydra creates the run dir.
+
+    Hydra calls on_run_start before it makes the output directory, so a config that cannot run
+    fails here with nothing written.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(to_config(config))
+        except ConfigError as err:
+            fail(f"invalid configuration: {err}")
+
+
+register_configs()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> float | None:
+    from orchestra.data.errors import DataError
+    from orchestra.train.checkpoint import CheckpointError
+    from orchestra.train.run import train
+
+    config = to_config(cfg)
+    config.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = train(config)
+    except (ConfigError, DataError, CheckpointError) as err:
+        fail(str(err))
+        return None
+    if result.summary:
+        console.print(table(f"Orchestra run summary — {config.name}", result.summary))
+        console.rule("sample")
+        console.print(result.sample, markup=False, highlight=False)
+        console.rule()
+        console.print(f"run dir: {result.run_dir}")
+    val = result.summary.get("val_loss") if result.summary else None
+    return float(val) if val is not None else None  # lets Hydra sweepers optimise it
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

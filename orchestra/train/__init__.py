@@ -1,0 +1,1 @@
+"""Training: the Lightning module, optimizer and schedules, checkpoints, callbacks, run assembly."""

@@ -1,0 +1,123 @@
+"""Tokens/s, TFLOP/s per device, MFU/HFU, peak memory and time spent waiting for data.
+
+Lightning ships a ThroughputMonitor, but its MFU comes from its own (NVIDIA-only) device table
+and it cannot tell model FLOPs from hardware FLOPs; this callback follows the project's MFU
+contract (6N + attention over a table or config peak, see orchestra.train.flops).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from orchestra.train.flops import device_peak_flops, precision_dtype
+
+
+class ThroughputCallback(L.Callback):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: float,
+        log_every_n_steps: int,
+        peak_flops: float | None = None,
+        recompute_factor: float = 1.0,
+    ) -> None:
+        """``recompute_factor`` > 1 when activation checkpointing recomputes the forward (HFU)."""
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.log_every_n_steps = log_every_n_steps
+        self.peak_override = peak_flops
+        self.recompute_factor = recompute_factor
+        self.peak: float | None = None
+        self._window_start: float | None = None
+        self._window_steps = 0
+        self._data_wait = 0.0
+        self._batch_end: float | None = None
+        self._last_step = -1
+        self.train_seconds = 0.0
+        self.train_steps = 0
+        self.last: dict[str, float] = {}
+        self._world = 1
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_override is not None:
+            self.peak = self.peak_override
+            return
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            self.peak = device_peak_flops(name, precision_dtype(str(trainer.precision)))
+            if self.peak is None:
+                rank_zero_warn(
+                    f"MFU: no peak FLOP/s known for {name!r} at precision {trainer.precision}; "
+                    "set trainer.peak_flops=<FLOP/s per device> to get MFU."
+                )
+        else:
+            rank_zero_warn(
+                f"MFU: no peak FLOP/s for device type {device.type!r}; MFU is not reported "
+                "unless trainer.peak_flops is set."
+            )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._batch_end is not None:
+            self._data_wait += now - self._batch_end
+        if self._window_start is None:
+            self._window_start = now
+            self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != self._last_step:  # an optimizer step happened in this batch
+            self._window_steps += step - self._last_step
+            self._last_step = step
+            if self._window_steps >= self.log_every_n_steps:
+                self._flush(trainer, pl_module)
+        self._batch_end = time.perf_counter()
+
+    def _flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        assert self._window_start is not None
+        elapsed = max(now - self._window_start, 1e-9)
+        self.train_seconds += elapsed
+        self.train_steps += self._window_steps
+        world = trainer.world_size
+        tokens_per_s = self._window_steps * self.tokens_per_step / elapsed
+        model_flops_per_device = tokens_per_s * self.flops_per_token / world
+        metrics = {
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_device": tokens_per_s / world,
+            "perf/tflops_per_device": model_flops_per_device / 1e12,
+            "perf/data_wait_frac": self._data_wait / elapsed,
+        }
+        if self.peak:
+            metrics["perf/mfu"] = model_flops_per_device / self.peak
+            metrics["perf/hfu"] = metrics["perf/mfu"] * self.recompute_factor
+        if device.type == "cuda":
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.last = metrics
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._window_start = now
+        self._window_steps = 0
+        self._data_wait = 0.0
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean throughput over the whole run (measured windows only)."""
+        if self.train_seconds == 0:
+            return {"tokens_per_s": None, "mfu": None}
+        tokens_per_s = self.train_steps * self.tokens_per_step / self.train_seconds
+        return {
+            "tokens_per_s": tokens_per_s,
+            "mfu": None if not self.peak else tokens_per_s * self.flops_per_token / self._world / self.peak,
+        }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._world = trainer.world_size

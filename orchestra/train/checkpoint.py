@@ -1,0 +1,133 @@
+"""Checkpoint files: atomic writes, safe loads, and finding the newest complete checkpoint.
+
+Lightning's ModelCheckpoint decides *when* to save; this module decides *how* a file reaches the
+disk. A save writes ``<name>.tmp-<pid>``, fsyncs it and renames it over the final name, so a
+process killed mid-save leaves the previous checkpoint intact and never a torn file with a valid
+name. Loading uses ``weights_only=True``: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+CHECKPOINT_DIRNAME = "checkpoints"
+_TMP_MARK = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; any failure names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f"checkpoint {path} could not be read as a weights-only torch checkpoint: {err}"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} holds no 'state_dict': not an Orchestra checkpoint")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO plugin: temp-then-rename saves, weights-only loads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
+
+
+_STEP_FILE = re.compile(r"^step=?(\d+)\.ckpt$")
+
+
+def checkpoint_step(path: Path) -> int:
+    """Global step stored in a checkpoint (read lazily through mmap, so it is cheap)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt["global_step"])
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint of a run dir, or None.
+
+    Temp files are never candidates. last.ckpt and the step files are compared by the global
+    step they hold, because a kill between writing a step file and refreshing last.ckpt leaves
+    last.ckpt one interval behind. Unreadable files are skipped: they are not complete.
+    """
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIRNAME
+    if not ckpt_dir.is_dir():
+        return None
+    best: tuple[int, int, Path] | None = None
+    for path in ckpt_dir.glob("*.ckpt"):
+        if _TMP_MARK in path.name:
+            continue
+        try:
+            step = checkpoint_step(path)
+        except Exception:
+            continue
+        # Prefer a step file over last.ckpt at the same step (both are identical then).
+        rank = (step, 0 if path.name == "last.ckpt" else 1, path)
+        if best is None or rank[:2] > best[:2]:
+            best = rank
+    return None if best is None else best[2]
+
+
+def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """(Transformer in eval mode, HF tokenizers.Tokenizer, orchestra metadata) from a training checkpoint."""
+    from tokenizers import Tokenizer
+
+    from orchestra.config import model_config_from_dict
+    from orchestra.model import Transformer
+
+    ckpt = load_checkpoint_file(path, map_location=map_location)
+    meta = ckpt.get("orchestra")
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"checkpoint {path} carries no Orchestra metadata (model config, tokenizer)")
+    model_cfg = model_config_from_dict(meta["model_config"])
+    model = Transformer(model_cfg, int(meta["vocab_size"]))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not match its own model config: {err}") from err
+    if not meta.get("tokenizer_json"):
+        raise CheckpointError(f"checkpoint {path} has no tokenizer")
+    tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
+    return model.eval(), tokenizer, meta

@@ -1,0 +1,113 @@
+"""Loggers: CSV always (metrics.csv in the run dir), W&B on request.
+
+Lightning's CSV writer deletes an existing metrics.csv when its directory is not empty, which
+would erase the history of a run that resumes in the same run dir. The writer below keeps it and
+drops only the rows at or after the resumed step (logged after the checkpoint by the run that
+died), so metrics.csv reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from orchestra.config import LoggerConfig, LoggerName, WandbMode
+
+
+class _ResumingWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+        if self._resume_step is not None:
+            rows = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < self._resume_step]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = sorted(header)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger writing ``<run_dir>/metrics.csv`` and continuing it across resumes."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+        super().__init__(save_dir=str(run_dir), name="", version="")
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    """offline unless the user has configured W&B (API key in the environment or ~/.netrc)."""
+    if cfg.wandb_mode != WandbMode.auto:
+        return cfg.wandb_mode.value
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per run dir: the id is created once and kept in the run dir."""
+    id_file = run_dir / "wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    import wandb.util
+
+    run_id = wandb.util.generate_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = id_file.with_suffix(".tmp")
+    tmp.write_text(run_id)
+    os.replace(tmp, id_file)
+    return run_id
+
+
+def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
+                  resume_step: int | None, is_global_zero: bool) -> list[Logger]:
+    loggers: list[Logger] = [ResumableCSVLogger(run_dir, resume_step=resume_step)]
+    if cfg.name == LoggerName.wandb:
+        mode = wandb_mode(cfg)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run_id = wandb_run_id(run_dir) if is_global_zero else None
+        loggers.append(
+            WandbLogger(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                save_dir=str(run_dir),
+                offline=mode == "offline",
+                mode=mode,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                config=config,
+                log_model=False,
+            )
+        )
+    return loggers

@@ -1,0 +1,234 @@
+"""Assemble one training job: data, model, callbacks, loggers, Trainer; then summarise it.
+
+This is the single place where the validated config turns into objects. The CLI only parses and
+prints; tests call :func:`train` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+
+from orchestra.config import (
+    TrainConfig,
+    accumulation_steps,
+    padded_vocab_size,
+    to_plain,
+    validate,
+)
+from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
+from orchestra.train.checkpoint import (
+    CHECKPOINT_DIRNAME,
+    AtomicCheckpointIO,
+    CheckpointError,
+    find_resume_checkpoint,
+    load_checkpoint_file,
+)
+from orchestra.train.flops import model_flops_per_token
+from orchestra.train.loggers import build_loggers
+from orchestra.train.module import CausalLMModule
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    sample: str
+    run_dir: Path
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """auto: bf16-mixed on a GPU that supports it, full fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return find_resume_checkpoint(run_dir)
+    path = Path(cfg.resume)
+    load_checkpoint_file(path)  # raises CheckpointError naming the file if unusable
+    return path
+
+
+def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int) -> int:
+    """Refuse a checkpoint of another model shape before Lightning fails deep inside load_state_dict."""
+    ckpt = load_checkpoint_file(path)
+    meta = ckpt.get("orchestra")
+    if meta is None:
+        raise CheckpointError(f"checkpoint {path} carries no Orchestra metadata; cannot resume from it")
+    saved, current = meta["model_config"], to_plain(cfg.model)
+    shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
+             for k in shape_keys if saved.get(k) != current[k]]
+    if meta["vocab_size"] != vocab_size:
+        diffs.append(f"vocab size: checkpoint {meta['vocab_size']} vs data/config {vocab_size}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
+    return int(ckpt["global_step"])
+
+
+class _LastValidation(Callback):
+    """Remembers the step of the newest validation so the end of a run is validated exactly once."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Run one training job described by a validated config; returns its summary."""
+    # Imported here so `orchestra.train` stays importable without building the data stack.
+    from orchestra.data.datamodule import TokenDataModule
+    from orchestra.data.dataset import load_manifest
+    from orchestra.data.pack import prepare_dataset
+    from orchestra.model.generate import generate
+
+    validate(cfg)
+    run_dir = Path(cfg.run_dir or "runs/unnamed").resolve()
+    t = cfg.trainer
+    world_size = t.devices * t.num_nodes
+    accumulation = accumulation_steps(t, world_size)
+
+    dataset_dir = prepare_dataset(cfg.data, seed=cfg.seed)
+    manifest = load_manifest(dataset_dir)
+    vocab_size = padded_vocab_size(cfg.model, int(manifest["vocab_size"]))
+    tokenizer_json = (Path(dataset_dir) / "tokenizer.json").read_text()
+
+    resume_path = resolve_resume(cfg, run_dir)
+    resume_step = check_checkpoint_matches(resume_path, cfg, vocab_size) if resume_path else None
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = CausalLMModule(cfg, vocab_size, tokenizer_json)
+    seq_len = cfg.model.max_seq_len
+    datamodule = TokenDataModule(
+        dataset_dir=dataset_dir,
+        seq_len=seq_len,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        seed=cfg.seed,
+        max_steps=t.max_steps,
+        val_batches=t.val_batches,
+        loader_workers=cfg.data.loader_workers,
+    )
+
+    tokens_per_step = t.global_batch_size * seq_len
+    flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len)
+    throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops)
+    energy = EnergyCallback(cfg.energy, run_dir / "emissions", tokens_per_step)
+    last_val = _LastValidation()
+    checkpointing = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIRNAME,
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        monitor="step",
+        mode="max",
+        save_top_k=t.keep_last_checkpoints,
+        every_n_train_steps=t.ckpt_every_n_steps,
+        save_last=True,
+    )
+    callbacks: list[Callback] = [checkpointing, throughput, last_val]
+    if cfg.energy.enabled:
+        callbacks.append(energy)
+    if t.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+
+    is_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    loggers = build_loggers(cfg.logger, run_dir, cfg.name, to_plain(cfg), resume_step, is_zero)
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy="auto",
+        precision=resolve_precision(t.precision, t.accelerator),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulation,
+        gradient_clip_val=t.grad_clip or None,
+        val_check_interval=t.val_every_n_steps * accumulation,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None)
+    if last_val.step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in trainer.callback_metrics.items()}
+
+    sample = ""
+    summary: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        model = module.model.to(trainer.strategy.root_device)
+        prompt_ids = tokenizer.encode(t.sample_prompt).ids or [int(manifest["eos_id"])]
+        prompt = torch.tensor([prompt_ids], device=trainer.strategy.root_device)
+        budget = max(0, min(t.sample_tokens, cfg.model.max_seq_len - prompt.shape[1]))
+        gen = torch.Generator(device=prompt.device).manual_seed(cfg.seed)
+        out = generate(model, prompt, max_new_tokens=budget, temperature=0.8, top_k=50,
+                       eos_id=int(manifest["eos_id"]), generator=gen)
+        sample = tokenizer.decode(out[0].tolist())
+
+        perf = throughput.summary()
+        last_ckpt = Path(checkpointing.last_model_path or checkpointing.best_model_path or "")
+        steps = int(trainer.global_step)
+        summary = {
+            "steps": steps,
+            "tokens": steps * tokens_per_step,
+            "train_loss": _metric(metrics, "train/loss"),
+            "val_loss": _metric(metrics, "val/loss"),
+            "val_ppl": _metric(metrics, "val/ppl"),
+            "tokens_per_s": perf["tokens_per_s"],
+            "mfu": perf["mfu"],
+            "energy_kwh": energy.result["energy_kwh"],
+            "co2_kg": energy.result["co2_kg"],
+            "j_per_token": energy.result["j_per_token"],
+            "checkpoint": str(last_ckpt) if last_ckpt.name else None,
+            "resumed_from": str(resume_path) if resume_path else None,
+            "wall_s": time.time() - started,
+            "parameters": module.model.num_parameters(),
+            "run_dir": str(run_dir),
+        }
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return RunResult(summary=summary, sample=sample, run_dir=run_dir)
+
