@@ -1,0 +1,104 @@
+"""Autoregressive sampling with a KV cache: prefill the prompt once, then one token per step."""
+
+from __future__ import annotations
+
+import torch
+
+from orchestra.model.transformer import KVCache, Transformer
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the nucleus (top-p) to -inf; [B, V] -> [B, V]."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens strictly more likely already cover top_p; this always
+        # keeps the most likely token.
+        remove_sorted = (probs.cumsum(dim=-1) - probs) > top_p
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def _next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick one token per row from last-position logits [B, V] -> [B, 1]."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = _filter_logits(logits / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue ``prompt`` ([B, T] or [T] token ids) by up to ``max_new_tokens`` tokens.
+
+    Returns prompt + continuation with the prompt's shape convention ([B, T + n] or [T + n]).
+    temperature=0 is greedy decoding. With ``eos_id``, a row that has produced eos keeps
+    emitting eos and generation stops as soon as every row has, so n may be < max_new_tokens.
+    The model is put in eval mode for the call and its previous mode restored afterwards.
+    """
+    squeeze = prompt.dim() == 1
+    if squeeze:
+        prompt = prompt.unsqueeze(0)
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must be [T] or [B, T] token ids, got shape {tuple(prompt.shape)}")
+    B, T = prompt.shape
+    if T == 0 or B == 0:
+        raise ValueError("prompt is empty: generation needs at least one prompt token per row")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_len = model.cfg.max_seq_len
+    if T + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds "
+            f"model.max_seq_len={max_len}; shorten the prompt or ask for fewer tokens"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = model.tok_embeddings.weight
+        out = prompt.to(param.device)
+        if max_new_tokens > 0:
+            cache = KVCache(B, model.cfg, T + max_new_tokens, device=param.device, dtype=param.dtype)
+            finished = torch.zeros(B, dtype=torch.bool, device=param.device)
+            logits = model(out, kv_cache=cache, start_pos=0)[:, -1]
+            pos = T
+            for step in range(max_new_tokens):
+                tok = _next_token(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    tok = tok.masked_fill(finished[:, None], eos_id)
+                    finished |= tok[:, 0] == eos_id
+                out = torch.cat([out, tok], dim=1)
+                if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
+                    break
+                logits = model(tok, kv_cache=cache, start_pos=pos)[:, -1]
+                pos += 1
+    finally:
+        model.train(was_training)
+    return out[0] if squeeze else out

@@ -1,0 +1,282 @@
+"""A Llama-style decoder-only Transformer, readable top to bottom.
+
+Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU
+MLP -> residual), a final RMSNorm and an untied or tied output projection. Module and
+parameter names are chosen so that the Hugging Face ``LlamaForCausalLM`` mapping in hf.py is a
+plain rename, and the numerics follow it so exported checkpoints give the same logits.
+
+The model knows nothing of parallelism: no torch.distributed, no Lightning. FSDP, activation
+checkpointing and compile are applied from outside (orchestra/train/strategy.py); the Block
+modules are the natural wrapping unit. Fusable ops go through one table chosen by
+``model.kernels`` (see ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestra.config import ModelConfig
+from orchestra.model.ops import Ops, get_ops
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, n_kv_heads, max_len, head_dim] for incremental decoding.
+
+    Keys are stored after RoPE, so a cached position never has to be rotated again.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        cfg: ModelConfig,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KVCache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        self.batch_size = batch_size
+        self.max_len = max_len
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    def update(
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, Hkv, T, hd] at start_pos and return all keys/values up to start_pos + T."""
+        end = start_pos + k.shape[2]
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float, ops: Ops) -> None:
+        super().__init__()
+        self.eps = eps
+        self.ops = ops
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: Ops) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.ops = ops
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        start_pos: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        # [B, T, H*hd] -> [B, H, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.ops.apply_rope(q, k, cos, sin)
+
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
+            # The cache has its own dtype; under autocast q may be bf16 while the cache is fp32.
+            k, v = k.to(q.dtype), v.to(q.dtype)
+
+        # Repeat kv heads rather than SDPA's enable_gqa: every SDPA backend (flash,
+        # mem-efficient, math) accepts equal head counts, and it is HF's repeat_kv exactly.
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+
+        S = k.shape[2]  # keys visible: T, or start_pos + T with a cache
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            # One new token attends to everything cached before it: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # Several new tokens after a cached prefix. is_causal would align the triangle to the
+            # top-left corner, so build it explicitly: query i sits at absolute position
+            # start_pos + i and may see keys 0 .. start_pos + i.
+            q_pos = torch.arange(S - T, S, device=x.device)
+            k_pos = torch.arange(S, device=x.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+        super().__init__()
+        self.ops = ops
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; the unit that FSDP wrapping and activation checkpointing use."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: Ops) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.attention = Attention(cfg, layer_idx, ops)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def rope_cache(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim] in fp32, computed the way HF's default RoPE does.
+
+    Frequencies are duplicated ([f, f]) to pair dim i with i + head_dim/2 (rotate_half).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder. ``vocab_size`` is the already padded embedding row count."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        # One ops table for the whole model, chosen once (not per call) so compile sees constants.
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.ops = get_ops(cfg.kernels, device_type)
+
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, self.ops) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # The same Parameter object: optimizers, FSDP and state_dict all see one tensor.
+            self.lm_head.weight = self.tok_embeddings.weight
+
+        # Non-persistent: derived from the config, so not saved in checkpoints; rebuilt by
+        # reset_rope_cache() after meta-device construction.
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope_cache()
+
+        from orchestra.model.init import init_weights  # init.py imports this module
+
+        init_weights(self, cfg)
+
+    def reset_rope_cache(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the fp32 cos/sin buffers, e.g. after ``to_empty`` from the meta device."""
+        if device is None:
+            device = self.tok_embeddings.weight.device
+        cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        self.rope_cos = cos
+        self.rope_sin = sin
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] in fp32, or with ``targets`` the mean cross-entropy (ignore_index=-100).
+
+        The loss is computed here, from the final hidden states and lm_head.weight through
+        ops.linear_cross_entropy, so a fused kernel never materialises the [B*T, V] logits and a
+        sharding wrapper sees the weight used inside this module's forward.
+        """
+        B, T = tokens.shape
+        if T + start_pos > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {T} tokens starting at position {start_pos} needs {T + start_pos} positions, "
+                f"but model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        if kv_cache is not None and (T + start_pos > kv_cache.max_len or kv_cache.batch_size != B):
+            raise ValueError(
+                f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions; "
+                f"got batch {B} at positions {start_pos}..{start_pos + T - 1}"
+            )
+
+        h = self.tok_embeddings(tokens)
+        cos = self.rope_cos[start_pos : start_pos + T]
+        sin = self.rope_sin[start_pos : start_pos + T]
+        for layer in self.layers:
+            h = layer(h, cos, sin, kv_cache, start_pos)
+        h = self.norm(h)
+
+        if targets is None:
+            return self.lm_head(h).float()
+        return self.ops.linear_cross_entropy(
+            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-100
+        )
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, a tied matrix counted once.
+
+        ``exclude_embeddings`` drops the input embedding table, which is a lookup, not a matmul;
+        with tied embeddings the shared matrix stays counted because it is also the output
+        projection.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates ties
+        if exclude_embeddings and not self.cfg.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at a given sequence length.
+
+        Convention of Kaplan et al. / PaLM (appendix B): 6 * N_matmul + 12 * n_layers * dim *
+        seq_len, where N_matmul is every parameter except the input embedding (the lm_head
+        counts, a tied one too; the few norm gains are included for simplicity) and the second
+        term is the attention score and value matmuls (QK^T and AV, 2 * 2 * dim * seq_len
+        forward per layer, x3 with backward), counted without the causal-mask halving. This is
+        the "model FLOPs" numerator of MFU.
+        """
+        n_matmul = self.num_parameters(exclude_embeddings=True)
+        return 6.0 * n_matmul + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
+

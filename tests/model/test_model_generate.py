@@ -1,0 +1,110 @@
+"""Sampling with the KV cache: greedy parity with full forwards, filters, stops and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestra.model import Transformer, generate
+from orchestra.model.generate import _filter_logits
+
+V = 97
+
+
+@pytest.fixture
+def model(make_cfg) -> Transformer:
+    return Transformer(make_cfg(max_seq_len=32), V)
+
+
+def _greedy_by_full_forwards(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+def test_greedy_equals_step_by_step_argmax(model):
+    model.eval()
+    prompt = torch.randint(0, V, (2, 5))
+    out = generate(model, prompt, max_new_tokens=12, temperature=0.0)
+    assert out.shape == (2, 17)
+    assert torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, _greedy_by_full_forwards(model, prompt, 12))
+
+
+def test_one_dimensional_prompt_and_zero_new_tokens(model):
+    prompt = torch.randint(0, V, (4,))
+    out = generate(model, prompt, max_new_tokens=3, temperature=0)
+    assert out.shape == (7,) and torch.equal(out[:4], prompt)
+    assert torch.equal(generate(model, prompt, max_new_tokens=0), prompt)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    prompt = torch.randint(0, V, (1, 4))
+    greedy = generate(model, prompt, 8, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, prompt, 8, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(generate(model, prompt, 8, temperature=1.0, top_p=1e-6, generator=g), greedy)
+
+
+def test_sampling_is_reproducible_with_a_generator(model):
+    prompt = torch.randint(0, V, (2, 3))
+    a = generate(model, prompt, 10, temperature=1.5, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(1))
+    b = generate(model, prompt, 10, temperature=1.5, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert ((a >= 0) & (a < V)).all()
+
+
+def test_filters():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isinf(_filter_logits(logits, 2, None)).tolist() == [[True, False, False, True]]
+    # probs ~ [0.03, 0.64, 0.24, 0.09]: 0.64 < 0.8, so the top two survive
+    assert torch.isinf(_filter_logits(logits, None, 0.8)).tolist() == [[True, False, False, True]]
+    assert not torch.isinf(_filter_logits(logits, 10, 1.0)).any()
+
+
+def test_stops_at_eos(model):
+    prompt = torch.randint(0, V, (1, 4))
+    greedy = generate(model, prompt, 10, temperature=0)
+    eos = int(greedy[0, 6])  # the third generated token
+    first = (greedy[0, 4:] == eos).nonzero()[0].item()
+    out = generate(model, prompt, 10, temperature=0, eos_id=eos)
+    assert out.shape[1] == 4 + first + 1
+    assert out[0, -1].item() == eos
+    assert torch.equal(out, greedy[:, : out.shape[1]])
+
+
+def test_finished_rows_keep_emitting_eos(model):
+    prompt = torch.randint(0, V, (2, 4))
+    greedy = generate(model, prompt, 6, temperature=0)
+    eos = int(greedy[0, 4])  # row 0 finishes at once
+    out = generate(model, prompt, 6, temperature=0, eos_id=eos)
+    assert (out[0, 4:] == eos).all()
+
+
+def test_eval_mode_is_restored(model):
+    model.train()
+    generate(model, torch.zeros(1, 2, dtype=torch.long), 2)
+    assert model.training
+    model.eval()
+    generate(model, torch.zeros(1, 2, dtype=torch.long), 2)
+    assert not model.training
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match=r"prompt length 30 \+ max_new_tokens 5 = 35 exceeds model.max_seq_len=32"):
+        generate(model, torch.zeros(1, 30, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 2, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 2, top_p=1.5)

@@ -1,0 +1,142 @@
+"""The Transformer itself: shapes, causality, loss, KV cache, limits and bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orchestra.model import KVCache, Transformer
+
+V = 101  # odd on purpose: nothing may assume a padded vocabulary
+
+
+def test_logits_shape_and_dtype(make_cfg):
+    model = Transformer(make_cfg(), V)
+    tokens = torch.randint(0, V, (3, 17))
+    logits = model(tokens)
+    assert logits.shape == (3, 17, V)
+    assert logits.dtype == torch.float32
+
+
+def test_causal_future_tokens_do_not_change_past_logits(make_cfg):
+    model = Transformer(make_cfg(), V).eval()
+    a = torch.randint(0, V, (2, 20))
+    b = a.clone()
+    b[:, 12:] = torch.randint(0, V, (2, 8))
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    torch.testing.assert_close(la[:, :12], lb[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(la[:, 12:], lb[:, 12:])
+
+
+def test_loss_matches_cross_entropy_on_logits(make_cfg):
+    for tie in (False, True):
+        model = Transformer(make_cfg(tie_embeddings=tie), V)
+        tokens = torch.randint(0, V, (2, 16))
+        targets = torch.randint(0, V, (2, 16))
+        targets[0, :5] = -100
+        targets[1, -3:] = -100
+        loss = model(tokens, targets)
+        assert loss.dim() == 0
+        ref = F.cross_entropy(model(tokens).reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        # ignore_index: the ignored positions have no say in the loss
+        kept = targets != -100
+        ref_kept = F.cross_entropy(model(tokens)[kept], targets[kept])
+        torch.testing.assert_close(loss, ref_kept, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_reaches_every_parameter(make_cfg):
+    model = Transformer(make_cfg(), V)
+    tokens = torch.randint(0, V, (2, 8))
+    model(tokens, tokens).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_too_long_input_is_a_clear_error(make_cfg):
+    model = Transformer(make_cfg(max_seq_len=16), V)
+    with pytest.raises(ValueError, match=r"17 positions.*max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model(torch.zeros(1, 4, dtype=torch.long), start_pos=13)
+    model(torch.zeros(1, 16, dtype=torch.long))  # exactly the limit is fine
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_kv_cache_decoding_matches_full_forward(make_cfg, n_kv_heads):
+    cfg = make_cfg(n_kv_heads=n_kv_heads)
+    model = Transformer(cfg, V).eval()
+    tokens = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(2, cfg, 24, device="cpu", dtype=torch.float32)
+        parts = [model(tokens[:, :10], kv_cache=cache, start_pos=0)]
+        # a multi-token chunk after a cached prefix exercises the explicit causal mask
+        parts.append(model(tokens[:, 10:15], kv_cache=cache, start_pos=10))
+        parts += [model(tokens[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(15, 24)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_limits(make_cfg):
+    cfg = make_cfg()
+    model = Transformer(cfg, V)
+    cache = KVCache(1, cfg, 8)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.zeros(2, 4, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        KVCache(1, cfg, cfg.max_seq_len + 1)
+
+
+def test_tied_embeddings_share_one_parameter(make_cfg):
+    tied = Transformer(make_cfg(tie_embeddings=True), V)
+    untied = Transformer(make_cfg(tie_embeddings=False), V)
+    assert tied.lm_head.weight is tied.tok_embeddings.weight
+    assert untied.lm_head.weight is not untied.tok_embeddings.weight
+    emb = 64 * V
+    assert untied.num_parameters() - tied.num_parameters() == emb
+    assert tied.num_parameters(exclude_embeddings=True) == tied.num_parameters()
+    assert untied.num_parameters(exclude_embeddings=True) == untied.num_parameters() - emb
+
+
+def test_num_parameters_and_flops_by_hand(make_cfg):
+    cfg = make_cfg(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160)
+    model = Transformer(cfg, V)
+    D, L, F_, kv = 64, 2, 160, 2 * 16
+    attn = D * D + 2 * D * kv + D * D  # q, k, v, o
+    mlp = 3 * D * F_
+    norms = 2 * D
+    per_layer = attn + mlp + norms
+    n_matmul = L * per_layer + D + V * D  # layers + final norm + lm_head
+    assert model.num_parameters(exclude_embeddings=True) == n_matmul
+    assert model.num_parameters() == n_matmul + V * D
+    seq = 48
+    assert model.flops_per_token(seq) == 6 * n_matmul + 12 * L * D * seq
+
+
+def test_rope_buffers_are_not_saved_and_rebuild_after_meta(make_cfg):
+    cfg = make_cfg(rope_theta=5e5)
+    ref = Transformer(cfg, V)
+    assert not any("rope" in k for k in ref.state_dict())
+    with torch.device("meta"):
+        model = Transformer(cfg, V)
+    assert model.rope_cos.is_meta
+    model.to_empty(device="cpu")
+    model.reset_rope_cache()
+    torch.testing.assert_close(model.rope_cos, ref.rope_cos, rtol=0, atol=0)
+    torch.testing.assert_close(model.rope_sin, ref.rope_sin, rtol=0, atol=0)
+    assert model.rope_cos.shape == (cfg.max_seq_len, cfg.head_dim)
+    assert model.rope_cos.dtype == torch.float32
+
+
+def test_bf16_forward_runs_and_logits_are_fp32(make_cfg):
+    model = Transformer(make_cfg(), V).to(torch.bfloat16)
+    tokens = torch.randint(0, V, (1, 8))
+    logits = model(tokens)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    loss = model(tokens, tokens)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
