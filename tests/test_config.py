@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from orchestra.cli.common import CONF_DIR
+from orchestra.cli.train import to_config
 from orchestra.config import ConfigError, TrainConfig, register_configs, validate
 
 register_configs()
@@ -22,8 +22,7 @@ PRESETS = ["debug", "llama-125m", "llama-350m", "llama-1b", "llama-3b", "llama-8
 def composed(*overrides: str) -> TrainConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    del cfg["hydra"]
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    return to_config(cfg)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -9,6 +9,7 @@ Examples::
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import hydra
@@ -21,9 +22,13 @@ from orchestra.config import ConfigError, TrainConfig, register_configs, validat
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
-    """Typed config from Hydra's composition (the schema has already checked keys and types)."""
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(plain)  # type: ignore[return-value]
+    """Typed config from Hydra's composition (the schema has already checked keys and types).
+
+    Hydra's own ``hydra`` node is left out: callbacks see the config with it.
+    """
+    keys = [f.name for f in fields(TrainConfig) if f.name in cfg]
+    typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.masked_copy(cfg, keys))
+    return OmegaConf.to_object(typed)  # type: ignore[return-value]
 
 
 class ValidateBeforeRun(Callback):

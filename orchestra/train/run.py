@@ -226,6 +226,8 @@ def train(cfg: TrainConfig) -> RunResult:
             "resumed_from": str(resume_path) if resume_path else None,
             "wall_s": time.time() - started,
             "parameters": module.model.num_parameters(),
+            "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
+            "precision": str(trainer.precision),
             "run_dir": str(run_dir),
         }
         run_dir.mkdir(parents=True, exist_ok=True)

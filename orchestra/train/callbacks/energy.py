@@ -42,7 +42,7 @@ class EnergyCallback(L.Callback):
             output_dir=str(self.output_dir),
             output_file=f"emissions-node{trainer.node_rank}.csv",
             log_level="error",
-            save_to_file=True,
+            output_methods=["csv"],
             tracking_mode="machine",
         )
         self.tracker.start()
