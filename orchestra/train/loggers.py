@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +79,9 @@ def wandb_run_id(run_dir: Path) -> str:
     id_file = run_dir / "wandb_run_id"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb.util
-
-    run_id = wandb.util.generate_id()
+    # W&B's own id format (8 lowercase alphanumerics); its generator moved between releases.
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = id_file.with_suffix(".tmp")
     tmp.write_text(run_id)

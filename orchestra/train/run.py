@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import WandbLogger
 
 from orchestra.config import (
     TrainConfig,
@@ -192,6 +193,9 @@ def train(cfg: TrainConfig) -> RunResult:
     if last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in trainer.callback_metrics.items()}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()  # Lightning leaves the W&B run open; the next job would reuse it
 
     sample = ""
     summary: dict[str, Any] = {}
