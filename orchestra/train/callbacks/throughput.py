@@ -42,8 +42,10 @@ class ThroughputCallback(L.Callback):
         self.train_steps = 0
         self.last: dict[str, float] = {}
         self._world = 1
+        self._paused_at: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._world = trainer.world_size
         if self.peak_override is not None:
             self.peak = self.peak_override
             return
@@ -78,6 +80,16 @@ class ThroughputCallback(L.Callback):
             if self._window_steps >= self.log_every_n_steps:
                 self._flush(trainer, pl_module)
         self._batch_end = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused_at = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation is not training throughput: shift the window past it.
+        if self._paused_at is not None and self._window_start is not None:
+            self._window_start += time.perf_counter() - self._paused_at
+        self._paused_at = None
+        self._batch_end = None
 
     def _flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = trainer.strategy.root_device
@@ -118,6 +130,3 @@ class ThroughputCallback(L.Callback):
             "tokens_per_s": tokens_per_s,
             "mfu": None if not self.peak else tokens_per_s * self.flops_per_token / self._world / self.peak,
         }
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._world = trainer.world_size

@@ -1,0 +1,55 @@
+"""FLOPs per token against a hand count, the peak table lookup, and MFU with an overridden peak."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestra.config import ModelConfig
+from orchestra.model import Transformer
+from orchestra.train.flops import device_peak_flops, model_flops_per_token
+from tests.helpers import tiny_config
+
+
+def test_llama_8b_flops_per_token_by_hand() -> None:
+    m = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                    max_seq_len=8192)
+    # Per layer: q 4096x4096, k and v 4096x1024 each, o 4096x4096, gate/up/down 3 x 4096x14336.
+    per_layer = 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 14336  # 218,103,808
+    n_matmul = 32 * per_layer + 128256 * 4096  # + lm head = 7,504,658,432 (Llama-3-8B: 8.03B with embeddings)
+    assert n_matmul == 7_504_658_432
+    assert model_flops_per_token(m, 128256, 8192) == 6 * n_matmul + 12 * 32 * 4096 * 8192
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_formula_counts_exactly_the_model_matmul_weights(tied: bool) -> None:
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32, tie_embeddings=tied)
+    model = Transformer(cfg, 320)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    embedding = 320 * 64
+    # A tied matrix is one tensor, but it is used twice: once as a lookup, once in the lm-head matmul.
+    n_matmul = model.num_parameters() - norms - embedding + (embedding if tied else 0)
+    assert model_flops_per_token(cfg, 320, 32) == 6 * n_matmul + 12 * 3 * 64 * 32
+
+
+def test_peak_table_lookup() -> None:
+    assert device_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert device_peak_flops("AMD Instinct MI300X", "bf16") == 1307e12
+    assert device_peak_flops("Some Future Accelerator", "bf16") is None
+    assert device_peak_flops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 on Volta
+
+
+@pytest.mark.slow
+def test_mfu_with_an_overridden_peak(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+    from orchestra.train.run import train
+
+    cfg = tiny_config(corpus_dir, data_cache, tmp_path / "run", max_steps=10, peak_flops=1e12)
+    summary = train(cfg).summary
+    assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+    fpt = model_flops_per_token(cfg.model, 512, 64)
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * fpt / 1e12, rel=1e-6)
+    assert 0 < summary["mfu"] < 1
