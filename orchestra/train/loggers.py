@@ -47,10 +47,15 @@ class _ResumingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """CSVLogger writing ``<run_dir>/metrics.csv`` and continuing it across resumes."""
+    """CSVLogger writing ``<run_dir>/metrics.csv`` and continuing it across resumes.
+
+    Rows are flushed every step (an appended line), so a killed job loses at most the row of the
+    step it was logging; Lightning logs a step's metrics just after its checkpoint hook, so that
+    row is re-logged when the run resumes from a checkpoint of a later step than it.
+    """
 
     def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
-        super().__init__(save_dir=str(run_dir), name="", version="")
+        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
         self._resume_step = resume_step
 
     @property

@@ -1,0 +1,49 @@
+"""The wheel carries every package, the kernels under orchestra.kernels and the Hydra configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def declared() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_package_list_names_every_package_directory() -> None:
+    packages = set(declared()["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "orchestra").rglob("__init__.py")}
+    on_disk |= {"orchestra.kernels", "orchestra.conf"}
+    assert packages == on_disk
+
+
+def test_console_scripts_exist() -> None:
+    scripts = declared()["project"]["scripts"]
+    for name in ("orchestra-train", "orchestra-prepare", "orchestra-generate"):
+        module, func = scripts[name].split(":")
+        assert func == "main"
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), name
+
+
+@pytest.mark.slow
+def test_wheel_contains_kernels_and_configs(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+    wheel = next(tmp_path.glob("orchestra_trainer-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "orchestra/kernels/__init__.py" in names
+    assert "orchestra/conf/config.yaml" in names
+    assert "orchestra/conf/model/llama-8b.yaml" in names
+    assert "orchestra/conf/experiment/debug.yaml" in names
+    assert not any(n.startswith(("tests/", "kernels/", "conf/")) for n in names)
