@@ -65,6 +65,26 @@ class WandbMode(str, Enum):
 
 class StrategyName(str, Enum):
     single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed_zero1 = "deepspeed_zero1"
+    deepspeed_zero2 = "deepspeed_zero2"
+    deepspeed_zero3 = "deepspeed_zero3"
+    deepspeed_zero3_offload = "deepspeed_zero3_offload"
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.value.startswith("deepspeed")
+
+    @property
+    def zero_stage(self) -> int:
+        return {"deepspeed_zero1": 1, "deepspeed_zero2": 2}.get(self.value, 3 if self.is_deepspeed else 0)
+
+
+class ActivationCheckpointing(str, Enum):
+    none = "none"
+    full = "full"
+    every_k = "every_k"
 
 
 @dataclass
@@ -185,7 +205,27 @@ class EnergyConfig:
 
 @dataclass
 class StrategyConfig:
+    """How the one model is spread over devices; applied from outside the model (train/strategy.py)."""
+
     name: StrategyName = StrategyName.single
+    # none, full (every block), or every_k (every k-th block, trading memory for recompute).
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    ac_every_k: int = 2
+    # torch.compile each transformer block (regional compilation: fast to compile, same speed).
+    compile: bool = False
+    # FSDP2: free gathered parameters after forward (ZeRO-3 like) or keep them until backward.
+    reshard_after_forward: bool = True
+    # FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory.
+    cpu_offload: bool = False
+    # FSDP2 across nodes: shard within a node, replicate across nodes (HSDP).
+    hybrid_shard: bool = False
+    # DDP: let gradient buckets alias gradients (saves one copy of the gradients).
+    gradient_as_bucket_view: bool = True
+    # DeepSpeed: communication tuning (bytes); derived values (batch, accumulation, precision,
+    # clipping) come from trainer.* and are never set here.
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
 
 
 @dataclass
@@ -231,9 +271,30 @@ class GenerateConfig:
     device: str = "auto"
 
 
+def job_id() -> str:
+    """Identity of the launch, the same on every rank: SLURM job, torchrun run id, else the time.
+
+    The run dir is named after it, so all ranks of one job (and every requeue of a SLURM job)
+    write to one directory.
+    """
+    import os
+    import time
+
+    if os.environ.get("SLURM_JOB_ID"):
+        return os.environ["SLURM_JOB_ID"]
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return run_id
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (called by the CLIs before composing)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("orchestra.job_id"):
+        OmegaConf.register_new_resolver("orchestra.job_id", job_id, use_cache=True)
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=TrainConfig)
@@ -314,6 +375,23 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(s.step_size > 0, "scheduler.step_size", "must be positive")
     _require(0.0 < s.gamma <= 1.0, "scheduler.gamma", "must be in (0, 1]")
     _require(0.0 < s.decay_fraction <= 1.0, "scheduler.decay_fraction", "must be in (0, 1]")
+
+    st = cfg.strategy
+    _require(st.ac_every_k > 0, "strategy.ac_every_k", "must be positive")
+    _require(st.reduce_bucket_size > 0 and st.allgather_bucket_size > 0, "strategy.reduce_bucket_size",
+             "bucket sizes must be positive")
+    if st.name == StrategyName.single:
+        _require(t.devices * t.num_nodes == 1, "strategy",
+                 f"single runs on one device, but trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}; "
+                 "choose ddp, fsdp or deepspeed_zero*")
+    if st.hybrid_shard:
+        _require(st.name == StrategyName.fsdp, "strategy.hybrid_shard", "applies to strategy=fsdp only")
+    if st.cpu_offload:
+        _require(st.name == StrategyName.fsdp, "strategy.cpu_offload",
+                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)")
+    if st.name.is_deepspeed:
+        _require(t.precision not in ("16-mixed",), "trainer.precision",
+                 "use bf16-mixed or 32-true with DeepSpeed (fp16 loss scaling is not configured)")
 
     e = cfg.energy
     _require(len(e.country_iso_code) == 3 and e.country_iso_code.isalpha(), "energy.country_iso_code",

@@ -11,28 +11,41 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
-from orchestra.config import TrainConfig, to_plain
+from orchestra.config import StrategyName, TrainConfig, to_plain
 from orchestra.data.datamodule import realign_loop_progress
 from orchestra.model import Transformer
 from orchestra.train.optim import build_optimizer, build_scheduler
+from orchestra.train.strategy import parallelize
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, cfg: TrainConfig, vocab_size: int, tokenizer_json: str = "") -> None:
+    def __init__(self, cfg: TrainConfig, vocab_size: int, tokenizer_json: str = "",
+                 precision: str = "32-true") -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.tokenizer_json = tokenizer_json
+        self.precision_name = precision
         # Plain builtins only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": to_plain(cfg), "vocab_size": vocab_size}, logger=False)
         self.model: Transformer | None = None
+        if cfg.strategy.name.is_deepspeed:
+            # Built now, not in configure_model: Lightning runs that hook under DeepSpeed's
+            # zero.Init for ZeRO-3, which partitions parameters before our init scheme could run.
+            self.model = self._build_model()
 
     def configure_model(self) -> None:
-        """Build the model here so sharding strategies can construct it where they need it."""
+        """Build the model here so FSDP2 can shard it on the device mesh Lightning created."""
         if self.model is not None:
             return
-        self.model = Transformer(self.cfg.model, self.vocab_size)
+        self.model = self._build_model()
+
+    def _build_model(self) -> Transformer:
+        model = Transformer(self.cfg.model, self.vocab_size)
+        mesh = self.device_mesh if self.cfg.strategy.name == StrategyName.fsdp else None
+        return parallelize(model, self.cfg.strategy, self.precision_name, mesh)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
@@ -48,7 +61,10 @@ class CausalLMModule(L.LightningModule):
             self.log(f"train/lr_{group.get('name', i)}", group["lr"], on_step=True, on_epoch=False)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+            norm = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):  # FSDP2: each rank holds a shard of the norm's terms
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, labels = batch
@@ -62,7 +78,8 @@ class CausalLMModule(L.LightningModule):
             self.log("val/ppl", math.exp(min(float(val_loss), 50.0)), on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, self.cfg.optim)
+        offload = self.cfg.strategy.name == StrategyName.deepspeed_zero3_offload
+        optimizer = build_optimizer(self.model, self.cfg.optim, cpu_offload=offload)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -37,6 +37,7 @@ from orchestra.train.checkpoint import (
 from orchestra.train.flops import model_flops_per_token
 from orchestra.train.loggers import build_loggers
 from orchestra.train.module import CausalLMModule
+from orchestra.train.strategy import build_strategy, lightning_precision, recompute_factor, uses_bf16
 
 
 @dataclass
@@ -128,8 +129,9 @@ def train(cfg: TrainConfig) -> RunResult:
     resume_path = resolve_resume(cfg, run_dir)
     resume_step = check_checkpoint_matches(resume_path, cfg, vocab_size) if resume_path else None
 
+    precision = resolve_precision(t.precision, t.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = CausalLMModule(cfg, vocab_size, tokenizer_json)
+    module = CausalLMModule(cfg, vocab_size, tokenizer_json, precision)
     seq_len = cfg.model.max_seq_len
     datamodule = TokenDataModule(
         dataset_dir=dataset_dir,
@@ -144,7 +146,8 @@ def train(cfg: TrainConfig) -> RunResult:
 
     tokens_per_step = t.global_batch_size * seq_len
     flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len)
-    throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops)
+    throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops,
+                                    recompute_factor(cfg.strategy, cfg.model.n_layers))
     energy = EnergyCallback(cfg.energy, run_dir / "emissions", tokens_per_step)
     last_val = _LastValidation()
     checkpointing = ModelCheckpoint(
@@ -163,18 +166,20 @@ def train(cfg: TrainConfig) -> RunResult:
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
 
-    is_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    # Before the Trainer exists: rank from the launcher's environment (torchrun, srun, Lightning).
+    is_zero = all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
     loggers = build_loggers(cfg.logger, run_dir, cfg.name, to_plain(cfg), resume_step, is_zero)
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy="auto",
-        precision=resolve_precision(t.precision, t.accelerator),
+        strategy=build_strategy(cfg, precision),
+        precision=lightning_precision(cfg, precision),
         max_steps=t.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=accumulation,
-        gradient_clip_val=t.grad_clip or None,
+        # DeepSpeed clips inside its engine (gradient_clipping in the generated config).
+        gradient_clip_val=None if cfg.strategy.name.is_deepspeed else (t.grad_clip or None),
         val_check_interval=t.val_every_n_steps * accumulation,
         check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches,
@@ -197,20 +202,23 @@ def train(cfg: TrainConfig) -> RunResult:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()  # Lightning leaves the W&B run open; the next job would reuse it
 
-    sample = ""
+    # Every rank samples in lockstep (same seed, same logits): a sharded model's forward is a
+    # collective, so rank zero cannot run it alone.
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    device = trainer.strategy.root_device
+    prompt_ids = tokenizer.encode(t.sample_prompt).ids or [int(manifest["eos_id"])]
+    prompt = torch.tensor([prompt_ids], device=device)
+    budget = max(0, min(t.sample_tokens, cfg.model.max_seq_len - prompt.shape[1]))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"):
+        out = generate(module.model, prompt, max_new_tokens=budget, temperature=0.8, top_k=50,
+                       eos_id=int(manifest["eos_id"]), generator=gen)
+    sample = tokenizer.decode(out[0].tolist())
+
     summary: dict[str, Any] = {}
     if trainer.is_global_zero:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(tokenizer_json)
-        model = module.model.to(trainer.strategy.root_device)
-        prompt_ids = tokenizer.encode(t.sample_prompt).ids or [int(manifest["eos_id"])]
-        prompt = torch.tensor([prompt_ids], device=trainer.strategy.root_device)
-        budget = max(0, min(t.sample_tokens, cfg.model.max_seq_len - prompt.shape[1]))
-        gen = torch.Generator(device=prompt.device).manual_seed(cfg.seed)
-        out = generate(model, prompt, max_new_tokens=budget, temperature=0.8, top_k=50,
-                       eos_id=int(manifest["eos_id"]), generator=gen)
-        sample = tokenizer.decode(out[0].tolist())
 
         perf = throughput.summary()
         last_ckpt = Path(checkpointing.last_model_path or checkpointing.best_model_path or "")
@@ -231,7 +239,9 @@ def train(cfg: TrainConfig) -> RunResult:
             "wall_s": time.time() - started,
             "parameters": module.model.num_parameters(),
             "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
-            "precision": str(trainer.precision),
+            "precision": precision,
+            "strategy": cfg.strategy.name.value,
+            "world_size": trainer.world_size,
             "run_dir": str(run_dir),
         }
         run_dir.mkdir(parents=True, exist_ok=True)

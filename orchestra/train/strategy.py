@@ -1,0 +1,173 @@
+"""From the strategy config to a Lightning strategy, and the one place parallelism touches the model.
+
+The model file knows nothing of devices or processes. Everything distributed happens here:
+
+- :func:`build_strategy` turns ``strategy=...`` into Lightning's DDPStrategy, ModelParallelStrategy
+  (FSDP2) or DeepSpeedStrategy, with precision and batch sizes derived from ``trainer.*``.
+- :func:`parallelize` takes the plain model and applies, in this order, activation checkpointing,
+  per-block ``torch.compile`` and FSDP2 sharding (the order torchtitan uses: compile sees the
+  checkpointed block, and sharding wraps the compiled block).
+- :func:`deepspeed_config` generates the DeepSpeed JSON from the Hydra config, so no knob is set
+  in two places.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestra.config import (
+    ActivationCheckpointing,
+    ConfigError,
+    StrategyConfig,
+    StrategyName,
+    TrainConfig,
+    accumulation_steps,
+)
+
+
+def world_size_of(cfg: TrainConfig) -> int:
+    return cfg.trainer.devices * cfg.trainer.num_nodes
+
+
+def uses_bf16(precision: str) -> bool:
+    return precision.startswith("bf16")
+
+
+def lightning_precision(cfg: TrainConfig, precision: str) -> str:
+    """Precision string for Lightning's plugin.
+
+    Under FSDP2 mixed precision is the sharding's own MixedPrecisionPolicy (bf16 gathers, fp32
+    reductions), so Lightning must not add autocast on top: it gets 32-true.
+    """
+    if cfg.strategy.name == StrategyName.fsdp and uses_bf16(precision):
+        return "32-true"
+    return precision
+
+
+def recompute_factor(st: StrategyConfig, n_layers: int) -> float:
+    """Hardware FLOPs / model FLOPs: recomputed forwards count as hardware work (HFU)."""
+    if st.activation_checkpointing == ActivationCheckpointing.none:
+        return 1.0
+    checkpointed = n_layers if st.activation_checkpointing == ActivationCheckpointing.full else len(
+        range(0, n_layers, st.ac_every_k))
+    # A training step is 1 forward + 2 backward units; each recomputed block adds one forward.
+    return (3.0 + checkpointed / n_layers) / 3.0
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: ActivationCheckpointing, every_k: int) -> None:
+    """Wrap blocks so their activations are recomputed in backward instead of stored.
+
+    torch's checkpoint_wrapper (non-reentrant) keeps state_dict keys unchanged, so checkpoints and
+    exports do not depend on this setting.
+    """
+    if mode == ActivationCheckpointing.none:
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    layers = model.layers  # type: ignore[attr-defined]
+    for i, block in enumerate(layers):
+        if mode == ActivationCheckpointing.full or i % every_k == 0:
+            layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def parallelize(model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None) -> nn.Module:
+    """Apply activation checkpointing, compile and (FSDP2) sharding to the plain model, in place."""
+    apply_activation_checkpointing(model, st.activation_checkpointing, st.ac_every_k)
+    if st.compile:
+        for block in model.layers:  # type: ignore[attr-defined]
+            block.compile()
+    if st.name == StrategyName.fsdp:
+        if device_mesh is None:
+            raise RuntimeError("strategy=fsdp needs the device mesh of Lightning's ModelParallelStrategy")
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        mesh = device_mesh["data_parallel"]
+        if st.hybrid_shard:
+            mesh = _hybrid_mesh(mesh)
+        kwargs: dict[str, Any] = {
+            "mesh": mesh,
+            "reshard_after_forward": st.reshard_after_forward,
+            "mp_policy": MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if uses_bf16(precision) else None, reduce_dtype=torch.float32
+            ),
+        }
+        if st.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in model.layers:  # type: ignore[attr-defined]
+            fully_shard(block, **kwargs)
+        # The root holds the embeddings, final norm and lm head; the last block's parameters are
+        # needed again at once by backward, so they are not resharded after forward.
+        fully_shard(model, **kwargs)
+    return model
+
+
+def _hybrid_mesh(mesh: Any) -> Any:
+    """2-D (replicate across nodes, shard within a node) mesh for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+    nodes = mesh.size() // per_node
+    if nodes * per_node != mesh.size():
+        raise ConfigError(f"strategy.hybrid_shard: world size {mesh.size()} is not nodes x {per_node} devices")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def deepspeed_config(cfg: TrainConfig, precision: str, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for strategy=deepspeed_zero*, derived entirely from the Hydra config.
+
+    Batch sizes, accumulation, precision and clipping come from trainer.*; a global batch that
+    does not split over micro batches and ranks is a ConfigError naming the keys.
+    """
+    st, t = cfg.strategy, cfg.trainer
+    if not st.name.is_deepspeed:
+        raise ConfigError(f"strategy: {st.name.value} is not a DeepSpeed strategy")
+    world = world_size if world_size is not None else world_size_of(cfg)
+    accumulation = accumulation_steps(t, world)
+    zero: dict[str, Any] = {
+        "stage": st.name.zero_stage,
+        "overlap_comm": st.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": st.reduce_bucket_size,
+        "allgather_bucket_size": st.allgather_bucket_size,
+    }
+    if st.name == StrategyName.deepspeed_zero3_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if st.name.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": uses_bf16(precision)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_strategy(cfg: TrainConfig, precision: str) -> Any:
+    """The Lightning strategy (object or name) for cfg.strategy."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+
+    st = cfg.strategy
+    if st.name == StrategyName.single:
+        return "auto"
+    if st.name == StrategyName.ddp:
+        return DDPStrategy(gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False)
+    if st.name == StrategyName.fsdp:
+        return ModelParallelStrategy(data_parallel_size=world_size_of(cfg), tensor_parallel_size=1,
+                                     save_distributed_checkpoint=True)
+    config = deepspeed_config(cfg, precision)
+    # Lightning sets the accumulation itself from Trainer(accumulate_grad_batches=...), which is
+    # derived from the same numbers; it refuses a config that also sets it.
+    config.pop("gradient_accumulation_steps")
+    config.pop("train_batch_size")
+    return DeepSpeedStrategy(config=config)
