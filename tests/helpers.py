@@ -37,9 +37,12 @@ def tiny_config(corpus_dir: Path, data_cache: Path, run_dir: Path, **trainer: ob
     )
 
 
-def cli_overrides(corpus_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:
-    """The same tiny job as Hydra overrides, for subprocess runs of `orchestra-train`."""
-    return [
+def cli_overrides(corpus_dir: Path, data_cache: Path, run_dir: Path, **changes: object) -> list[str]:
+    """The same tiny job as Hydra overrides, for subprocess runs of `orchestra-train`.
+
+    ``changes`` replace or add keys, e.g. ``**{"trainer.max_steps": 10, "strategy": "ddp"}``.
+    """
+    base = [
         "model.name=tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=128", "model.max_seq_len=64",
         "data=files", "data.name=tiny-stdlib", f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={data_cache}",
@@ -50,3 +53,6 @@ def cli_overrides(corpus_dir: Path, data_cache: Path, run_dir: Path) -> list[str
         "trainer.ckpt_every_n_steps=5", "trainer.progress_bar=false", "trainer.sample_tokens=8",
         "energy=none", "name=tiny", f"hydra.run.dir={run_dir}",
     ]
+    pairs = dict(item.split("=", 1) for item in base)
+    pairs.update({key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in changes.items()})
+    return [f"{key}={value}" for key, value in pairs.items()]

@@ -134,9 +134,10 @@ class TokenDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         dataset = self.dataset("val")
         sampler = ValBatchSampler(len(dataset), self.micro_batch_size, rank, world, self.val_batches)
-        if sampler.batches < sampler.requested and rank == 0:
-            log.warning("val split holds only %d batches of %d x %d samples; validating on %d, not %d",
-                        sampler.batches, self.micro_batch_size, world, sampler.batches, sampler.requested)
+        if sampler.total_batches != sampler.requested and rank == 0:
+            log.warning("validating on %d batches of %d samples, not trainer.val_batches=%d (split size, or "
+                        "rounded to a multiple of %d ranks)", sampler.total_batches, self.micro_batch_size,
+                        sampler.requested, world)
         return self._loader(dataset, sampler)
 
     def accumulation(self) -> int:

@@ -267,30 +267,33 @@ def check_sampler_state(state: dict[str, Any], seed: int, global_batch_size: int
 
 
 class ValBatchSampler(Sampler[list[int]]):
-    """The first ``batches * micro * W`` samples in order, the same on every evaluation.
+    """The first ``batches * micro`` samples in order, the same set at every world size.
 
-    Batch b covers samples [b*micro*W, (b+1)*micro*W); rank r takes its r-th micro slice. When
-    the split is too small for ``batches`` full batches, fewer are used.
+    Micro-batch b covers samples [b*micro, (b+1)*micro) and goes to rank b % W, so the validation
+    loss (reduced as a token-weighted sum, see CausalLMModule) does not depend on how many ranks
+    share it. Every rank must run the same number of batches (a sharded forward is a collective),
+    so ``batches`` is rounded down to a multiple of W; a split too small for ``batches`` uses fewer.
     """
 
     def __init__(self, num_samples: int, micro_batch_size: int, rank: int, world_size: int, batches: int) -> None:
-        per_batch = micro_batch_size * world_size
-        if num_samples < per_batch:
+        per_round = micro_batch_size * world_size
+        if num_samples < per_round:
             raise DataError(
                 f"the val split has {num_samples} samples, fewer than micro_batch_size x world_size = "
-                f"{per_batch} needed for one validation batch; raise data.val_fraction or lower the batch size"
+                f"{per_round} needed for one validation batch per rank; raise data.val_fraction or lower the batch size"
             )
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.requested = batches
-        self.batches = min(batches, num_samples // per_batch)
+        total = min(batches, num_samples // micro_batch_size)
+        self.total_batches = max(world_size, total - total % world_size)
+        self.batches = self.total_batches // world_size  # per rank
 
     def __iter__(self) -> Iterator[list[int]]:
-        m, per_batch = self.micro_batch_size, self.micro_batch_size * self.world_size
-        for b in range(self.batches):
-            start = b * per_batch + self.rank * m
-            yield list(range(start, start + m))
+        m = self.micro_batch_size
+        for b in range(self.rank, self.total_batches, self.world_size):
+            yield list(range(b * m, (b + 1) * m))
 
     def __len__(self) -> int:
         return self.batches

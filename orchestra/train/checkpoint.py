@@ -46,18 +46,37 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A torch.distributed.checkpoint directory (FSDP2) written by Lightning."""
+    return path.is_dir() and (path / SHARDED_META).is_file() and (path / ".metadata").is_file()
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; any failure names the file."""
+    """Load a checkpoint with ``weights_only=True``; any failure names the file.
+
+    For a sharded (directory) checkpoint this is its metadata only: step, loops, callbacks and
+    Orchestra's own entry; the tensors stay in the shards.
+    """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        try:
+            return torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"sharded checkpoint {path}: metadata {SHARDED_META} unreadable: {err}") from err
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (or is neither a file nor a sharded checkpoint directory)"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
         raise CheckpointError(
             f"checkpoint {path} could not be read as a weights-only torch checkpoint: {err}"
         ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise CheckpointError(f"checkpoint {path} holds no 'state_dict': not an Orchestra checkpoint")
     return ckpt
 
@@ -79,6 +98,8 @@ _STEP_FILE = re.compile(r"^step=?(\d+)\.ckpt$")
 
 def checkpoint_step(path: Path) -> int:
     """Global step stored in a checkpoint (read lazily through mmap, so it is cheap)."""
+    if is_sharded_checkpoint(path):
+        return int(load_checkpoint_file(path)["global_step"])
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(ckpt["global_step"])
 

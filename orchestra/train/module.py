@@ -31,6 +31,7 @@ class CausalLMModule(L.LightningModule):
         # Plain builtins only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": to_plain(cfg), "vocab_size": vocab_size}, logger=False)
         self.model: Transformer | None = None
+        self._step_losses: list[torch.Tensor] = []
         if cfg.strategy.name.is_deepspeed:
             # Built now, not in configure_model: Lightning runs that hook under DeepSpeed's
             # zero.Init for ZeRO-3, which partitions parameters before our init scheme could run.
@@ -50,8 +51,20 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
         loss = self.model(inputs, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._step_losses.append(loss.detach())
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the loss of the whole global batch once per optimizer step.
+
+        The mean over this rank's accumulated micro-batches, averaged over ranks, is the same
+        number whatever the split of the global batch, so runs at different world sizes compare.
+        """
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches != 0:
+            return
+        loss = torch.stack(self._step_losses).mean()
+        self._step_losses.clear()
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the lr of each parameter group and the gradient norm before clipping."""
@@ -66,16 +79,21 @@ class CausalLMModule(L.LightningModule):
                 norm = norm.full_tensor()
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, labels = batch
         loss = self.model(inputs, labels)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=inputs.shape[0])
+        tokens = (labels != -100).sum()
+        self._val_sums += torch.stack([loss.double() * tokens, tokens.double()])
 
     def on_validation_epoch_end(self) -> None:
-        val_loss = self.trainer.callback_metrics.get("val/loss")
-        if val_loss is not None:
-            self.log("val/ppl", math.exp(min(float(val_loss), 50.0)), on_step=False, on_epoch=True)
+        """Token-weighted mean over all ranks' batches: exact whatever the number of ranks."""
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        val_loss = float(sums[0] / sums[1])
+        self.log("val/loss", val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/ppl", math.exp(min(val_loss, 50.0)), on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         offload = self.cfg.strategy.name == StrategyName.deepspeed_zero3_offload

@@ -182,7 +182,7 @@ def train(cfg: TrainConfig) -> RunResult:
         gradient_clip_val=None if cfg.strategy.name.is_deepspeed else (t.grad_clip or None),
         val_check_interval=t.val_every_n_steps * accumulation,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.val_batches,
+        limit_val_batches=1.0,  # the val sampler fixes the set (trainer.val_batches micro-batches)
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks,

@@ -153,9 +153,38 @@ def deepspeed_config(cfg: TrainConfig, precision: str, world_size: int | None = 
     }
 
 
+def _atomic_model_parallel_strategy() -> type:
+    """ModelParallelStrategy whose sharded checkpoints appear atomically.
+
+    Lightning writes a distributed checkpoint straight into its final directory, so a kill during
+    the save leaves a directory that looks like a checkpoint but is torn. Here every rank writes
+    into ``<name>.tmp-<pid of rank 0>`` and rank zero renames it into place after a barrier.
+    """
+    import shutil
+    from pathlib import Path
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class AtomicModelParallelStrategy(ModelParallelStrategy):
+        def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+            final = Path(self.broadcast(str(filepath)))
+            tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier("orchestra_checkpoint_written")
+            if self.is_global_zero:
+                old = final.with_name(f"{final.name}.old-{os.getpid()}")
+                if final.exists():
+                    final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            self.barrier("orchestra_checkpoint_renamed")
+
+    return AtomicModelParallelStrategy
+
+
 def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     """The Lightning strategy (object or name) for cfg.strategy."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
     st = cfg.strategy
     if st.name == StrategyName.single:
@@ -163,8 +192,9 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     if st.name == StrategyName.ddp:
         return DDPStrategy(gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False)
     if st.name == StrategyName.fsdp:
-        return ModelParallelStrategy(data_parallel_size=world_size_of(cfg), tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True)
+        return _atomic_model_parallel_strategy()(
+            data_parallel_size=world_size_of(cfg), tensor_parallel_size=1, save_distributed_checkpoint=True
+        )
     config = deepspeed_config(cfg, precision)
     # Lightning sets the accumulation itself from Trainer(accumulate_grad_batches=...), which is
     # derived from the same numbers; it refuses a config that also sets it.

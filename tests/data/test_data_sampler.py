@@ -159,16 +159,18 @@ def test_state_dict_round_trip_and_guard() -> None:
 # --------------------------------------------------------------------------- ValBatchSampler
 
 
-def test_val_sampler_is_fixed_and_split_across_ranks() -> None:
-    W, m, batches = 2, 3, 4
+@pytest.mark.parametrize("W", [1, 2, 4])
+def test_val_set_is_the_same_at_every_world_size(W: int) -> None:
+    m, batches = 3, 4
     per_rank = [list(ValBatchSampler(100, m, r, W, batches)) for r in range(W)]
-    assert all(len(p) == batches for p in per_rank)
+    assert all(len(p) == batches // W for p in per_rank)  # equal counts: a sharded forward is a collective
     union = sorted(i for p in per_rank for b in p for i in b)
-    assert union == list(range(batches * m * W))
+    assert union == list(range(batches * m))
     assert per_rank[0] == list(ValBatchSampler(100, m, 0, W, batches))
 
 
 def test_val_sampler_shrinks_or_refuses_a_small_split() -> None:
-    assert len(ValBatchSampler(10, 2, 0, 2, batches=20)) == 2
+    assert len(ValBatchSampler(10, 2, 0, 2, batches=20)) == 2  # 5 micro-batches fit, rounded to 4 = 2 per rank
+    assert ValBatchSampler(100, 2, 0, 4, batches=6).total_batches == 4  # rounded down to a multiple of W
     with pytest.raises(DataError, match="val split has 3 samples, fewer than"):
         ValBatchSampler(3, 2, 0, 2, batches=1)
