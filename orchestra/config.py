@@ -271,6 +271,16 @@ class GenerateConfig:
     device: str = "auto"
 
 
+@dataclass
+class ExportConfig:
+    """Root of `orchestra-export`."""
+
+    ckpt: str = ""
+    out: str = ""
+    dtype: str = "float32"
+    overwrite: bool = False
+
+
 def job_id() -> str:
     """Identity of the launch, the same on every rank: SLURM job, torchrun run id, else the time.
 
@@ -300,6 +310,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=TrainConfig)
     cs.store(name="base_prepare", node=PrepareConfig)
     cs.store(name="base_generate", node=GenerateConfig)
+    cs.store(name="base_export", node=ExportConfig)
 
 
 def _require(condition: bool, key: str, message: str) -> None:

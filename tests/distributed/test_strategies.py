@@ -90,3 +90,12 @@ def test_resume_at_another_world_size(reference: Path, two_rank_runs: dict[str, 
     ref, got = losses(reference), losses(run_dir)
     assert sorted(got) == list(range(5, STEPS))  # continued from step 5 with the same data
     assert got == pytest.approx({s: ref[s] for s in got}, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_export_of_distributed_checkpoints(two_rank_runs: dict[str, Path], tmp_path: Path, strategy: str) -> None:
+    from orchestra.train.export import export_hf
+    from tests.train.test_export import assert_transformers_matches
+
+    ckpt = two_rank_runs[strategy] / "checkpoints" / "last.ckpt"
+    assert_transformers_matches(ckpt, export_hf(ckpt, tmp_path / "hf"))
