@@ -31,12 +31,14 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
 def _deepspeed_meta(path: Path) -> dict[str, Any]:
     """Orchestra's entry from the client state DeepSpeed stored beside the model states."""
     tag = (path / "latest").read_text().strip()
-    files = sorted((path / tag).glob("mp_rank_*_model_states.pt"))
+    # ZeRO 1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.
+    files = sorted((path / tag).glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"DeepSpeed checkpoint {path}: no model states under tag {tag!r}")
-    # DeepSpeed pickles its own config objects beside the client state, so this file is not a
-    # weights-only checkpoint; it is read from a directory the user named, and only metadata is used.
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    try:
+        states = torch.load(files[0], map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"DeepSpeed checkpoint {files[0]} is unreadable as weights-only data: {err}") from err
     meta = states.get("orchestra")
     if meta is None:
         raise CheckpointError(f"DeepSpeed checkpoint {path} carries no Orchestra metadata (client state 'orchestra')")
