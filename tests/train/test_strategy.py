@@ -1,0 +1,66 @@
+"""parallelize() from outside the model: activation checkpointing and compile change no numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from orchestra.config import ActivationCheckpointing, ModelConfig, StrategyConfig, StrategyName
+from orchestra.model import Transformer
+from orchestra.train.strategy import parallelize, recompute_factor
+
+CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+
+
+def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("mode", "k", "wrapped"), [("full", 1, 4), ("every_k", 2, 2), ("none", 1, 0)])
+def test_activation_checkpointing_is_exact_and_keeps_state_dict_keys(mode: str, k: int, wrapped: int) -> None:
+    torch.manual_seed(0)
+    plain = Transformer(CFG, 128)
+    ckpt = copy.deepcopy(plain)
+    st = StrategyConfig(activation_checkpointing=ActivationCheckpointing(mode), ac_every_k=k)
+    parallelize(ckpt, st, "32-true")
+    assert sum("CheckpointWrapper" in type(b).__name__ for b in ckpt.layers) == wrapped
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = loss_and_grads(plain, tokens)
+    loss, grads = loss_and_grads(ckpt, tokens)
+    assert torch.equal(loss, ref_loss)
+    strip = {n.replace("._checkpoint_wrapped_module", ""): g for n, g in grads.items()}
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(strip[name], grad, rtol=0, atol=1e-7)
+
+
+def test_recompute_factor_counts_recomputed_forwards() -> None:
+    assert recompute_factor(StrategyConfig(), 8) == 1.0
+    assert recompute_factor(StrategyConfig(activation_checkpointing=ActivationCheckpointing.full), 8) == pytest.approx(4 / 3)
+    every_2 = StrategyConfig(activation_checkpointing=ActivationCheckpointing.every_k, ac_every_k=2)
+    assert recompute_factor(every_2, 8) == pytest.approx((3 + 0.5) / 3)
+
+
+def test_fsdp_needs_a_mesh() -> None:
+    with pytest.raises(RuntimeError, match="device mesh"):
+        parallelize(Transformer(CFG, 128), StrategyConfig(name=StrategyName.fsdp), "32-true")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager() -> None:
+    torch.manual_seed(0)
+    eager = Transformer(CFG, 128)
+    compiled = copy.deepcopy(eager)
+    parallelize(compiled, StrategyConfig(compile=True, activation_checkpointing=ActivationCheckpointing.full), "32-true")
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = loss_and_grads(eager, tokens)
+    loss, grads = loss_and_grads(compiled, tokens)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    strip = {n.replace("._checkpoint_wrapped_module", ""): g for n, g in grads.items()}
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(strip[name], grad, rtol=1e-4, atol=1e-5)
