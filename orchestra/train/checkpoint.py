@@ -54,13 +54,36 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / SHARDED_META).is_file() and (path / ".metadata").is_file()
 
 
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A DeepSpeed ZeRO checkpoint directory (its ``latest`` file names the tag)."""
+    return path.is_dir() and (path / "latest").is_file()
+
+
+def _deepspeed_client_state(path: Path) -> dict[str, Any]:
+    """What Lightning (or our test) passed as client_state: step, loops, Orchestra's entry."""
+    tag = (path / "latest").read_text().strip()
+    # ZeRO 1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.
+    files = sorted((path / tag).glob("*mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"DeepSpeed checkpoint {path}: no model states under tag {tag!r}")
+    try:
+        states = torch.load(files[0], map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"DeepSpeed checkpoint {files[0]} is unreadable as weights-only data: {err}") from err
+    states.pop("module", None)
+    states.pop("optimizer", None)
+    return states
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure names the file.
 
-    For a sharded (directory) checkpoint this is its metadata only: step, loops, callbacks and
-    Orchestra's own entry; the tensors stay in the shards.
+    For a sharded (FSDP2) or DeepSpeed directory this is its metadata only: step, loops,
+    callbacks and Orchestra's own entry; the tensors stay in the shards.
     """
     path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        return _deepspeed_client_state(path)
     if is_sharded_checkpoint(path):
         try:
             return torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
@@ -98,7 +121,7 @@ _STEP_FILE = re.compile(r"^step=?(\d+)\.ckpt$")
 
 def checkpoint_step(path: Path) -> int:
     """Global step stored in a checkpoint (read lazily through mmap, so it is cheap)."""
-    if is_sharded_checkpoint(path):
+    if path.is_dir():
         return int(load_checkpoint_file(path)["global_step"])
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(ckpt["global_step"])

@@ -18,31 +18,15 @@ from typing import Any
 import torch
 
 from orchestra.config import ModelConfig, model_config_from_dict
-from orchestra.train.checkpoint import CheckpointError, is_sharded_checkpoint, load_checkpoint_file
+from orchestra.train.checkpoint import (
+    CheckpointError,
+    is_deepspeed_checkpoint,
+    is_sharded_checkpoint,
+    load_checkpoint_file,
+)
 
 EOS_TOKEN = "<|endoftext|>"
 _PREFIX = "model."
-
-
-def is_deepspeed_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "latest").is_file()
-
-
-def _deepspeed_meta(path: Path) -> dict[str, Any]:
-    """Orchestra's entry from the client state DeepSpeed stored beside the model states."""
-    tag = (path / "latest").read_text().strip()
-    # ZeRO 1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.
-    files = sorted((path / tag).glob("*mp_rank_*_model_states.pt"))
-    if not files:
-        raise CheckpointError(f"DeepSpeed checkpoint {path}: no model states under tag {tag!r}")
-    try:
-        states = torch.load(files[0], map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"DeepSpeed checkpoint {files[0]} is unreadable as weights-only data: {err}") from err
-    meta = states.get("orchestra")
-    if meta is None:
-        raise CheckpointError(f"DeepSpeed checkpoint {path} carries no Orchestra metadata (client state 'orchestra')")
-    return {"orchestra": meta, "global_step": states.get("global_step")}
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,7 +48,9 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     """(full fp32 state dict with our names, Orchestra metadata) from any kind of checkpoint."""
     path = Path(path)
     if is_deepspeed_checkpoint(path):
-        meta = _deepspeed_meta(path)["orchestra"]
+        meta = load_checkpoint_file(path).get("orchestra")
+        if meta is None:
+            raise CheckpointError(f"DeepSpeed checkpoint {path} carries no Orchestra metadata (client state 'orchestra')")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path))

@@ -68,7 +68,8 @@ class CausalLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the lr of each parameter group and the gradient norm before clipping."""
-        if self.global_step % self.cfg.trainer.log_every_n_steps != 0:
+        # global_step counts steps before this one; Lightning writes rows where (step + 1) % n == 0.
+        if (self.global_step + 1) % self.cfg.trainer.log_every_n_steps != 0:
             return
         for i, group in enumerate(optimizer.param_groups):
             self.log(f"train/lr_{group.get('name', i)}", group["lr"], on_step=True, on_epoch=False)

@@ -153,38 +153,40 @@ def deepspeed_config(cfg: TrainConfig, precision: str, world_size: int | None = 
     }
 
 
-def _atomic_model_parallel_strategy() -> type:
-    """ModelParallelStrategy whose sharded checkpoints appear atomically.
+class _AtomicDirectorySave:
+    """Mixin for strategies that write a checkpoint as a directory (FSDP2 DCP, DeepSpeed).
 
-    Lightning writes a distributed checkpoint straight into its final directory, so a kill during
-    the save leaves a directory that looks like a checkpoint but is torn. Here every rank writes
-    into ``<name>.tmp-<pid of rank 0>`` and rank zero renames it into place after a barrier.
+    Lightning writes those straight into their final path, so a kill during the save leaves a
+    directory that looks like a checkpoint but is torn. Here every rank writes into
+    ``<name>.tmp-<pid of rank 0>`` and rank zero renames it into place after a barrier.
     """
-    import shutil
-    from pathlib import Path
 
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        import shutil
+        from pathlib import Path
 
-    class AtomicModelParallelStrategy(ModelParallelStrategy):
-        def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-            final = Path(self.broadcast(str(filepath)))
-            tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            self.barrier("orchestra_checkpoint_written")
-            if self.is_global_zero:
-                old = final.with_name(f"{final.name}.old-{os.getpid()}")
-                if final.exists():
-                    final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            self.barrier("orchestra_checkpoint_renamed")
-
-    return AtomicModelParallelStrategy
+        final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
+        tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")  # type: ignore[attr-defined]
+        super().save_checkpoint(checkpoint, tmp, storage_options)  # type: ignore[misc]
+        self.barrier("orchestra_checkpoint_written")  # type: ignore[attr-defined]
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("orchestra_checkpoint_renamed")  # type: ignore[attr-defined]
 
 
 def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     """The Lightning strategy (object or name) for cfg.strategy."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+
+    class AtomicModelParallelStrategy(_AtomicDirectorySave, ModelParallelStrategy):
+        pass
+
+    class AtomicDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
+        pass
 
     st = cfg.strategy
     if st.name == StrategyName.single:
@@ -192,7 +194,7 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     if st.name == StrategyName.ddp:
         return DDPStrategy(gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False)
     if st.name == StrategyName.fsdp:
-        return _atomic_model_parallel_strategy()(
+        return AtomicModelParallelStrategy(
             data_parallel_size=world_size_of(cfg), tensor_parallel_size=1, save_distributed_checkpoint=True
         )
     config = deepspeed_config(cfg, precision)
@@ -200,4 +202,4 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     # derived from the same numbers; it refuses a config that also sets it.
     config.pop("gradient_accumulation_steps")
     config.pop("train_batch_size")
-    return DeepSpeedStrategy(config=config)
+    return AtomicDeepSpeedStrategy(config=config)

@@ -75,6 +75,9 @@ def test_zero_trains_saves_and_exports(stage: str, tmp_path: Path, trained_run: 
 
     from transformers import AutoModelForCausalLM
 
+    from orchestra.train.checkpoint import checkpoint_step
+
+    assert checkpoint_step(tmp_path / "ckpt") == 5  # resume=auto can rank DeepSpeed directories too
     folder = export_hf(tmp_path / "ckpt", tmp_path / "hf")
     probe = torch.load(tmp_path / "logits.pt", weights_only=True)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from orchestra.config import EnergyConfig
 from orchestra.train.callbacks.throughput import reduce_across_ranks
@@ -150,12 +149,6 @@ class EnergyCallback(L.Callback):
         self._started = self._prev_time = time.time()
         if trainer.local_rank != 0:
             return
-        if self._device.type == "cuda" and torch.cuda.device_count() < trainer.num_devices:
-            rank_zero_warn(
-                f"energy: local rank 0 sees {torch.cuda.device_count()} GPU(s) of the {trainer.num_devices} "
-                "used per node, so the node's tracker misses the others; launch with every GPU of the node "
-                "visible to each task (e.g. srun --gres=gpu:N, not --gpus-per-task=1)."
-            )
         self.meter = self.meter_factory(trainer.node_rank)
         self.meter.start()
 
@@ -178,7 +171,9 @@ class EnergyCallback(L.Callback):
                 csv.writer(f).writerow(ENERGY_FIELDS)
         self._prev_kwh = self._offset.kwh
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients
             return
@@ -208,8 +203,15 @@ class EnergyCallback(L.Callback):
         if tokens > 0:
             metrics["energy/j_per_token"] = kwh * J_PER_KWH / tokens
         self._prev_time, self._prev_kwh = now, kwh
-        row = {"time": now, "elapsed_s": now - self._started, "step": step, "kwh": kwh, "kg_co2eq": kg,
-               "power_w": power, "j_per_token": metrics.get("energy/j_per_token", "")}
+        row = {
+            "time": now,
+            "elapsed_s": now - self._started,
+            "step": step,
+            "kwh": kwh,
+            "kg_co2eq": kg,
+            "power_w": power,
+            "j_per_token": metrics.get("energy/j_per_token", ""),
+        }
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=ENERGY_FIELDS).writerow(row)
         return metrics
@@ -239,5 +241,7 @@ class EnergyCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, collective=True)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._finish(trainer, collective=False)

@@ -94,7 +94,9 @@ class ThroughputCallback(L.Callback):
                 "unless trainer.peak_flops is set."
             )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._batch_end is not None:
             self._data_wait += now - self._batch_end
@@ -102,7 +104,9 @@ class ThroughputCallback(L.Callback):
             self._window_start = now
             self._last_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step != self._last_step:  # an optimizer step happened in this batch
             self._window_steps += step - self._last_step

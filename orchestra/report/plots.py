@@ -1,0 +1,71 @@
+"""The report's figures, drawn from plain (x, y) series.
+
+matplotlib's object API (``Figure`` without pyplot) renders through Agg with no global state, so a
+report can be built on a headless node or inside a test without picking a GUI backend. Each
+function returns the Figure so callers (and tests) can read back exactly what was drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+Series = tuple[Sequence[float], Sequence[float]]
+
+
+def _empty(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_yticks([])
+
+
+def loss_figure(train: Series, val: Series, x_label: str) -> Figure:
+    """Training and validation loss against tokens seen (or steps when tokens are unknown)."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(*train, label="train/loss", linewidth=1)
+    if val[0]:
+        ax.plot(*val, label="val/loss", marker="o")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def throughput_figure(tokens_per_s: Series, mfu: Series, hfu: Series) -> Figure:
+    """Global tokens/s and MFU/HFU (in %) against optimizer step."""
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(*tokens_per_s, label="perf/tokens_per_s")
+    top.set_ylabel("tokens/s (all devices)")
+    top.set_title("Throughput")
+    top.grid(alpha=0.3)
+    if mfu[0]:
+        bottom.plot(mfu[0], [100 * v for v in mfu[1]], label="perf/mfu")
+        if hfu[0]:
+            bottom.plot(hfu[0], [100 * v for v in hfu[1]], label="perf/hfu", linestyle="--")
+        bottom.legend()
+    else:
+        _empty(bottom, "MFU not reported: no peak FLOP/s for this device\n(set trainer.peak_flops)")
+    bottom.set_ylabel("utilization (%)")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(alpha=0.3)
+    return fig
+
+
+def energy_figure(power_w: Series, kwh: Series) -> Figure:
+    """Power drawn by all nodes (PUE included) and cumulative energy against wall time (minutes)."""
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(*power_w, label="energy/power_w", drawstyle="steps-pre")
+    top.set_ylabel("power (W, all nodes)")
+    top.set_title("Energy")
+    top.grid(alpha=0.3)
+    bottom.plot(*kwh, label="energy/kwh")
+    bottom.set_ylabel("cumulative energy (kWh)")
+    bottom.set_xlabel("wall time (min)")
+    bottom.grid(alpha=0.3)
+    return fig
