@@ -8,6 +8,7 @@ follow Hugging Face's Llama so exported checkpoints give the same logits.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,11 +95,14 @@ TORCH_OPS = Ops(
 )
 
 
-def _triton_ops() -> Ops:
-    """The Triton table from orchestra.kernels; ImportError when this build has none."""
-    from orchestra.kernels import TRITON_OPS  # type: ignore[attr-defined]
+def _triton_ops() -> tuple[Ops, bool]:
+    """(orchestra.kernels.TRITON_OPS, whether those kernels run in Triton's CPU interpreter).
 
-    return TRITON_OPS
+    ImportError when this build has no kernels (e.g. no triton installed). importlib looks the
+    module up in sys.modules, so tests can stand a fake in for it.
+    """
+    kernels = importlib.import_module("orchestra.kernels")
+    return kernels.TRITON_OPS, bool(getattr(kernels, "INTERPRET", False))
 
 
 def get_ops(backend: KernelBackend | str, device_type: str) -> Ops:
@@ -106,7 +110,10 @@ def get_ops(backend: KernelBackend | str, device_type: str) -> Ops:
 
     torch: the reference. auto: Triton on CUDA when orchestra.kernels provides it, otherwise
     torch, so the same config runs on a laptop and on a cluster. triton: Triton or a
-    ConfigError, never a silent fallback, because the user asked for it explicitly.
+    ConfigError, never a silent fallback, because the user asked for it explicitly. On a
+    non-CUDA device ``triton`` is accepted only in interpreter mode (TRITON_INTERPRET=1 set
+    before triton was first imported): the real kernel code then runs on CPU tensors through
+    Triton's interpreter, ~2000x slower than eager, which is how the CPU tests exercise it.
     """
     try:
         choice = KernelBackend(backend)
@@ -120,20 +127,21 @@ def get_ops(backend: KernelBackend | str, device_type: str) -> Ops:
         if device_type != "cuda":
             return TORCH_OPS
         try:
-            return _triton_ops()
+            return _triton_ops()[0]
         except ImportError:
             return TORCH_OPS
 
     try:
-        ops = _triton_ops()
+        ops, interpret = _triton_ops()
     except ImportError as e:
         raise ConfigError(
             f"model.kernels=triton: the Triton kernels (orchestra.kernels.TRITON_OPS) are not "
             f"available in this build ({e}); use model.kernels=torch or model.kernels=auto"
         ) from e
-    if device_type != "cuda":
+    if device_type != "cuda" and not interpret:
         raise ConfigError(
             f"model.kernels=triton: Triton kernels need a CUDA device, but this process sees "
-            f"{device_type!r}; use model.kernels=torch or model.kernels=auto"
+            f"{device_type!r}; use model.kernels=torch or model.kernels=auto (or, for testing, set "
+            f"TRITON_INTERPRET=1 before triton is imported to run them in Triton's slow CPU interpreter)"
         )
     return ops

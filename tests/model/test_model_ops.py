@@ -59,8 +59,24 @@ def test_triton_picks_the_kernels_table_when_present(monkeypatch):
     assert get_ops("triton", "cuda") is fake
     assert get_ops("auto", "cuda") is fake
     assert get_ops("auto", "cpu") is TORCH_OPS
-    with pytest.raises(ConfigError, match=r"model.kernels=triton.*CUDA.*'cpu'.*torch"):
+    with pytest.raises(ConfigError, match=r"model.kernels=triton.*CUDA.*'cpu'.*torch.*TRITON_INTERPRET=1"):
         get_ops("triton", "cpu")
+
+
+def test_triton_on_cpu_in_interpreter_mode(monkeypatch):
+    """Kernels built for Triton's CPU interpreter are accepted off CUDA, but only when asked for."""
+    fake = Ops(
+        "fake", TORCH_OPS.rms_norm, TORCH_OPS.apply_rope, TORCH_OPS.swiglu, TORCH_OPS.linear_cross_entropy
+    )
+
+    class InterpretedKernels:
+        TRITON_OPS = fake
+        INTERPRET = True
+
+    monkeypatch.setitem(sys.modules, "orchestra.kernels", InterpretedKernels)
+    assert get_ops("triton", "cpu") is fake
+    assert get_ops("auto", "cpu") is TORCH_OPS  # auto never picks the ~2000x slower interpreter
+    assert get_ops("auto", "cuda") is fake
 
 
 def test_rms_norm_fp32_math_and_dtype():
