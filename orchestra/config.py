@@ -190,8 +190,11 @@ class LoggerConfig:
     wandb_entity: str | None = None
     # auto: online when an API key is configured, offline otherwise.
     wandb_mode: WandbMode = WandbMode.auto
+    # None: the experiment name, or "<name>-<sweep>" for the jobs of a Hydra sweep.
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    # Upload checkpoint files as W&B artifacts (single/ddp file checkpoints only).
+    wandb_log_checkpoints: bool = False
 
 
 @dataclass
@@ -388,6 +391,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(0.0 < s.decay_fraction <= 1.0, "scheduler.decay_fraction", "must be in (0, 1]")
 
     st = cfg.strategy
+    _require(not cfg.logger.wandb_log_checkpoints or st.name in (StrategyName.single, StrategyName.ddp),
+             "logger.wandb_log_checkpoints",
+             "sharded checkpoints (fsdp, deepspeed) are directories W&B artifacts are not made from; "
+             "export one with orchestra-export and log that folder instead")
     _require(st.ac_every_k > 0, "strategy.ac_every_k", "must be positive")
     _require(st.reduce_bucket_size > 0 and st.allgather_bucket_size > 0, "strategy.reduce_bucket_size",
              "bucket sizes must be positive")

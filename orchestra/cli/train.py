@@ -10,11 +10,13 @@ Examples::
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from orchestra.cli.common import CONF_DIR, console, fail, table
@@ -55,7 +57,11 @@ def _main(cfg: DictConfig) -> float | None:
     from orchestra.train.run import train
 
     config = to_config(cfg)
-    config.run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    config.run_dir = hydra_cfg.runtime.output_dir
+    if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
+        # All jobs of one sweep share a W&B group, named after the sweep's directory.
+        config.logger.group = f"{config.name}-{Path(hydra_cfg.sweep.dir).name}"
     try:
         result = train(config)
     except (ConfigError, DataError, CheckpointError) as err:

@@ -94,6 +94,12 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def run_tags(config: dict[str, Any]) -> list[str]:
+    """Tags every W&B run carries so dashboards can filter by model, strategy and experiment."""
+    return [f"model:{config['model']['name']}", f"strategy:{config['strategy']['name']}",
+            f"experiment:{config['name']}", *config["logger"]["tags"]]
+
+
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
                   resume_step: int | None, is_global_zero: bool) -> list[Logger]:
     loggers: list[Logger] = [ResumableCSVLogger(run_dir, resume_step=resume_step)]
@@ -111,10 +117,10 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[
                 save_dir=str(run_dir),
                 offline=mode == "offline",
                 mode=mode,
-                group=cfg.group,
-                tags=list(cfg.tags),
+                group=cfg.group or run_name,
+                tags=run_tags(config),
                 config=config,
-                log_model=False,
+                log_model=cfg.wandb_log_checkpoints,
             )
         )
     return loggers

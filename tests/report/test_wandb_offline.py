@@ -50,7 +50,8 @@ def test_offline_wandb_run_contains_the_logged_keys(observed_run: Path) -> None:
 
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_id == (observed_run / "wandb_run_id").read_text().strip()
-    assert run.run_group == "observability" and list(run.tags) == ["report", "ci"]
+    assert run.run_group == "observability"
+    assert list(run.tags) == ["model:tiny", "strategy:single", "experiment:tiny", "report", "ci"]
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["trainer"]["max_steps"] == STEPS  # the resolved config, as nested values
     assert {"model", "data", "optim", "trainer", "energy", "strategy"} <= config.keys()

@@ -67,3 +67,17 @@ def test_wandb_offline_run_continues_after_resume(corpus_dir: Path, data_cache: 
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert runs and all(name.endswith(run_id) for name in runs), runs
     assert os.listdir(run_dir / "wandb" / runs[-1])
+
+
+def test_checkpoint_artifacts_are_refused_for_sharded_strategies(tmp_path: Path) -> None:
+    from orchestra.config import ConfigError, StrategyName, TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.trainer.devices = 2
+    cfg.trainer.global_batch_size = 16
+    cfg.strategy.name = StrategyName.fsdp
+    cfg.logger = LoggerConfig(name=LoggerName.wandb, wandb_log_checkpoints=True)
+    with pytest.raises(ConfigError, match="wandb_log_checkpoints"):
+        validate(cfg)
+    cfg.strategy.name = StrategyName.ddp
+    validate(cfg)
