@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 # Target Python version of `make wheelhouse` (e.g. make wheelhouse PY=3.12).
 PY ?= $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 WHEELHOUSE ?= wheelhouse
+# Dependencies PyPI ships only as source; pure Python, so built here into wheels for any target.
+SDIST_ONLY ?= antlr4-python3-runtime==4.9.3
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.orchestra-installed
@@ -40,11 +42,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check orchestra kernels tests bench
 
 # Every dependency as wheels for Python $(PY) on x86_64 Linux, for air-gapped clusters.
-# DeepSpeed (sdist only) and this project are built here as pure-Python wheels first.
+# DeepSpeed and the SDIST_ONLY packages (sdists only) and this project are built here as
+# pure-Python wheels first.
 wheelhouse: $(STAMP)
 	mkdir -p $(WHEELHOUSE)
 	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) . \
-		"deepspeed==$$($(BIN)/python -c 'import deepspeed; print(deepspeed.__version__)')"
+		"deepspeed==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("deepspeed"))')"
+	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEELHOUSE) $(SDIST_ONLY)
 	$(BIN)/python -m pip download -q -d $(WHEELHOUSE) --find-links $(WHEELHOUSE) \
 		--only-binary=:all: --python-version $(PY) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_wandb_offline_run_continues_after_resume(corpus_dir: Path, data_cache: 
     cfg.trainer.max_steps = 15  # continue the same run dir for 5 more steps
     train(cfg)
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert runs and all(name.endswith(run_id) for name in runs), runs
+    # W&B names each attempt offline-run-<time>-<id>, adding -N when two start in the same second.
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in runs), runs
     assert os.listdir(run_dir / "wandb" / runs[-1])
 
 
