@@ -47,3 +47,10 @@ def test_wheel_contains_kernels_and_configs(tmp_path: Path) -> None:
     assert "orchestra/conf/model/llama-8b.yaml" in names
     assert "orchestra/conf/experiment/debug.yaml" in names
     assert not any(n.startswith(("tests/", "kernels/", "conf/")) for n in names)
+    # Installed from the wheel (no source tree around), the CLIs find the packaged configs.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = subprocess.run([sys.executable, "-c", "from orchestra.cli.common import CONF_DIR; print(CONF_DIR)"],
+                           capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
+                           timeout=120, check=True)
+    assert Path(probe.stdout.strip()) == site / "orchestra" / "conf"

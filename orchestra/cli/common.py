@@ -10,7 +10,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def _conf_dir() -> str:
+    """conf/ of the source tree (editable installs), else the copy a wheel ships as orchestra/conf."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"Hydra configs not found next to {package} (looked for conf/config.yaml)")
+
+
+CONF_DIR = _conf_dir()
 console = Console()
 
 
