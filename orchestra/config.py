@@ -181,6 +181,9 @@ class TrainerConfig:
     progress_bar: bool = True
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 64
+    # Warning signal that makes every rank checkpoint at the next step and stop (SIGTERM always
+    # does too); must match the batch script's --signal (slurm/pretrain.sh: USR1; submitit: USR2).
+    preempt_signal: str = "USR1"
 
 
 @dataclass
@@ -362,6 +365,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(t.precision in allowed_precision, "trainer.precision",
              f"{t.precision!r} is not one of {sorted(allowed_precision)}")
     accumulation_steps(t, world_size if world_size is not None else t.devices * t.num_nodes)
+    _require(t.preempt_signal.upper().removeprefix("SIG") in {"USR1", "USR2", "TERM", "INT", "HUP"},
+             "trainer.preempt_signal", f"{t.preempt_signal!r} is not one of USR1, USR2, TERM, INT, HUP")
 
     d = cfg.data
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {d.val_fraction}")

@@ -27,6 +27,7 @@ from orchestra.config import (
     validate,
 )
 from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
+from orchestra.train.callbacks.preemption import MARKER_NAME, PREEMPTED_EXIT_CODE, PreemptionCallback
 from orchestra.train.checkpoint import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
@@ -107,6 +108,22 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _slurm_plugins() -> list[Any]:
+    """Under srun: Lightning's SLURM environment, but never its in-handler requeue.
+
+    Lightning's auto_requeue saves inside the signal handler (a collective at an arbitrary point);
+    PreemptionCallback saves at a step boundary and slurm/pretrain.sh requeues instead.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return []
+    if os.environ.get("SLURM_PROCID", "0") == "0":
+        print(f"SLURM job {os.environ.get('SLURM_JOB_ID')}: SLURM_RESTART_COUNT="
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Run one training job described by a validated config; returns its summary."""
     # Imported here so `orchestra.train` stays importable without building the data stack.
@@ -160,7 +177,9 @@ def train(cfg: TrainConfig) -> RunResult:
         every_n_train_steps=t.ckpt_every_n_steps,
         save_last=True,
     )
-    callbacks: list[Callback] = [checkpointing, throughput, last_val]
+    preemption = PreemptionCallback(run_dir / CHECKPOINT_DIRNAME, run_dir / MARKER_NAME,
+                                    signals=(t.preempt_signal, "TERM"))
+    callbacks: list[Callback] = [checkpointing, throughput, last_val, preemption]
     if cfg.energy.enabled:
         callbacks.append(energy)
     if t.progress_bar:
@@ -187,7 +206,7 @@ def train(cfg: TrainConfig) -> RunResult:
         log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks,
         logger=loggers,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *_slurm_plugins()],
         use_distributed_sampler=False,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
@@ -195,6 +214,10 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None)
+    if preemption.preempted:
+        # Checkpoint saved on a warning signal: leave at once with the status the batch script
+        # requeues on (slurm/pretrain.sh); the rest of the run happens after the requeue.
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     if last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in trainer.callback_metrics.items()}

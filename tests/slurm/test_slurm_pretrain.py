@@ -1,0 +1,222 @@
+"""`sbatch slurm/pretrain.sh` on a real two-node Slurm cluster (gloo on CPU, one rank per node).
+
+One uninterrupted job is the reference; a job preempted mid-run must checkpoint, requeue itself,
+resume in the same run dir and log exactly the reference's per-step losses; a mistyped override
+must fail at once and never requeue.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import cli_overrides
+from tests.slurm.conftest import REPO, SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+STEPS = 300  # ~12 s of training at 2 ranks: long enough to signal a job mid-run
+CKPT_EVERY = 50
+
+
+def sbatch_args(log: Path) -> list[str]:
+    """The command-line overrides of the script's GPU defaults for this CPU cluster."""
+    return [
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=10:00",
+        f"--output={log}",
+        "slurm/pretrain.sh",
+    ]
+
+
+@pytest.fixture(scope="module")
+def job_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    runs = tmp_path_factory.mktemp("slurm-runs")
+    return {
+        "ORCHESTRA_ACCELERATOR": "cpu",
+        "ORCHESTRA_RUNS": str(runs),
+        "ORCHESTRA_VENV": str(Path(sys.executable).parent.parent),
+    }
+
+
+def overrides(corpus_dir: Path, data_cache: Path) -> list[str]:
+    """tests/helpers' tiny job; without hydra.run.dir, so the run dir is named after the job id."""
+    args = cli_overrides(
+        corpus_dir,
+        data_cache,
+        Path("unused"),
+        **{
+            "trainer.max_steps": STEPS,
+            "trainer.ckpt_every_n_steps": CKPT_EVERY,
+            "trainer.val_every_n_steps": CKPT_EVERY,
+        },
+    )
+    return [a for a in args if not a.startswith("hydra.run.dir=")]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def reference(
+    slurm_cluster: SlurmCluster,
+    job_env: dict[str, str],
+    corpus_dir: Path,
+    data_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[str, dict[str, str], Path, Path]:
+    """The uninterrupted job: (job id, scontrol record, log, run dir)."""
+    log = tmp_path_factory.mktemp("reference") / "job.out"
+    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
+    info = slurm_cluster.wait(job_id)
+    return job_id, info, log, Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+
+
+def test_two_nodes_one_process_group(
+    reference: tuple[str, dict[str, str], Path, Path], job_env: dict[str, str]
+) -> None:
+    job_id, info, log, run_dir = reference
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert info["Restarts"] == "0"
+    assert info["NodeList"] == "orch-node[1-2]"
+    assert "Starting with 2 processes" in text  # Lightning: both ranks joined one process group
+    assert "MASTER_ADDR=orch-node1" in text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp" and summary["steps"] == STEPS
+    # One run dir for the job, shared by both ranks.
+    assert [p.name for p in run_dir.parent.iterdir()] == [job_id]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(losses(run_dir)) == list(range(STEPS))
+
+
+def test_preempted_job_checkpoints_requeues_and_matches(
+    slurm_cluster: SlurmCluster,
+    reference: tuple[str, dict[str, str], Path, Path],
+    job_env: dict[str, str],
+    corpus_dir: Path,
+    data_cache: Path,
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
+    run_dir = Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+    first_ckpt = run_dir / "checkpoints" / f"step{CKPT_EVERY:07d}.ckpt"
+    deadline = time.time() + 180
+    while not first_ckpt.exists():
+        assert time.time() < deadline, (
+            f"no checkpoint after 180 s: {log.read_text()[-3000:] if log.exists() else ''}"
+        )
+        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-3000:]
+        time.sleep(0.2)
+    # What Slurm does --signal seconds before a preemption or the time limit, at once.
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    info = slurm_cluster.wait(job_id)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert info["Restarts"] == "1", text[-4000:]
+    assert "received SIGUSR1" in text and "requeueing job" in text
+    assert "SLURM_RESTART_COUNT=1" in text
+    saved = [line for line in text.splitlines() if line.startswith("preemption:")]
+    assert len(saved) == 1, text[-4000:]
+    step = int(saved[0].rsplit("saved at step ", 1)[1].split(";")[0])
+    assert CKPT_EVERY <= step < STEPS  # preempted mid-run, not at the end
+    assert (run_dir / "checkpoints" / f"step{step:07d}.ckpt").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"step{step:07d}.ckpt")
+    # Same run dir, same data order: the resumed job continues the uninterrupted one exactly.
+    got, ref = losses(run_dir), losses(reference[3])
+    assert sorted(got) == list(range(STEPS))
+    assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
+
+
+def test_mistyped_override_fails_once(
+    slurm_cluster: SlurmCluster, job_env: dict[str, str], corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "job.out"
+    started = time.time()
+    job_id = slurm_cluster.sbatch(
+        *sbatch_args(log), *overrides(corpus_dir, data_cache), "trainer.max_stepz=5", env=job_env
+    )
+    info = slurm_cluster.wait(job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED", text[-3000:]
+    assert info["Restarts"] == "0"
+    # Hydra exits 1 on the rank that fails first; srun --kill-on-bad-exit may then end the other (143).
+    assert info["ExitCode"] in ("1:0", "143:0")
+    assert "max_stepz" in text  # Hydra names the key
+    assert "not requeueing" in text
+    assert time.time() - started < 90
+    assert not (Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id / "checkpoints").exists()
+
+
+def test_script_defaults_are_overridable() -> None:
+    """The #SBATCH header carries the documented defaults (sbatch's command line overrides them)."""
+    header = [
+        line
+        for line in (REPO / "slurm" / "pretrain.sh").read_text().splitlines()
+        if line.startswith("#SBATCH")
+    ]
+    options = {line.split()[1].split("=")[0] for line in header}
+    assert {
+        "--nodes",
+        "--ntasks-per-node",
+        "--gpus-per-node",
+        "--cpus-per-task",
+        "--time",
+        "--output",
+        "--requeue",
+        "--signal",
+    } <= options
+    assert "#SBATCH --signal=B:USR1@300" in header
+
+
+def test_node_failure_resumes_from_periodic_checkpoint(
+    slurm_cluster: SlurmCluster,
+    reference: tuple[str, dict[str, str], Path, Path],
+    job_env: dict[str, str],
+    corpus_dir: Path,
+    data_cache: Path,
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
+    run_dir = Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+    first_ckpt = run_dir / "checkpoints" / f"step{CKPT_EVERY:07d}.ckpt"
+    deadline = time.time() + 180
+    while not first_ckpt.exists():
+        assert time.time() < deadline, (
+            f"no checkpoint after 180 s: {log.read_text()[-3000:] if log.exists() else ''}"
+        )
+        time.sleep(0.2)
+    # A node dies: Slurm kills the job and, as it was submitted with --requeue, requeues it.
+    slurm_cluster.run("scontrol", "update", "nodename=orch-node2", "state=down", "reason=orchestra-test")
+    try:
+        deadline = time.time() + 60
+        while slurm_cluster.job(job_id).get("Restarts") == "0":
+            assert time.time() < deadline, "job was not requeued after its node went down"
+            time.sleep(0.5)
+    finally:
+        # The node comes back (ReturnToService=2 may already have done it).
+        slurm_cluster.run("scontrol", "update", "nodename=orch-node2", "state=resume", check=False)
+    info = slurm_cluster.wait(job_id)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert info["Restarts"] == "1"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    resumed = Path(summary["resumed_from"])
+    assert resumed.parent == run_dir / "checkpoints"  # a checkpoint of this job's own run dir
+    got, ref = losses(run_dir), losses(reference[3])
+    assert sorted(got) == list(range(STEPS))
+    assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
