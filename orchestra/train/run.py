@@ -124,13 +124,32 @@ def _slurm_plugins() -> list[Any]:
     return [SLURMEnvironment(auto_requeue=False)]
 
 
+def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_new_tokens: int, eos_id: int,
+                device: torch.device, precision: str, seed: int) -> str:
+    """A short seeded continuation of ``prompt`` for the end-of-run summary.
+
+    Every rank calls this in lockstep (same seed, same logits): a sharded model's forward is a
+    collective, so rank zero cannot run it alone.
+    """
+    from tokenizers import Tokenizer
+
+    from orchestra.model.generate import generate
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    ids = torch.tensor([tokenizer.encode(prompt).ids or [eos_id]], device=device)
+    budget = max(0, min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1]))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"):
+        out = generate(model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_id, generator=gen)
+    return tokenizer.decode(out[0].tolist())
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Run one training job described by a validated config; returns its summary."""
     # Imported here so `orchestra.train` stays importable without building the data stack.
     from orchestra.data.datamodule import TokenDataModule
     from orchestra.data.dataset import load_manifest
     from orchestra.data.pack import prepare_dataset
-    from orchestra.model.generate import generate
 
     validate(cfg)
     run_dir = Path(cfg.run_dir or "runs/unnamed").resolve()
@@ -225,24 +244,10 @@ def train(cfg: TrainConfig) -> RunResult:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()  # Lightning leaves the W&B run open; the next job would reuse it
 
-    # Every rank samples in lockstep (same seed, same logits): a sharded model's forward is a
-    # collective, so rank zero cannot run it alone.
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    device = trainer.strategy.root_device
-    prompt_ids = tokenizer.encode(t.sample_prompt).ids or [int(manifest["eos_id"])]
-    prompt = torch.tensor([prompt_ids], device=device)
-    budget = max(0, min(t.sample_tokens, cfg.model.max_seq_len - prompt.shape[1]))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"):
-        out = generate(module.model, prompt, max_new_tokens=budget, temperature=0.8, top_k=50,
-                       eos_id=int(manifest["eos_id"]), generator=gen)
-    sample = tokenizer.decode(out[0].tolist())
-
+    sample = sample_text(module.model, tokenizer_json, t.sample_prompt, t.sample_tokens, int(manifest["eos_id"]),
+                         trainer.strategy.root_device, precision, cfg.seed)
     summary: dict[str, Any] = {}
     if trainer.is_global_zero:
-
         perf = throughput.summary()
         last_ckpt = Path(checkpointing.last_model_path or checkpointing.best_model_path or "")
         steps = int(trainer.global_step)
