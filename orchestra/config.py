@@ -81,6 +81,13 @@ class StrategyName(str, Enum):
         return {"deepspeed_zero1": 1, "deepspeed_zero2": 2}.get(self.value, 3 if self.is_deepspeed else 0)
 
 
+class FinetuneMethod(str, Enum):
+    none = "none"
+    full = "full"
+    lora = "lora"
+    adapter = "adapter"
+
+
 class ActivationCheckpointing(str, Enum):
     none = "none"
     full = "full"
@@ -235,6 +242,29 @@ class StrategyConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Start from a pretrained model and choose what trains (orchestra/train/finetune.py).
+
+    With ``init_from`` set, the model shape and tokenizer come from the base, not from model.*.
+    """
+
+    # none: pretraining from scratch; full: every weight trains; lora / adapter: base frozen.
+    method: FinetuneMethod = FinetuneMethod.none
+    # An Orchestra checkpoint (file or sharded dir) or a Hugging Face folder with config.json.
+    init_from: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    # Linear-layer name suffixes, or ["all-linear"].
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    adapter_bottleneck: int = 16
+    # Block i of L learns at lr * decay^(L-i); 1.0 = every block at optim.lr.
+    layer_lr_decay: float = 1.0
+    # L2-SP strength pulling trained weights toward the base ones; 0.0 = off.
+    l2sp: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     """The root of a training job's configuration."""
 
@@ -246,6 +276,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     name: str = "default"
     seed: int = 1234
     # auto: continue from the newest complete checkpoint in the run dir; never; or a path.
@@ -416,6 +447,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _require(t.precision not in ("16-mixed",), "trainer.precision",
                  "use bf16-mixed or 32-true with DeepSpeed (fp16 loss scaling is not configured)")
 
+    validate_finetune(cfg.finetune)
+
     e = cfg.energy
     _require(len(e.country_iso_code) == 3 and e.country_iso_code.isalpha(), "energy.country_iso_code",
              f"must be an ISO 3166 alpha-3 code such as FRA or USA, got {e.country_iso_code!r}")
@@ -423,6 +456,35 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(e.measure_power_secs > 0, "energy.measure_power_secs", "must be positive")
     _require(cfg.resume == "auto" or cfg.resume == "never" or len(cfg.resume) > 0, "resume",
              "must be auto, never or a checkpoint path")
+
+
+def validate_finetune(f: FinetuneConfig) -> None:
+    """Rules of the finetune group; whether init_from exists is checked when it is loaded."""
+    method = FinetuneMethod(f.method)
+    if method == FinetuneMethod.none:
+        _require(not f.init_from, "finetune.init_from",
+                 f"{f.init_from!r} is set but finetune.method is none (pretraining from scratch); "
+                 "choose finetune=full (or lora, adapter) to start from it")
+        return
+    _require(bool(f.init_from), "finetune.init_from",
+             f"finetune.method={method.value} needs a base model: an Orchestra checkpoint or a Hugging Face "
+             "folder, e.g. finetune.init_from=runs/debug/<time>/checkpoints/last.ckpt")
+    _require(f.l2sp >= 0, "finetune.l2sp", f"must be >= 0 (0 disables L2-SP), got {f.l2sp}")
+    _require(0 < f.layer_lr_decay <= 1, "finetune.layer_lr_decay",
+             f"must be in (0, 1] (1 disables layer-wise decay), got {f.layer_lr_decay}")
+    if method == FinetuneMethod.lora:
+        _require(f.lora_rank > 0, "finetune.lora_rank", f"must be a positive integer, got {f.lora_rank}")
+        _require(f.lora_alpha > 0, "finetune.lora_alpha", f"must be positive, got {f.lora_alpha}")
+        _require(0 <= f.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {f.lora_dropout}")
+        _require(len(f.lora_targets) > 0, "finetune.lora_targets",
+                 "needs at least one linear-layer suffix such as [q_proj, v_proj], or [all-linear]")
+    if method == FinetuneMethod.adapter:
+        _require(f.adapter_bottleneck > 0, "finetune.adapter_bottleneck",
+                 f"must be a positive integer, got {f.adapter_bottleneck}")
+    if method in (FinetuneMethod.lora, FinetuneMethod.adapter):
+        # The penalty is over trainable pretrained weights; with the base frozen there are none.
+        _require(f.l2sp == 0, "finetune.l2sp",
+                 f"applies to finetune=full only; with {method.value} the pretrained weights are frozen")
 
 
 def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:

@@ -92,6 +92,22 @@ def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: i
             )
 
 
+def _merged_peft_state(trainable: dict[str, torch.Tensor], meta: dict[str, Any], ckpt: Path) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint holds its trainable tensors only: rebuild base + LoRA and merge them."""
+    from orchestra.model.peft import merge_lora
+    from orchestra.train.finetune import rebuild_peft_model
+
+    method = meta["peft"]["method"]
+    if method != "lora":
+        raise CheckpointError(
+            f"checkpoint {ckpt} is a {method} fine-tune: adapters add layers a Llama folder has no place for, "
+            "so they cannot be merged into the Hugging Face weights; fine-tune with finetune=lora or full to export"
+        )
+    model = rebuild_peft_model(trainable, meta, ckpt)
+    merge_lora(model)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
 def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write a Hugging Face Llama folder for ``ckpt`` into ``out`` (atomically); returns ``out``."""
     from safetensors.torch import save_file
@@ -107,6 +123,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         raise FileExistsError(f"out: {out} exists and is not empty; choose another folder or set overwrite=true")
 
     state, meta = consolidated_state_dict(ckpt)
+    if "peft" in meta:
+        state = _merged_peft_state(state, meta, ckpt)
     cfg = model_config_from_dict(meta["model_config"])
     vocab_size = int(meta["vocab_size"])
     check_shapes(state, cfg, vocab_size, ckpt)

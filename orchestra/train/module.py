@@ -13,18 +13,27 @@ import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
 
-from orchestra.config import StrategyName, TrainConfig, to_plain
+from orchestra.config import FinetuneMethod, StrategyName, TrainConfig, to_plain
 from orchestra.data.datamodule import realign_loop_progress
 from orchestra.model import Transformer
+from orchestra.model.peft import L2SP, layerwise_lr_groups
+from orchestra.train.finetune import PEFT_METHODS, BaseModel, apply_method, peft_metadata
 from orchestra.train.optim import build_optimizer, build_scheduler
 from orchestra.train.strategy import parallelize
 
 
 class CausalLMModule(L.LightningModule):
     def __init__(self, cfg: TrainConfig, vocab_size: int, tokenizer_json: str = "",
-                 precision: str = "32-true") -> None:
+                 precision: str = "32-true", base: BaseModel | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.method = FinetuneMethod(cfg.finetune.method)
+        self.base = base
+        self.base_reference = base.reference if base is not None else None
+        self.l2sp: L2SP | None = None
+        if self.method in PEFT_METHODS:
+            # PEFT checkpoints hold the trainable tensors only; the frozen rest is rebuilt from the base.
+            self.strict_loading = False
         self.vocab_size = vocab_size
         self.tokenizer_json = tokenizer_json
         self.precision_name = precision
@@ -45,14 +54,35 @@ class CausalLMModule(L.LightningModule):
 
     def _build_model(self) -> Transformer:
         model = Transformer(self.cfg.model, self.vocab_size)
+        if self.base is not None:
+            # Base weights go in before the method wraps layers and before sharding, so FSDP
+            # shards the pretrained weights; the copy is dropped once loaded.
+            model.load_state_dict(self.base.state_dict, strict=True)
+            self.base = None
+            apply_method(model, self.cfg.finetune)
         mesh = self.device_mesh if self.cfg.strategy.name == StrategyName.fsdp else None
-        return parallelize(model, self.cfg.strategy, self.precision_name, mesh)
+        model = parallelize(model, self.cfg.strategy, self.precision_name, mesh)
+        if self.cfg.finetune.l2sp > 0:
+            # Reference taken now: pretrained values (a resume loads its state afterwards), sharded like w.
+            self.l2sp = L2SP(model, self.cfg.finetune.l2sp)
+        return model
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
         loss = self.model(inputs, labels)
         self._step_losses.append(loss.detach())
+        if self.l2sp is not None:
+            penalty = self._l2sp_penalty()
+            self.log("train/l2sp", penalty.detach(), on_step=True, on_epoch=False)
+            return loss + penalty
         return loss
+
+    def _l2sp_penalty(self) -> torch.Tensor:
+        assert self.l2sp is not None
+        ref = next(iter(self.l2sp.reference.values()))
+        if ref.device != self.device:  # the reference was taken before Lightning moved the model
+            self.l2sp.to(self.device)
+        return self.l2sp.penalty(self.model)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log the loss of the whole global batch once per optimizer step.
@@ -98,7 +128,11 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         offload = self.cfg.strategy.name == StrategyName.deepspeed_zero3_offload
-        optimizer = build_optimizer(self.model, self.cfg.optim, cpu_offload=offload)
+        groups = None
+        if self.cfg.finetune.layer_lr_decay < 1.0:
+            groups = layerwise_lr_groups(self.model, self.cfg.optim.lr, self.cfg.finetune.layer_lr_decay,
+                                         self.cfg.optim.weight_decay)
+        optimizer = build_optimizer(self.model, self.cfg.optim, cpu_offload=offload, groups=groups)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -106,6 +140,15 @@ class CausalLMModule(L.LightningModule):
         # Lightning counts micro-batches; after a resume with another accumulation (another world
         # size) its counters must be rescaled so optimizer steps stay on the sampler's boundaries.
         realign_loop_progress(checkpoint, self.trainer.accumulate_grad_batches)
+        if self.method in PEFT_METHODS and isinstance(checkpoint.get("state_dict"), dict):
+            # strict_loading is off for PEFT; check here that exactly the trainable tensors come back.
+            saved = set(checkpoint["state_dict"])
+            expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            if saved != expected:
+                raise RuntimeError(
+                    f"resume: the checkpoint's tensors do not match this {self.method.value} model "
+                    f"(differing: {sorted(saved ^ expected)[:4]}); were finetune.* settings changed?"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Everything `orchestra-generate` and export need, so a checkpoint stands on its own.
@@ -115,3 +158,9 @@ class CausalLMModule(L.LightningModule):
             "vocab_size": self.vocab_size,
             "tokenizer_json": self.tokenizer_json,
         }
+        if self.method in PEFT_METHODS and self.base_reference is not None:
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            state = checkpoint.get("state_dict")
+            if isinstance(state, dict):
+                checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+            checkpoint["orchestra"]["peft"] = peft_metadata(self.cfg.finetune, self.base_reference)

@@ -42,8 +42,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (default: :func:`parameter_groups`; groups may carry their own lr)."""
+    if groups is None:
+        groups = parameter_groups(model, cfg.weight_decay)
     if cpu_offload:
         # ZeRO-Offload keeps optimizer state in CPU memory; DeepSpeed's vectorised CPU Adam is
         # several times faster there than torch's (and is what DeepSpeed expects).

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import WandbLogger
 
 from orchestra.config import (
+    ConfigError,
+    FinetuneMethod,
     TrainConfig,
     accumulation_steps,
     padded_vocab_size,
@@ -32,9 +34,11 @@ from orchestra.train.checkpoint import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
     CheckpointError,
+    checkpoint_step,
     find_resume_checkpoint,
     load_checkpoint_file,
 )
+from orchestra.train.finetune import PEFT_METHODS, BaseModel, base_model_config, load_base
 from orchestra.train.flops import model_flops_per_token
 from orchestra.train.loggers import build_loggers
 from orchestra.train.module import CausalLMModule
@@ -46,6 +50,8 @@ class RunResult:
     summary: dict[str, Any]
     sample: str
     run_dir: Path
+    # The trained module, for callers (tests) that inspect weights in memory.
+    module: L.LightningModule | None = None
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -78,9 +84,52 @@ def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int) -> i
              for k in shape_keys if saved.get(k) != current[k]]
     if meta["vocab_size"] != vocab_size:
         diffs.append(f"vocab size: checkpoint {meta['vocab_size']} vs data/config {vocab_size}")
+    peft, method = meta.get("peft"), FinetuneMethod(cfg.finetune.method)
+    saved_method = peft["method"] if peft else None
+    current_method = method.value if method in PEFT_METHODS else None
+    if saved_method != current_method:
+        diffs.append(f"finetune.method: checkpoint {saved_method or 'full weights'} vs config {method.value}")
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
     return int(ckpt["global_step"])
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic, and safe when every rank writes the same text at once (per-process temp name)."""
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def use_base(cfg: TrainConfig, run_dir: Path) -> BaseModel:
+    """Load finetune.init_from and make the run use its shape and tokenizer (cfg is changed in place).
+
+    The base tokenizer is written to <run_dir>/base_tokenizer.json and the data is prepared with
+    it, under a data.name suffixed with the tokenizer's hash: the dataset fingerprint already
+    includes that hash, so without the suffix a dataset of the same name made with another
+    tokenizer would be refused instead of a matching one being built next to it.
+    """
+    import hashlib
+
+    base = load_base(str(cfg.finetune.init_from))
+    cfg.model = base_model_config(base, cfg.model)
+    tokenizer_file = run_dir / "base_tokenizer.json"
+    if cfg.data.tokenizer_path:
+        given = Path(cfg.data.tokenizer_path)
+        if not given.is_file() or given.read_text() != base.tokenizer_json:
+            raise ConfigError(
+                f"data.tokenizer_path: {given} is not the tokenizer of finetune.init_from={cfg.finetune.init_from}; "
+                "leave data.tokenizer_path unset, fine-tuning uses the base model's tokenizer"
+            )
+    _write_if_changed(tokenizer_file, base.tokenizer_json)
+    digest = hashlib.sha256(base.tokenizer_json.encode()).hexdigest()[:12]
+    cfg.data.tokenizer_path = str(tokenizer_file)
+    if not cfg.data.name.endswith(f"-tok{digest}"):
+        cfg.data.name = f"{cfg.data.name}-tok{digest}"
+    return base
 
 
 class _LastValidation(Callback):
@@ -157,6 +206,7 @@ def train(cfg: TrainConfig) -> RunResult:
     world_size = t.devices * t.num_nodes
     accumulation = accumulation_steps(t, world_size)
 
+    base = use_base(cfg, run_dir) if cfg.finetune.init_from else None
     dataset_dir = prepare_dataset(cfg.data, seed=cfg.seed)
     manifest = load_manifest(dataset_dir)
     vocab_size = padded_vocab_size(cfg.model, int(manifest["vocab_size"]))
@@ -167,7 +217,8 @@ def train(cfg: TrainConfig) -> RunResult:
 
     precision = resolve_precision(t.precision, t.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = CausalLMModule(cfg, vocab_size, tokenizer_json, precision)
+    module = CausalLMModule(cfg, vocab_size, tokenizer_json, precision, base=base)
+    del base  # the module drops its reference once the weights are loaded
     seq_len = cfg.model.max_seq_len
     datamodule = TokenDataModule(
         dataset_dir=dataset_dir,
@@ -237,6 +288,12 @@ def train(cfg: TrainConfig) -> RunResult:
         # Checkpoint saved on a warning signal: leave at once with the status the batch script
         # requeues on (slurm/pretrain.sh); the rest of the run happens after the requeue.
         raise SystemExit(PREEMPTED_EXIT_CODE)
+    newest = trainer.strategy.broadcast(find_resume_checkpoint(run_dir))
+    if newest is None or checkpoint_step(Path(newest)) < trainer.global_step:
+        # ModelCheckpoint defers the final save to a validation that never comes when max_steps is
+        # not a multiple of val_every_n_steps: save the final state here (all ranks take part).
+        trainer.save_checkpoint(run_dir / CHECKPOINT_DIRNAME / "last.ckpt")
+        checkpointing.last_model_path = str(run_dir / CHECKPOINT_DIRNAME / "last.ckpt")
     if last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in trainer.callback_metrics.items()}
@@ -274,5 +331,5 @@ def train(cfg: TrainConfig) -> RunResult:
         }
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return RunResult(summary=summary, sample=sample, run_dir=run_dir)
+    return RunResult(summary=summary, sample=sample, run_dir=run_dir, module=module)
 

@@ -122,3 +122,13 @@ def test_bad_resume_path_is_named(corpus_dir: Path, data_cache: Path, tmp_path: 
     with pytest.raises(CheckpointError, match=r"bogus\.ckpt"):
         train(cfg)
     assert bogus.read_bytes() == b"not a checkpoint"
+
+
+def test_final_step_is_checkpointed_when_not_a_validation_step(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+    from orchestra.train.checkpoint import checkpoint_step
+
+    cfg = tiny_config(corpus_dir, data_cache, tmp_path / "run", max_steps=7, ckpt_every_n_steps=2, val_every_n_steps=5)
+    summary = train(cfg).summary
+    newest = find_resume_checkpoint(tmp_path / "run")
+    assert newest is not None and checkpoint_step(newest) == 7
+    assert checkpoint_step(Path(summary["checkpoint"])) == 7

@@ -1,0 +1,185 @@
+"""Fine-tuning: load a base model (ours or Hugging Face), then choose what trains.
+
+The base fixes the model shape and the tokenizer, so train() takes both from here instead of
+from model.* and the data's own tokenizer. The PEFT methods themselves live in
+orchestra/model/peft.py; this module only maps the config onto them and records, in PEFT
+checkpoints, which base they belong to (path + a cheap fingerprint, see :func:`base_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestra.config import (
+    ConfigError,
+    FinetuneConfig,
+    FinetuneMethod,
+    ModelConfig,
+    model_config_from_dict,
+    to_plain,
+)
+
+PEFT_METHODS = (FinetuneMethod.lora, FinetuneMethod.adapter)
+_CHUNK = 1 << 20
+
+
+@dataclass
+class BaseModel:
+    """What a fine-tuning run takes from its base: shape, vocabulary, tokenizer, weights, identity."""
+
+    model_config: ModelConfig
+    vocab_size: int
+    tokenizer_json: str
+    state_dict: dict[str, torch.Tensor]
+    reference: dict[str, str]  # {"path", "sha256"}
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def base_fingerprint(path: str | Path) -> str:
+    """sha256 identifying a base model, cheap enough to compute at every start.
+
+    A checkpoint file is hashed whole. A directory is hashed by its small descriptive files
+    only: an HF folder by config.json plus model.safetensors.index.json (or, for a single
+    model.safetensors, its header, which lists every tensor's name, dtype, shape and offsets);
+    a sharded/DeepSpeed checkpoint by its metadata files. A directory's fingerprint therefore
+    tells bases of different shape or layout apart, not two trainings of the same shape.
+    """
+    path = Path(path)
+    if path.is_file():  # plain sha256 of the file, as `sha256sum` prints it
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+    names = ["config.json", "model.safetensors.index.json", ".metadata", "meta.pt", "latest"]
+    files = [path / n for n in names if (path / n).is_file()]
+    h = hashlib.sha256(_sha256_files(files).encode())
+    single = path / "model.safetensors"
+    if single.is_file():
+        with open(single, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(header_len))
+    return h.hexdigest()
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_base(init_from: str | Path) -> BaseModel:
+    """Read a base model's config, tokenizer and full fp32 weights (our parameter names)."""
+    from orchestra.model.hf import HFImportError, from_hf_state_dict, load_hf_state_dict, model_config_from_hf
+    from orchestra.train.checkpoint import CheckpointError
+    from orchestra.train.export import consolidated_state_dict
+
+    path = Path(init_from)
+    if not path.exists():
+        raise ConfigError(
+            f"finetune.init_from: {str(path)!r} does not exist; expected an Orchestra checkpoint "
+            "(checkpoints/last.ckpt or a sharded checkpoint dir) or a Hugging Face folder with config.json"
+        )
+    reference = {"path": str(path.resolve()), "sha256": base_fingerprint(path)}
+    if _is_hf_folder(path):
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ConfigError(
+                f"finetune.init_from: {path} has no tokenizer.json; fine-tuning tokenizes the data with the "
+                "base's own tokenizer (save it once with AutoTokenizer.from_pretrained(folder)"
+                ".save_pretrained(folder))"
+            )
+        try:
+            cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()))
+            state = from_hf_state_dict(load_hf_state_dict(path), cfg)
+        except (HFImportError, FileNotFoundError, json.JSONDecodeError) as err:
+            raise ConfigError(f"finetune.init_from: {path}: {err}") from err
+        return BaseModel(cfg, vocab, tokenizer_file.read_text(), state, reference)
+    try:
+        state, meta = consolidated_state_dict(path)
+    except CheckpointError as err:
+        raise ConfigError(f"finetune.init_from: {err}") from err
+    if "peft" in meta:
+        raise ConfigError(
+            f"finetune.init_from: {path} is a {meta['peft']['method']} checkpoint holding only its trainable "
+            "weights; export it (orchestra-export) and start from the merged Hugging Face folder"
+        )
+    if not meta.get("tokenizer_json"):
+        raise ConfigError(f"finetune.init_from: checkpoint {path} records no tokenizer")
+    cfg = model_config_from_dict(meta["model_config"])
+    vocab = int(meta["vocab_size"])
+    return BaseModel(replace(cfg, vocab_size=vocab), vocab, meta["tokenizer_json"], state, reference)
+
+
+def base_model_config(base: BaseModel, current: ModelConfig) -> ModelConfig:
+    """The base's shape with the run's own kernel choice (numerics-neutral, device-dependent)."""
+    return replace(base.model_config, vocab_size=base.vocab_size, kernels=current.kernels)
+
+
+def apply_method(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Turn a model holding the base weights into the configured trainable model, in place."""
+    from orchestra.model.peft import LoraConfig, apply_adapters, apply_lora
+
+    method = FinetuneMethod(cfg.method)
+    if method == FinetuneMethod.lora:
+        try:
+            apply_lora(model, LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                         target_modules=list(cfg.lora_targets)))
+        except ValueError as err:
+            raise ConfigError(f"finetune.lora_targets: {err}") from err
+    elif method == FinetuneMethod.adapter:
+        apply_adapters(model, cfg.adapter_bottleneck)
+
+
+def peft_metadata(cfg: FinetuneConfig, reference: dict[str, str]) -> dict[str, Any]:
+    """checkpoint["orchestra"]["peft"]: enough to rebuild base + method from the checkpoint alone."""
+    return {"method": FinetuneMethod(cfg.method).value, "config": to_plain(cfg), "base": dict(reference)}
+
+
+def finetune_config_from_dict(d: dict[str, Any]) -> FinetuneConfig:
+    kw = dict(d)
+    kw["method"] = FinetuneMethod(kw["method"])
+    return FinetuneConfig(**kw)
+
+
+def rebuild_peft_model(trainable: dict[str, torch.Tensor], meta: dict[str, Any], source: Path) -> nn.Module:
+    """Base + method from a PEFT checkpoint's reference, with its trainable tensors loaded."""
+    from orchestra.model import Transformer
+    from orchestra.train.checkpoint import CheckpointError
+
+    peft = meta["peft"]
+    ref = peft["base"]
+    try:
+        base = load_base(ref["path"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {source}: its base model cannot be loaded: {err}") from err
+    if base.reference["sha256"] != ref["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {source}: base {ref['path']} has changed since training (sha256 "
+            f"{base.reference['sha256'][:12]} != recorded {ref['sha256'][:12]})"
+        )
+    model = Transformer(model_config_from_dict(meta["model_config"]), int(meta["vocab_size"]))
+    model.load_state_dict(base.state_dict, strict=True)
+    apply_method(model, finetune_config_from_dict(peft["config"]))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != expected:
+        raise CheckpointError(
+            f"checkpoint {source}: trainable tensors {sorted(set(trainable) ^ expected)[:4]} do not match "
+            f"the {peft['method']} layout recorded in it"
+        )
+    model.load_state_dict(trainable, strict=False)
+    return model

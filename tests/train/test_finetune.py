@@ -1,0 +1,176 @@
+"""Fine-tuning from a trained run or an HF folder: what trains, what is saved, resume, export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestra.config import (
+    ConfigError,
+    FinetuneConfig,
+    FinetuneMethod,
+    ScheduleName,
+    SchedulerConfig,
+    TrainConfig,
+    validate,
+)
+from orchestra.train.checkpoint import CheckpointError, load_checkpoint_file
+from orchestra.train.export import consolidated_state_dict, export_hf
+from orchestra.train.run import train
+from tests.helpers import tiny_config
+from tests.train.test_run import column, read_metrics
+
+
+def ft_config(corpus_dir: Path, data_cache: Path, run_dir: Path, method: str, init_from: Path,
+              **trainer: object) -> TrainConfig:
+    """The tiny job as a fine-tune: constant lr, so a run can be extended by raising max_steps.
+
+    Validation runs at the last step: Lightning defers the last step's checkpoint to a validation.
+    """
+    settings: dict[str, object] = {"max_steps": 4, "ckpt_every_n_steps": 2, **trainer}
+    settings.setdefault("val_every_n_steps", settings["max_steps"])
+    cfg = tiny_config(corpus_dir, data_cache, run_dir, **settings)
+    cfg.scheduler = SchedulerConfig(name=ScheduleName.constant, warmup_steps=0)
+    cfg.finetune = FinetuneConfig(method=FinetuneMethod(method), init_from=str(init_from))
+    return cfg
+
+
+def base_ckpt(trained_run: Path) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"
+
+
+def base_val_loss(trained_run: Path) -> float:
+    return float(json.loads((trained_run / "summary.json").read_text())["val_loss"])
+
+
+def test_lora_trains_only_lora_saves_only_it_and_exports_merged(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from orchestra.model.peft import merge_lora
+    from orchestra.train.finetune import rebuild_peft_model
+
+    base = base_ckpt(trained_run)
+    result = train(ft_config(corpus_dir, data_cache, tmp_path / "run", "lora", base))
+    assert result.module is not None
+    model = result.module.model
+    base_state, _ = consolidated_state_dict(base)
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        assert torch.equal(p.detach(), base_state[name.replace(".base.", ".")]), name  # bit for bit
+    assert all(model.get_parameter(n).abs().sum() > 0 for n in trainable if ".lora_B." in n)  # B started at 0
+
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint_file(ckpt_path)
+    assert set(ckpt["state_dict"]) == {f"model.{n}" for n in trainable}
+    peft = ckpt["orchestra"]["peft"]
+    assert peft["method"] == "lora" and peft["config"]["lora_rank"] == 8
+    assert peft["base"] == {"path": str(base.resolve()), "sha256": hashlib.sha256(base.read_bytes()).hexdigest()}
+
+    out = export_hf(ckpt_path, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    merged = rebuild_peft_model(trained, ckpt["orchestra"], ckpt_path).eval()
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged_logits = merged(tokens)
+        merge_lora(merged)
+        assert torch.allclose(merged(tokens), unmerged_logits, atol=1e-5, rtol=0)
+        assert torch.allclose(hf(tokens).logits, unmerged_logits, atol=1e-5, rtol=0)
+        assert torch.allclose(model.eval()(tokens), unmerged_logits, atol=1e-5, rtol=0)
+
+
+def test_lora_resume_continues_exactly(corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path) -> None:
+    """Resume from a mid-run PEFT checkpoint (as after a kill at step 3): same losses as straight through."""
+    base = base_ckpt(trained_run)
+    straight, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    train(ft_config(corpus_dir, data_cache, straight, "lora", base, max_steps=6, ckpt_every_n_steps=3))
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step0000003.ckpt", resumed_dir / "checkpoints")
+    resumed = train(ft_config(corpus_dir, data_cache, resumed_dir, "lora", base, max_steps=6, ckpt_every_n_steps=3))
+    assert resumed.summary["resumed_from"] is not None and resumed.summary["steps"] == 6
+    ref, res = column(read_metrics(straight), "train/loss"), column(read_metrics(resumed_dir), "train/loss")
+    assert sorted(ref) == list(range(6)) and sorted(res) == [3, 4, 5]
+    assert res == {step: ref[step] for step in res}  # bitwise on CPU
+
+
+def test_full_finetune_starts_at_base_loss_with_l2sp_and_layer_decay(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    cfg = ft_config(corpus_dir, data_cache, tmp_path / "run", "full", base_ckpt(trained_run), max_steps=3)
+    cfg.finetune.l2sp = 0.01
+    cfg.finetune.layer_lr_decay = 0.5
+    result = train(cfg)
+    assert result.module is not None
+    assert all(p.requires_grad for p in result.module.model.parameters())
+    rows = read_metrics(tmp_path / "run")
+    loss0 = float(column(rows, "train/loss")[0])
+    assert loss0 < math.log(512) - 1.0  # not a from-scratch loss
+    assert abs(loss0 - base_val_loss(trained_run)) < 0.5
+    l2sp = column(rows, "train/l2sp")
+    assert float(l2sp[0]) == 0.0 and float(l2sp[2]) > 0.0  # zero at the base, grows as weights move
+    lr_top, lr_bottom = float(column(rows, "train/lr_layer1.decay")[0]), float(column(rows, "train/lr_layer0.decay")[0])
+    assert lr_bottom == pytest.approx(lr_top * 0.5)
+
+
+def test_hf_folder_base_finetunes_and_adapters_refuse_export(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    hf_base = export_hf(base_ckpt(trained_run), tmp_path / "hf-base")
+    run = tmp_path / "run"
+    train(ft_config(corpus_dir, data_cache, run, "adapter", hf_base, max_steps=2))
+    loss0 = float(column(read_metrics(run), "train/loss")[0])
+    assert abs(loss0 - base_val_loss(trained_run)) < 0.5
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
+    assert ckpt["orchestra"]["peft"]["method"] == "adapter"
+    assert all(".adapter." in k for k in ckpt["state_dict"])
+    with pytest.raises(CheckpointError, match="cannot be merged"):
+        export_hf(run / "checkpoints" / "last.ckpt", tmp_path / "out")
+
+    no_tok = tmp_path / "hf-no-tokenizer"
+    shutil.copytree(hf_base, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"finetune.init_from: .* has no tokenizer.json"):
+        train(ft_config(corpus_dir, data_cache, tmp_path / "run2", "lora", no_tok))
+
+
+@pytest.mark.parametrize(
+    ("finetune", "expected"),
+    [
+        (FinetuneConfig(method=FinetuneMethod.lora), r"finetune.init_from: finetune.method=lora needs a base model"),
+        (FinetuneConfig(init_from="x.ckpt"), r"finetune.init_from: .*choose finetune=full"),
+        (FinetuneConfig(method=FinetuneMethod.full, init_from="x", l2sp=-1.0), r"finetune.l2sp: must be >= 0"),
+        (FinetuneConfig(method=FinetuneMethod.full, init_from="x", layer_lr_decay=0.0), r"finetune.layer_lr_decay"),
+        (FinetuneConfig(method=FinetuneMethod.lora, init_from="x", l2sp=0.1), r"finetune.l2sp: applies to"),
+    ],
+)
+def test_finetune_config_errors_name_the_key(finetune: FinetuneConfig, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        validate(TrainConfig(finetune=finetune))
+
+
+def test_missing_base_is_one_clear_error(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"finetune.init_from: .*nope.ckpt' does not exist"):
+        train(ft_config(corpus_dir, data_cache, tmp_path / "run", "lora", tmp_path / "nope.ckpt"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_presets_compose() -> None:
+    from tests.test_config import composed
+
+    cfg = composed("finetune=lora", "finetune.init_from=/some/ckpt")
+    assert cfg.finetune.method == FinetuneMethod.lora and cfg.finetune.lora_targets == ["q_proj", "v_proj"]
+    assert composed().finetune.method == FinetuneMethod.none
+    with pytest.raises(ConfigError, match=r"finetune\.init_from"):
+        validate(composed("finetune=full"))
