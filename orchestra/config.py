@@ -86,6 +86,15 @@ class FinetuneMethod(str, Enum):
     full = "full"
     lora = "lora"
     adapter = "adapter"
+    prompt = "prompt"
+    unfreeze = "unfreeze"
+
+
+class TaskName(str, Enum):
+    pretrain = "pretrain"
+    sft = "sft"
+    classification = "classification"
+    dpo = "dpo"
 
 
 class ActivationCheckpointing(str, Enum):
@@ -114,6 +123,9 @@ class ModelConfig:
     init: InitScheme = InitScheme.normal
     init_std: float = 0.02
     kernels: KernelBackend = KernelBackend.auto
+    # model=hf: a pretrained Hugging Face folder (or Orchestra checkpoint) whose shape replaces the
+    # fields above; the same as finetune.init_from.
+    path: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -262,6 +274,35 @@ class FinetuneConfig:
     layer_lr_decay: float = 1.0
     # L2-SP strength pulling trained weights toward the base ones; 0.0 = off.
     l2sp: float = 0.0
+    # prompt: learned virtual tokens prepended to every sequence (they use context positions).
+    prompt_tokens: int = 20
+    # unfreeze: the top block trains from step 0, one more block below joins every N steps.
+    unfreeze_every_n_steps: int = 50
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns (orchestra/data/tasks.py, orchestra/train/module.py).
+
+    pretrain reads the data group's packed corpus; sft, classification and dpo read jsonl
+    examples (train_path/val_path), by default the bundled examples that
+    ``python -m orchestra.data.examples`` builds from the default corpus.
+    """
+
+    name: TaskName = TaskName.pretrain
+    # jsonl files; null = the bundled example set of this task (built on first use).
+    train_path: str | None = None
+    val_path: str | None = None
+    # With train_path set and no val_path: this fraction of the examples (seeded) is held out.
+    val_fraction: float = 0.05
+    # sft: a Jinja2 chat template over ``messages`` (HF style); null = Orchestra's plain template.
+    chat_template: str | None = None
+    # sft: pack several examples into one row (attention masked at example boundaries).
+    pack: bool = True
+    # classification: label names in class-index order; empty = sorted labels of the train file.
+    labels: list[str] = field(default_factory=list)
+    # dpo: strength of the implicit KL penalty toward the reference model.
+    beta: float = 0.1
 
 
 @dataclass
@@ -277,6 +318,7 @@ class TrainConfig:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     name: str = "default"
     seed: int = 1234
     # auto: continue from the newest complete checkpoint in the run dir; never; or a path.
@@ -316,6 +358,8 @@ class ExportConfig:
     out: str = ""
     dtype: str = "float32"
     overwrite: bool = False
+    # true: write only the trainable PEFT weights (LoRA in peft's adapter format), not a merged model.
+    peft_only: bool = False
 
 
 def job_id() -> str:
@@ -447,7 +491,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _require(t.precision not in ("16-mixed",), "trainer.precision",
                  "use bf16-mixed or 32-true with DeepSpeed (fp16 loss scaling is not configured)")
 
-    validate_finetune(cfg.finetune)
+    validate_finetune(cfg.finetune, cfg.model)
+    validate_task(cfg)
 
     e = cfg.energy
     _require(len(e.country_iso_code) == 3 and e.country_iso_code.isalpha(), "energy.country_iso_code",
@@ -458,17 +503,30 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
              "must be auto, never or a checkpoint path")
 
 
-def validate_finetune(f: FinetuneConfig) -> None:
-    """Rules of the finetune group; whether init_from exists is checked when it is loaded."""
+def base_path(cfg: TrainConfig) -> str | None:
+    """The pretrained model a run starts from: finetune.init_from, or model.path (model=hf)."""
+    return cfg.finetune.init_from or cfg.model.path
+
+
+FROZEN_BASE_METHODS = (FinetuneMethod.lora, FinetuneMethod.adapter, FinetuneMethod.prompt)
+
+
+def validate_finetune(f: FinetuneConfig, m: ModelConfig | None = None) -> None:
+    """Rules of the finetune group; whether the base exists is checked when it is loaded."""
     method = FinetuneMethod(f.method)
+    model_path = m.path if m is not None else None
+    if f.init_from and model_path:
+        _require(f.init_from == model_path, "finetune.init_from",
+                 f"{f.init_from!r} differs from model.path={model_path!r}; set only one of them")
+    init_from = f.init_from or model_path
     if method == FinetuneMethod.none:
-        _require(not f.init_from, "finetune.init_from",
-                 f"{f.init_from!r} is set but finetune.method is none (pretraining from scratch); "
-                 "choose finetune=full (or lora, adapter) to start from it")
+        _require(not init_from, "finetune.init_from" if f.init_from else "model.path",
+                 f"{init_from!r} is set but finetune.method is none (pretraining from scratch); "
+                 "choose finetune=full (or lora, adapter, prompt, unfreeze, l2sp) to start from it")
         return
-    _require(bool(f.init_from), "finetune.init_from",
+    _require(bool(init_from), "finetune.init_from",
              f"finetune.method={method.value} needs a base model: an Orchestra checkpoint or a Hugging Face "
-             "folder, e.g. finetune.init_from=runs/debug/<time>/checkpoints/last.ckpt")
+             "folder, e.g. finetune.init_from=runs/debug/<time>/checkpoints/last.ckpt (or model=hf model.path=...)")
     _require(f.l2sp >= 0, "finetune.l2sp", f"must be >= 0 (0 disables L2-SP), got {f.l2sp}")
     _require(0 < f.layer_lr_decay <= 1, "finetune.layer_lr_decay",
              f"must be in (0, 1] (1 disables layer-wise decay), got {f.layer_lr_decay}")
@@ -481,10 +539,54 @@ def validate_finetune(f: FinetuneConfig) -> None:
     if method == FinetuneMethod.adapter:
         _require(f.adapter_bottleneck > 0, "finetune.adapter_bottleneck",
                  f"must be a positive integer, got {f.adapter_bottleneck}")
-    if method in (FinetuneMethod.lora, FinetuneMethod.adapter):
+    if method == FinetuneMethod.prompt:
+        _require(f.prompt_tokens > 0, "finetune.prompt_tokens", f"must be a positive integer, got {f.prompt_tokens}")
+        if m is not None and m.path is None:
+            _require(f.prompt_tokens < m.max_seq_len, "finetune.prompt_tokens",
+                     f"{f.prompt_tokens} virtual tokens leave no room in model.max_seq_len={m.max_seq_len}")
+        # Only the soft prompt trains: there are no block weights for a per-layer learning rate.
+        _require(f.layer_lr_decay == 1, "finetune.layer_lr_decay",
+                 "does not apply to finetune=prompt (only the soft prompt trains)")
+    if method == FinetuneMethod.unfreeze:
+        _require(f.unfreeze_every_n_steps > 0, "finetune.unfreeze_every_n_steps",
+                 f"must be a positive integer, got {f.unfreeze_every_n_steps}")
+    if method in FROZEN_BASE_METHODS:
         # The penalty is over trainable pretrained weights; with the base frozen there are none.
         _require(f.l2sp == 0, "finetune.l2sp",
-                 f"applies to finetune=full only; with {method.value} the pretrained weights are frozen")
+                 f"applies to full-weight methods (full, unfreeze, l2sp) only; with {method.value} the "
+                 "pretrained weights are frozen")
+
+
+def validate_task(cfg: TrainConfig) -> None:
+    """Rules of the task group and of its combinations with finetune and strategy."""
+    task, method, strategy = TaskName(cfg.task.name), FinetuneMethod(cfg.finetune.method), cfg.strategy.name
+    tc = cfg.task
+    _require(0 < tc.val_fraction < 1, "task.val_fraction", f"must be in (0, 1), got {tc.val_fraction}")
+    if task != TaskName.pretrain:
+        _require(method != FinetuneMethod.none, "task",
+                 f"task={task.value} adapts a pretrained model: choose finetune=full|lora|adapter|prompt|unfreeze|"
+                 "l2sp and set finetune.init_from (or model=hf model.path=<folder>)")
+    if task == TaskName.dpo:
+        _require(tc.beta > 0, "task.beta", f"must be positive, got {tc.beta}")
+        if method not in FROZEN_BASE_METHODS:
+            # A full-weight policy needs a second, frozen copy as reference; ZeRO-3 would have to
+            # partition it in its own engine.
+            _require(strategy != StrategyName.deepspeed_zero3 and strategy != StrategyName.deepspeed_zero3_offload,
+                     "strategy", f"task=dpo with finetune={method.value} keeps a frozen reference copy, which "
+                     "ZeRO-3 cannot partition here; use strategy=fsdp or deepspeed_zero2, or finetune=lora "
+                     "(whose reference is the base with the adapters switched off)")
+    if method == FinetuneMethod.prompt:
+        _require(task in (TaskName.pretrain, TaskName.sft), "finetune",
+                 f"finetune=prompt conditions generation; it does not apply to task={task.value}")
+        _require(not (task == TaskName.sft and tc.pack), "task.pack",
+                 "finetune=prompt prepends one soft prompt per row; set task.pack=false")
+        _require(strategy in (StrategyName.single, StrategyName.ddp), "strategy",
+                 f"finetune=prompt runs under strategy=single or ddp (its few weights need no sharding), "
+                 f"not {strategy.value}")
+    if method == FinetuneMethod.unfreeze:
+        _require(not strategy.is_deepspeed, "strategy",
+                 "finetune=unfreeze needs an optimizer that skips still-frozen blocks; DeepSpeed's fused "
+                 "optimizer does not: use strategy=single, ddp or fsdp")
 
 
 def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:

@@ -31,7 +31,7 @@ class Ops:
     ]
     # (gate, up) -> silu(gate) * up
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    # (hidden [N, D], weight [V, D], targets [N], ignore_index) -> scalar mean loss
+    # (hidden [N, D], weight [V, D], targets [N], ignore_index, reduction=mean|sum) -> scalar loss
     linear_cross_entropy: Callable[..., torch.Tensor]
 
 
@@ -74,16 +74,17 @@ def torch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def torch_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` over targets != ignore_index.
+    """Mean (or sum) cross-entropy of ``hidden @ weight.T`` over targets != ignore_index.
 
     The reference materialises the [N, V] logits (projection in the input dtype, then fp32 for
     the softmax, like ``forward()``'s logits); a fused kernel computes the same number without
     ever holding them. With every target ignored the mean is NaN, as in F.cross_entropy.
     """
     logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
 
 TORCH_OPS = Ops(

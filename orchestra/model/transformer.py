@@ -88,6 +88,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None,
         start_pos: int,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # [B, T, H*hd] -> [B, H, T, hd]
@@ -109,7 +110,10 @@ class Attention(nn.Module):
             v = v.repeat_interleave(n_rep, dim=1)
 
         S = k.shape[2]  # keys visible: T, or start_pos + T with a cache
-        if S == T:
+        if attn_mask is not None:
+            # Packed examples: causal within each example, nothing across (see Transformer.forward).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
             # One new token attends to everything cached before it: no mask needed.
@@ -158,8 +162,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -221,6 +226,8 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
+        segment_ids: torch.Tensor | None = None,
+        per_sequence: bool = False,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
@@ -228,7 +235,38 @@ class Transformer(nn.Module):
 
         The loss is computed here, from the final hidden states and lm_head.weight through
         ops.linear_cross_entropy, so a fused kernel never materialises the [B*T, V] logits and a
-        sharding wrapper sees the weight used inside this module's forward.
+        sharding wrapper sees the weight used inside this module's forward. ``per_sequence``
+        returns each row's summed loss [B] instead (negative log-likelihood of its targets, as
+        DPO needs). ``segment_ids`` [B, T] marks packed examples (see :meth:`hidden_states`).
+        """
+        h = self.hidden_states(tokens, segment_ids=segment_ids, kv_cache=kv_cache, start_pos=start_pos)
+        if targets is None:
+            return self.lm_head(h).float()
+        B, T = tokens.shape
+        if per_sequence:
+            return torch.stack([
+                self.ops.linear_cross_entropy(h[b], self.lm_head.weight, targets[b], ignore_index=-100,
+                                              reduction="sum")
+                for b in range(B)
+            ])
+        return self.ops.linear_cross_entropy(
+            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-100
+        )
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, dim] (the input of lm_head or of a task head).
+
+        ``segment_ids`` [B, T] lets several examples share one row (packed fine-tuning data): a
+        token attends only to earlier tokens of its own segment. Positions are not reset per
+        segment, and need not be: RoPE makes attention scores depend on relative offsets only, so
+        an example packed at offset 100 gets the same outputs as on its own (up to rounding).
         """
         B, T = tokens.shape
         if T + start_pos > self.cfg.max_seq_len:
@@ -241,19 +279,20 @@ class Transformer(nn.Module):
                 f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions; "
                 f"got batch {B} at positions {start_pos}..{start_pos + T - 1}"
             )
+        attn_mask = None
+        if segment_ids is not None:
+            if kv_cache is not None or segment_ids.shape != tokens.shape:
+                raise ValueError(f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache")
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            attn_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # [B, T, T]
+            attn_mask = attn_mask[:, None]  # broadcast over heads
 
         h = self.tok_embeddings(tokens)
         cos = self.rope_cos[start_pos : start_pos + T]
         sin = self.rope_sin[start_pos : start_pos + T]
         for layer in self.layers:
-            h = layer(h, cos, sin, kv_cache, start_pos)
-        h = self.norm(h)
-
-        if targets is None:
-            return self.lm_head(h).float()
-        return self.ops.linear_cross_entropy(
-            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-100
-        )
+            h = layer(h, cos, sin, kv_cache, start_pos, attn_mask)
+        return self.norm(h)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, a tied matrix counted once.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from orchestra.config import (
     to_plain,
 )
 
-PEFT_METHODS = (FinetuneMethod.lora, FinetuneMethod.adapter)
+# Methods whose checkpoints hold only the trainable tensors plus a reference to the base.
+PEFT_METHODS = (FinetuneMethod.lora, FinetuneMethod.adapter, FinetuneMethod.prompt)
 _CHUNK = 1 << 20
 
 
@@ -39,6 +42,25 @@ class BaseModel:
     tokenizer_json: str
     state_dict: dict[str, torch.Tensor]
     reference: dict[str, str]  # {"path", "sha256"}
+    # The token that ends a document / response (fine-tuning data is terminated with it).
+    eos_id: int = 0
+
+
+def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path) -> int:
+    """The end-of-sequence id: config.json's eos_token_id, else Orchestra's <|endoftext|>."""
+    from tokenizers import Tokenizer
+
+    eos = (hf_config or {}).get("eos_token_id")
+    if isinstance(eos, list) and eos:
+        eos = eos[0]
+    if isinstance(eos, int):
+        return eos
+    for token in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>"):
+        found = Tokenizer.from_str(tokenizer_json).token_to_id(token)
+        if found is not None:
+            return int(found)
+    raise ConfigError(f"finetune.init_from: {source} names no eos_token_id and its tokenizer has no known "
+                      "end-of-text token; add eos_token_id to config.json")
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -104,11 +126,13 @@ def load_base(init_from: str | Path) -> BaseModel:
                 ".save_pretrained(folder))"
             )
         try:
-            cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()))
+            hf_config = json.loads((path / "config.json").read_text())
+            cfg, vocab = model_config_from_hf(hf_config)
             state = from_hf_state_dict(load_hf_state_dict(path), cfg)
         except (HFImportError, FileNotFoundError, json.JSONDecodeError) as err:
             raise ConfigError(f"finetune.init_from: {path}: {err}") from err
-        return BaseModel(cfg, vocab, tokenizer_file.read_text(), state, reference)
+        tokenizer_json = tokenizer_file.read_text()
+        return BaseModel(cfg, vocab, tokenizer_json, state, reference, _eos_id(tokenizer_json, hf_config, path))
     try:
         state, meta = consolidated_state_dict(path)
     except CheckpointError as err:
@@ -122,7 +146,8 @@ def load_base(init_from: str | Path) -> BaseModel:
         raise ConfigError(f"finetune.init_from: checkpoint {path} records no tokenizer")
     cfg = model_config_from_dict(meta["model_config"])
     vocab = int(meta["vocab_size"])
-    return BaseModel(replace(cfg, vocab_size=vocab), vocab, meta["tokenizer_json"], state, reference)
+    return BaseModel(replace(cfg, vocab_size=vocab), vocab, meta["tokenizer_json"], state, reference,
+                     _eos_id(meta["tokenizer_json"], None, path))
 
 
 def base_model_config(base: BaseModel, current: ModelConfig) -> ModelConfig:
@@ -130,9 +155,13 @@ def base_model_config(base: BaseModel, current: ModelConfig) -> ModelConfig:
     return replace(base.model_config, vocab_size=base.vocab_size, kernels=current.kernels)
 
 
-def apply_method(model: nn.Module, cfg: FinetuneConfig) -> None:
-    """Turn a model holding the base weights into the configured trainable model, in place."""
-    from orchestra.model.peft import LoraConfig, apply_adapters, apply_lora
+def apply_method(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """Turn a model holding the base weights into the configured trainable model.
+
+    LoRA and adapters change ``model`` in place; prompt tuning wraps it in a
+    :class:`~orchestra.model.peft.PromptTunedModel`. Returns the model to train.
+    """
+    from orchestra.model.peft import LoraConfig, PromptTunedModel, apply_adapters, apply_lora
 
     method = FinetuneMethod(cfg.method)
     if method == FinetuneMethod.lora:
@@ -143,6 +172,12 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig) -> None:
             raise ConfigError(f"finetune.lora_targets: {err}") from err
     elif method == FinetuneMethod.adapter:
         apply_adapters(model, cfg.adapter_bottleneck)
+    elif method == FinetuneMethod.prompt:
+        try:
+            return PromptTunedModel(model, cfg.prompt_tokens)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(f"finetune.prompt_tokens: {err}") from err
+    return model
 
 
 def peft_metadata(cfg: FinetuneConfig, reference: dict[str, str]) -> dict[str, Any]:
@@ -174,7 +209,7 @@ def rebuild_peft_model(trainable: dict[str, torch.Tensor], meta: dict[str, Any],
         )
     model = Transformer(model_config_from_dict(meta["model_config"]), int(meta["vocab_size"]))
     model.load_state_dict(base.state_dict, strict=True)
-    apply_method(model, finetune_config_from_dict(peft["config"]))
+    model = apply_method(model, finetune_config_from_dict(peft["config"]))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != expected:
         raise CheckpointError(
@@ -183,3 +218,29 @@ def rebuild_peft_model(trainable: dict[str, torch.Tensor], meta: dict[str, Any],
         )
     model.load_state_dict(trainable, strict=False)
     return model
+
+
+@contextmanager
+def peft_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base: LoRA updates scaled to zero, adapters bypassed (DPO's reference).
+
+    Exact, not approximate: a LoRA layer then returns base(x) + 0 and an adapted sublayer its
+    inner output, so no second copy of the base is needed.
+    """
+    from orchestra.model.peft import AdaptedModule, LoRALinear
+
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    adapted = [m for m in model.modules() if isinstance(m, AdaptedModule)]
+    scales = [m.scale for m in loras]
+    forwards = [m.adapter.forward for m in adapted]
+    try:
+        for m in loras:
+            m.scale = 0.0
+        for m in adapted:
+            m.adapter.forward = lambda x: torch.zeros_like(x)  # type: ignore[method-assign]
+        yield
+    finally:
+        for m, scale in zip(loras, scales, strict=True):
+            m.scale = scale
+        for m, fwd in zip(adapted, forwards, strict=True):
+            m.adapter.forward = fwd  # type: ignore[method-assign]

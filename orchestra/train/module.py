@@ -1,32 +1,51 @@
-"""The LightningModule for causal-LM pretraining.
+"""The LightningModules of the tasks: causal LM (pretrain, sft), classification, dpo.
 
-The module owns the training-step logic only. The model comes from orchestra.model and knows
+A module owns the training-step logic only. The model comes from orchestra.model and knows
 nothing of Lightning; parallelism, precision and checkpoint I/O are the Trainer's business.
+:class:`CausalLMModule` builds the model (base weights, task head, fine-tuning method, then
+parallelism, in that order) and holds what every task shares; the task subclasses change only
+the loss and the validation metrics. :func:`build_module` picks the class for ``task.name``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.distributed.tensor import DTensor
 
-from orchestra.config import FinetuneMethod, StrategyName, TrainConfig, to_plain
+from orchestra.config import (
+    FROZEN_BASE_METHODS,
+    FinetuneMethod,
+    StrategyName,
+    TaskName,
+    TrainConfig,
+    to_plain,
+)
 from orchestra.data.datamodule import realign_loop_progress
 from orchestra.model import Transformer
+from orchestra.model.heads import SequenceClassifier
 from orchestra.model.peft import L2SP, layerwise_lr_groups
-from orchestra.train.finetune import PEFT_METHODS, BaseModel, apply_method, peft_metadata
+from orchestra.train.finetune import PEFT_METHODS, BaseModel, apply_method, peft_disabled, peft_metadata
+from orchestra.train.metrics import classification_metrics, dpo_loss
 from orchestra.train.optim import build_optimizer, build_scheduler
 from orchestra.train.strategy import parallelize
 
 
 class CausalLMModule(L.LightningModule):
     def __init__(self, cfg: TrainConfig, vocab_size: int, tokenizer_json: str = "",
-                 precision: str = "32-true", base: BaseModel | None = None) -> None:
+                 precision: str = "32-true", base: BaseModel | None = None,
+                 label_names: list[str] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.task = TaskName(cfg.task.name)
+        self.label_names = list(label_names or [])
         self.method = FinetuneMethod(cfg.finetune.method)
         self.base = base
         self.base_reference = base.reference if base is not None else None
@@ -39,7 +58,10 @@ class CausalLMModule(L.LightningModule):
         self.precision_name = precision
         # Plain builtins only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": to_plain(cfg), "vocab_size": vocab_size}, logger=False)
-        self.model: Transformer | None = None
+        self.model: nn.Module | None = None
+        # Kept out of the module tree on purpose (a list, not an attribute): a frozen reference
+        # model (DPO) must not be saved in checkpoints, wrapped by DDP or handed to DeepSpeed.
+        self._frozen_reference: list[nn.Module] = []
         self._step_losses: list[torch.Tensor] = []
         if cfg.strategy.name.is_deepspeed:
             # Built now, not in configure_model: Lightning runs that hook under DeepSpeed's
@@ -52,24 +74,55 @@ class CausalLMModule(L.LightningModule):
             return
         self.model = self._build_model()
 
-    def _build_model(self) -> Transformer:
-        model = Transformer(self.cfg.model, self.vocab_size)
-        if self.base is not None:
-            # Base weights go in before the method wraps layers and before sharding, so FSDP
-            # shards the pretrained weights; the copy is dropped once loaded.
-            model.load_state_dict(self.base.state_dict, strict=True)
-            self.base = None
-            apply_method(model, self.cfg.finetune)
+    def _build_model(self) -> nn.Module:
+        """Base weights, then the task head, then the fine-tuning method, then parallelism.
+
+        Base weights go in before the method wraps layers and before sharding, so FSDP shards the
+        pretrained weights; the copy is dropped once loaded.
+        """
+        decoder = Transformer(self.cfg.model, self.vocab_size)
+        model: nn.Module = decoder
         mesh = self.device_mesh if self.cfg.strategy.name == StrategyName.fsdp else None
+        if self.base is not None:
+            decoder.load_state_dict(self.base.state_dict, strict=True)
+            if self.task == TaskName.dpo and self.method not in FROZEN_BASE_METHODS:
+                self._frozen_reference.append(self._reference_copy(mesh))
+            self.base = None
+        model = self._add_head(decoder)
+        if self.method != FinetuneMethod.none:
+            model = apply_method(model, self.cfg.finetune)
+            self._after_method(model)
         model = parallelize(model, self.cfg.strategy, self.precision_name, mesh)
         if self.cfg.finetune.l2sp > 0:
             # Reference taken now: pretrained values (a resume loads its state afterwards), sharded like w.
             self.l2sp = L2SP(model, self.cfg.finetune.l2sp)
         return model
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _add_head(self, decoder: Transformer) -> nn.Module:
+        """The task's model around the decoder; a language model needs none."""
+        return decoder
+
+    def _after_method(self, model: nn.Module) -> None:
+        """Hook for heads that must train whatever the method froze."""
+
+    def _reference_copy(self, mesh: Any) -> nn.Module:
+        assert self.base is not None
+        reference = Transformer(self.cfg.model, self.vocab_size)
+        reference.load_state_dict(self.base.state_dict, strict=True)
+        reference.requires_grad_(False).eval()
+        return parallelize(reference, self.cfg.strategy, self.precision_name, mesh)
+
+    def task_loss(self, batch: Any) -> torch.Tensor:
+        """Mean next-token loss; SFT batches are dicts whose packed rows carry segment ids."""
+        if isinstance(batch, dict):
+            segments = batch["segment_ids"] if self.cfg.task.pack and self.method != FinetuneMethod.prompt else None
+            kwargs = {"segment_ids": segments} if segments is not None else {}
+            return self.model(batch["tokens"], batch["labels"], **kwargs)
         inputs, labels = batch
-        loss = self.model(inputs, labels)
+        return self.model(inputs, labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.task_loss(batch)
         self._step_losses.append(loss.detach())
         if self.l2sp is not None:
             penalty = self._l2sp_penalty()
@@ -113,9 +166,9 @@ class CausalLMModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        inputs, labels = batch
-        loss = self.model(inputs, labels)
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+        loss = self.task_loss(batch)
         tokens = (labels != -100).sum()
         self._val_sums += torch.stack([loss.double() * tokens, tokens.double()])
 
@@ -157,10 +210,150 @@ class CausalLMModule(L.LightningModule):
             "model_config": to_plain(self.cfg.model),
             "vocab_size": self.vocab_size,
             "tokenizer_json": self.tokenizer_json,
+            "task": self.task.value,
         }
+        if self.label_names:
+            checkpoint["orchestra"]["labels"] = list(self.label_names)
         if self.method in PEFT_METHODS and self.base_reference is not None:
             trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
             state = checkpoint.get("state_dict")
             if isinstance(state, dict):
                 checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
             checkpoint["orchestra"]["peft"] = peft_metadata(self.cfg.finetune, self.base_reference)
+
+
+class ClassificationModule(CausalLMModule):
+    """Sequence classification: cross-entropy of a linear head on the last token's hidden state.
+
+    Validation accumulates a confusion matrix on every rank, sums it over ranks, and derives
+    accuracy, per-class and macro precision / recall / F1 from it (exact at any world size);
+    the confusion matrix of the newest validation is written to <run_dir>/classification.json.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if len(self.label_names) < 2:
+            raise ValueError(f"task=classification needs at least 2 labels, got {self.label_names}")
+        self.last_report: dict[str, Any] = {}
+
+    def _add_head(self, decoder: Transformer) -> nn.Module:
+        return SequenceClassifier(decoder, len(self.label_names))
+
+    def _after_method(self, model: nn.Module) -> None:
+        # The head is new: it trains under every method, also when the method froze the base.
+        model.score.requires_grad_(True)  # type: ignore[union-attr]
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["tokens"], batch["last_index"])
+
+    def task_loss(self, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self._logits(batch), batch["labels"])
+
+    def on_validation_epoch_start(self) -> None:
+        n = len(self.label_names)
+        self._confusion = torch.zeros(n, n, dtype=torch.long, device=self.device)
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits = self._logits(batch)
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        self._val_sums += torch.stack([loss.double(), torch.tensor(float(labels.numel()), device=self.device,
+                                                                     dtype=torch.float64)])
+        n = len(self.label_names)
+        self._confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).view(n, n)
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        confusion = self.trainer.strategy.reduce(self._confusion, reduce_op="sum").long().cpu()
+        n = len(self.label_names)
+        # Every (true, predicted) pair back from the counts: the metrics depend on counts only.
+        pairs = torch.arange(n * n).repeat_interleave(confusion.flatten())
+        target, preds = pairs // n, pairs % n
+        metrics, matrix = classification_metrics(preds, target, self.label_names)
+        val_loss = float(sums[0] / sums[1])
+        self.log("val/loss", val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        for key, value in metrics.items():
+            self.log(f"val/{key}", value, on_step=False, on_epoch=True, prog_bar=key == "accuracy")
+        support = confusion.sum(1)
+        majority = float(support.max() / support.sum()) if support.sum() > 0 else float("nan")
+        self.log("val/majority_baseline", majority, on_step=False, on_epoch=True)
+        self.last_report = {"step": int(self.global_step), "labels": self.label_names, "loss": val_loss,
+                            "majority_baseline": majority, "support": support.tolist(),
+                            "confusion_matrix": matrix, **metrics}
+        if self.trainer.is_global_zero and self.cfg.run_dir:
+            path = Path(self.cfg.run_dir) / "classification.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.last_report, indent=2) + "\n")
+            tmp.replace(path)
+
+
+class DPOModule(CausalLMModule):
+    """Direct Preference Optimization against a frozen reference model.
+
+    Batches hold chosen rows then rejected rows ([2B, T], labels -100 outside the responses).
+    The reference is the base model: for LoRA / adapters the same network with the PEFT
+    modules switched off (no second copy in memory), for full-weight methods a frozen copy built
+    and sharded like the policy (kept outside the module tree, so it is never checkpointed).
+    """
+
+    def _sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # per_sequence gives each row's summed NLL over its response tokens.
+        return -model(batch["tokens"], batch["labels"], per_sequence=True)
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if self._frozen_reference:
+                reference = self._frozen_reference[0]
+                if next(reference.parameters()).device != self.device and not isinstance(
+                        next(reference.parameters()), DTensor):
+                    reference.to(self.device)
+                return self._sequence_logps(reference, batch)
+            with peft_disabled(self.model):
+                return self._sequence_logps(self.model, batch)
+
+    def _dpo(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        reference = self._reference_logps(batch)
+        policy = self._sequence_logps(self.model, batch)
+        half = policy.shape[0] // 2
+        return dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], self.cfg.task.beta)
+
+    def task_loss(self, batch: Any) -> torch.Tensor:
+        loss, chosen, rejected = self._dpo(batch)
+        margin = chosen - rejected
+        self.log("train/reward_margin", margin.mean(), on_step=True, on_epoch=False, sync_dist=True)
+        self.log("train/reward_accuracy", (margin > 0).float().mean(), on_step=True, on_epoch=False,
+                 sync_dist=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # loss sum, margin sum, correct pairs, pairs, chosen reward sum, rejected reward sum
+        self._val_sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, chosen, rejected = self._dpo(batch)
+        n = chosen.numel()
+        margin = (chosen - rejected).double()
+        self._val_sums += torch.stack([
+            loss.detach().double() * n, margin.sum(), (margin > 0).double().sum(),
+            torch.tensor(float(n), dtype=torch.float64, device=self.device),
+            chosen.double().sum(), rejected.double().sum(),
+        ])
+
+    def on_validation_epoch_end(self) -> None:
+        s = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        pairs = float(s[3])
+        self.log("val/loss", float(s[0]) / pairs, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/reward_margin", float(s[1]) / pairs, on_step=False, on_epoch=True)
+        self.log("val/reward_accuracy", float(s[2]) / pairs, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/reward_chosen", float(s[4]) / pairs, on_step=False, on_epoch=True)
+        self.log("val/reward_rejected", float(s[5]) / pairs, on_step=False, on_epoch=True)
+
+
+def build_module(cfg: TrainConfig, vocab_size: int, tokenizer_json: str, precision: str,
+                 base: BaseModel | None = None, label_names: list[str] | None = None) -> CausalLMModule:
+    """The LightningModule of ``task.name``."""
+    cls = {TaskName.classification: ClassificationModule, TaskName.dpo: DPOModule}.get(
+        TaskName(cfg.task.name), CausalLMModule)
+    return cls(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names)

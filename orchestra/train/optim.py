@@ -19,8 +19,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split trainable parameters into decayed (matrices) and not decayed (norms, embeddings).
 
     Weight decay on norm gains pulls them toward zero and on embeddings penalises rare tokens;
-    neither helps, so both are excluded (as in GPT-3 / Llama recipes). A tied embedding shares
-    its tensor with the lm head and is therefore listed once, without decay.
+    neither helps, so both are excluded (as in GPT-3 / Llama recipes), and so are soft prompts,
+    which are input embeddings too. A tied embedding shares its tensor with the lm head and is
+    therefore listed once, without decay.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -30,7 +31,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2 or id(p) in embedding_ids or "norm" in name:
+        if p.ndim < 2 or id(p) in embedding_ids or "norm" in name or "soft_prompt" in name:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -22,14 +22,17 @@ from lightning.pytorch.loggers import WandbLogger
 from orchestra.config import (
     ConfigError,
     FinetuneMethod,
+    TaskName,
     TrainConfig,
     accumulation_steps,
+    base_path,
     padded_vocab_size,
     to_plain,
     validate,
 )
 from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
 from orchestra.train.callbacks.preemption import MARKER_NAME, PREEMPTED_EXIT_CODE, PreemptionCallback
+from orchestra.train.callbacks.unfreeze import GradualUnfreezing
 from orchestra.train.checkpoint import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
@@ -41,7 +44,7 @@ from orchestra.train.checkpoint import (
 from orchestra.train.finetune import PEFT_METHODS, BaseModel, base_model_config, load_base
 from orchestra.train.flops import model_flops_per_token
 from orchestra.train.loggers import build_loggers
-from orchestra.train.module import CausalLMModule
+from orchestra.train.module import build_module
 from orchestra.train.strategy import build_strategy, lightning_precision, recompute_factor, uses_bf16
 
 
@@ -114,6 +117,7 @@ def use_base(cfg: TrainConfig, run_dir: Path) -> BaseModel:
     """
     import hashlib
 
+    cfg.finetune.init_from = base_path(cfg)
     base = load_base(str(cfg.finetune.init_from))
     cfg.model = base_model_config(base, cfg.model)
     tokenizer_file = run_dir / "base_tokenizer.json"
@@ -186,7 +190,11 @@ def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_ne
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     ids = torch.tensor([tokenizer.encode(prompt).ids or [eos_id]], device=device)
-    budget = max(0, min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1]))
+    from orchestra.train.strategy import decoder_of
+
+    # A soft prompt (finetune=prompt) takes the first positions of the context.
+    context = decoder_of(model).cfg.max_seq_len - int(getattr(model, "num_virtual_tokens", 0))
+    budget = max(0, min(max_new_tokens, context - ids.shape[1]))
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"):
         out = generate(model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_id, generator=gen)
@@ -206,32 +214,46 @@ def train(cfg: TrainConfig) -> RunResult:
     world_size = t.devices * t.num_nodes
     accumulation = accumulation_steps(t, world_size)
 
-    base = use_base(cfg, run_dir) if cfg.finetune.init_from else None
-    dataset_dir = prepare_dataset(cfg.data, seed=cfg.seed)
-    manifest = load_manifest(dataset_dir)
-    vocab_size = padded_vocab_size(cfg.model, int(manifest["vocab_size"]))
-    tokenizer_json = (Path(dataset_dir) / "tokenizer.json").read_text()
+    base = use_base(cfg, run_dir) if base_path(cfg) else None
+    task = TaskName(cfg.task.name)
+    seq_len = cfg.model.max_seq_len
+    if FinetuneMethod(cfg.finetune.method) == FinetuneMethod.prompt:
+        seq_len -= cfg.finetune.prompt_tokens  # the soft prompt takes the first positions of every row
+    if task == TaskName.pretrain:
+        dataset_dir = prepare_dataset(cfg.data, seed=cfg.seed)
+        manifest = load_manifest(dataset_dir)
+        tokenizer_vocab, eos_id = int(manifest["vocab_size"]), int(manifest["eos_id"])
+        tokenizer_json = (Path(dataset_dir) / "tokenizer.json").read_text()
+    else:
+        assert base is not None  # validate() requires a base for every task but pretrain
+        tokenizer_json, eos_id = base.tokenizer_json, base.eos_id
+        tokenizer_vocab = base.vocab_size
+    vocab_size = padded_vocab_size(cfg.model, tokenizer_vocab)
 
     resume_path = resolve_resume(cfg, run_dir)
     resume_step = check_checkpoint_matches(resume_path, cfg, vocab_size) if resume_path else None
 
     precision = resolve_precision(t.precision, t.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = CausalLMModule(cfg, vocab_size, tokenizer_json, precision, base=base)
-    del base  # the module drops its reference once the weights are loaded
-    seq_len = cfg.model.max_seq_len
-    datamodule = TokenDataModule(
-        dataset_dir=dataset_dir,
-        seq_len=seq_len,
-        micro_batch_size=t.micro_batch_size,
-        global_batch_size=t.global_batch_size,
-        seed=cfg.seed,
-        max_steps=t.max_steps,
-        val_batches=t.val_batches,
-        loader_workers=cfg.data.loader_workers,
-    )
+    batch_args = {"seq_len": seq_len, "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
+                  "seed": cfg.seed, "max_steps": t.max_steps, "val_batches": t.val_batches,
+                  "loader_workers": cfg.data.loader_workers}
+    datamodule: Any
+    label_names: list[str] | None = None
+    if task == TaskName.pretrain:
+        datamodule = TokenDataModule(dataset_dir=dataset_dir, **batch_args)
+    else:
+        from orchestra.data.tasks import TaskDataModule, resolve_task_paths
 
-    tokens_per_step = t.global_batch_size * seq_len
+        train_path, val_path = resolve_task_paths(cfg.task, cfg.data.cache_dir)
+        datamodule = TaskDataModule(cfg.task, train_path, val_path, tokenizer_json, eos_id, **batch_args)
+        if task == TaskName.classification:
+            label_names = datamodule.label_names
+    module = build_module(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names)
+    del base  # the module drops its reference once the weights are loaded
+
+    # Row positions per optimizer step (padding included for the fine-tuning tasks; DPO rows come in pairs).
+    tokens_per_step = t.global_batch_size * seq_len * (2 if task == TaskName.dpo else 1)
     flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len)
     throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops,
                                     recompute_factor(cfg.strategy, cfg.model.n_layers))
@@ -250,6 +272,8 @@ def train(cfg: TrainConfig) -> RunResult:
     preemption = PreemptionCallback(run_dir / CHECKPOINT_DIRNAME, run_dir / MARKER_NAME,
                                     signals=(t.preempt_signal, "TERM"))
     callbacks: list[Callback] = [checkpointing, throughput, last_val, preemption]
+    if FinetuneMethod(cfg.finetune.method) == FinetuneMethod.unfreeze:
+        callbacks.append(GradualUnfreezing(cfg.model.n_layers, cfg.finetune.unfreeze_every_n_steps))
     if cfg.energy.enabled:
         callbacks.append(energy)
     if t.progress_bar:
@@ -301,8 +325,10 @@ def train(cfg: TrainConfig) -> RunResult:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()  # Lightning leaves the W&B run open; the next job would reuse it
 
-    sample = sample_text(module.model, tokenizer_json, t.sample_prompt, t.sample_tokens, int(manifest["eos_id"]),
-                         trainer.strategy.root_device, precision, cfg.seed)
+    sample = ""
+    if task != TaskName.classification:  # a classifier has no language-model head to sample from
+        sample = sample_text(module.model, tokenizer_json, t.sample_prompt, t.sample_tokens, eos_id,
+                             trainer.strategy.root_device, precision, cfg.seed)
     summary: dict[str, Any] = {}
     if trainer.is_global_zero:
         perf = throughput.summary()
@@ -314,6 +340,9 @@ def train(cfg: TrainConfig) -> RunResult:
             "train_loss": _metric(metrics, "train/loss"),
             "val_loss": _metric(metrics, "val/loss"),
             "val_ppl": _metric(metrics, "val/ppl"),
+            "task": task.value,
+            "finetune": FinetuneMethod(cfg.finetune.method).value,
+            "val_metrics": {k[4:]: _metric(metrics, k) for k in sorted(metrics) if k.startswith("val/")},
             "tokens_per_s": perf["tokens_per_s"],
             "mfu": perf["mfu"],
             "energy_kwh": energy.result["energy_kwh"],
@@ -322,7 +351,8 @@ def train(cfg: TrainConfig) -> RunResult:
             "checkpoint": str(last_ckpt) if last_ckpt.name else None,
             "resumed_from": str(resume_path) if resume_path else None,
             "wall_s": time.time() - started,
-            "parameters": module.model.num_parameters(),
+            "parameters": sum(p.numel() for p in module.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
             "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
             "precision": precision,
             "strategy": cfg.strategy.name.value,

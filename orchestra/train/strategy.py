@@ -68,17 +68,22 @@ def apply_activation_checkpointing(model: nn.Module, mode: ActivationCheckpointi
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    layers = model.layers  # type: ignore[attr-defined]
+    layers = decoder_of(model).layers
     for i, block in enumerate(layers):
         if mode == ActivationCheckpointing.full or i % every_k == 0:
             layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def decoder_of(model: nn.Module) -> Any:
+    """The Transformer inside a task / PEFT wrapper (which keeps it as ``.model``)."""
+    return model if hasattr(model, "layers") else decoder_of(model.model)  # type: ignore[arg-type]
 
 
 def parallelize(model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and (FSDP2) sharding to the plain model, in place."""
     apply_activation_checkpointing(model, st.activation_checkpointing, st.ac_every_k)
     if st.compile:
-        for block in model.layers:  # type: ignore[attr-defined]
+        for block in decoder_of(model).layers:
             block.compile()
     if st.name == StrategyName.fsdp:
         if device_mesh is None:
@@ -97,10 +102,10 @@ def parallelize(model: nn.Module, st: StrategyConfig, precision: str, device_mes
         }
         if st.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for block in model.layers:  # type: ignore[attr-defined]
+        for block in decoder_of(model).layers:
             fully_shard(block, **kwargs)
-        # The root holds the embeddings, final norm and lm head; the last block's parameters are
-        # needed again at once by backward, so they are not resharded after forward.
+        # The root holds the embeddings, final norm and lm head (and a task head or soft prompt
+        # of a wrapper, so their gradients are reduced too).
         fully_shard(model, **kwargs)
     return model
 

@@ -140,3 +140,49 @@ def test_bf16_forward_runs_and_logits_are_fp32(make_cfg):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     loss = model(tokens, tokens)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_packed_segments_equal_separate_examples(make_cfg):
+    """Two examples in one row with segment ids give each example's own logits (RoPE is relative)."""
+    model = Transformer(make_cfg(), V).eval()
+    a, b = torch.randint(0, V, (1, 11)), torch.randint(0, V, (1, 9))
+    packed = torch.cat([a, b, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[1] * 11 + [2] * 9 + [0] * 4])
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments)
+        alone_a, alone_b = model(a), model(b)
+        unmasked = model(packed)
+    torch.testing.assert_close(out[:, :11], alone_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, 11:20], alone_b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unmasked[:, 11:20], alone_b, atol=1e-3)  # without the mask b sees a
+
+
+def test_packed_segments_loss_and_gradients_stay_inside_examples(make_cfg):
+    model = Transformer(make_cfg(), V)
+    tokens = torch.randint(0, V, (1, 16))
+    segments = torch.tensor([[1] * 8 + [2] * 8])
+    emb = model.tok_embeddings.weight
+    targets = torch.full((1, 16), -100)
+    targets[0, 8:] = torch.randint(0, V, (8,))  # only the second example is trained
+    loss = model(tokens, targets, segment_ids=segments)
+    (grad,) = torch.autograd.grad(loss, emb)
+    first_only = set(tokens[0, :8].tolist()) - set(tokens[0, 8:].tolist())
+    assert first_only and all(grad[t].abs().max() == 0 for t in first_only)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        model(tokens, segment_ids=segments[:, :4])
+
+
+def test_per_sequence_loss_is_each_rows_summed_nll(make_cfg):
+    model = Transformer(make_cfg(), V)
+    tokens = torch.randint(0, V, (3, 12))
+    targets = torch.randint(0, V, (3, 12))
+    targets[0, :6] = -100
+    targets[2, :] = -100
+    per_row = model(tokens, targets, per_sequence=True)
+    logits = model(tokens)
+    expected = torch.stack([
+        F.cross_entropy(logits[i], targets[i], ignore_index=-100, reduction="sum") for i in range(3)
+    ])
+    assert per_row.shape == (3,)
+    torch.testing.assert_close(per_row, expected, rtol=1e-5, atol=1e-5)
+    assert per_row[2].item() == 0.0
