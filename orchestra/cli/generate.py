@@ -1,7 +1,9 @@
 """`orchestra-generate ckpt=PATH prompt="..." [temperature= top_k= top_p= max_new_tokens=]`.
 
 Samples from a training checkpoint with a KV cache; the checkpoint carries its model config and
-tokenizer, so nothing else is needed.
+tokenizer, so nothing else is needed. A PEFT checkpoint (finetune=lora|adapter|prompt) also needs
+the base model it records, at the recorded path and unchanged; LoRA is merged for sampling, and
+a soft prompt's virtual tokens take their share of the context.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from orchestra.config import GenerateConfig, register_configs
 
 def sample(cfg: GenerateConfig) -> str:
     """Generate a continuation of cfg.prompt; raises CheckpointError / ValueError on bad input."""
-    from orchestra.model.generate import generate
+    from orchestra.model.generate import context_length, generate
     from orchestra.train.checkpoint import load_model_from_checkpoint
 
     if not cfg.ckpt:
@@ -33,14 +35,16 @@ def sample(cfg: GenerateConfig) -> str:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     model, tokenizer, _ = load_model_from_checkpoint(cfg.ckpt)
     model.to(device)
-    context = model.cfg.max_seq_len
+    context = context_length(model)
+    virtual = getattr(model, "num_virtual_tokens", 0)
     ids = tokenizer.encode(cfg.prompt).ids
     if not ids:
         raise ValueError("prompt: empty prompt; give at least one character")
     if len(ids) >= context:
+        where = f"model.max_seq_len less {virtual} soft-prompt tokens" if virtual else "model.max_seq_len"
         raise ValueError(
             f"prompt: {len(ids)} tokens do not fit the model's context of {context} tokens "
-            f"(model.max_seq_len) with room to generate; shorten it"
+            f"({where}) with room to generate; shorten it"
         )
     budget = min(cfg.max_new_tokens, context - len(ids))
     if budget < cfg.max_new_tokens:

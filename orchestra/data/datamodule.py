@@ -193,7 +193,9 @@ def realign_loop_progress(checkpoint: dict[str, Any], accumulation: int) -> None
     step = int(checkpoint.get("global_step", 0))
     if not progress or step <= 0:
         return
-    saved = checkpoint.get(TokenDataModule.__qualname__, {}).get("accumulation")
+    # Lightning keys the datamodule state by class name: TokenDataModule, or a subclass (TaskDataModule).
+    states = [v for k, v in checkpoint.items() if k.endswith("DataModule") and isinstance(v, dict)]
+    saved = next((s["accumulation"] for s in states if s.get("accumulation")), None)
     old = int(saved) if saved else max(1, round(progress["total"]["ready"] / step))
     if old == accumulation:
         return

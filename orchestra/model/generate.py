@@ -1,10 +1,29 @@
-"""Autoregressive sampling with a KV cache: prefill the prompt once, then one token per step."""
+"""Autoregressive sampling with a KV cache: prefill the prompt once, then one token per step.
+
+Works for a :class:`~orchestra.model.transformer.Transformer` (LoRA merged or adapters attached)
+and for a :class:`~orchestra.model.peft.PromptTunedModel`, whose soft prompt takes the first
+cache positions and so shortens the context left for real tokens (:func:`context_length`).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from orchestra.model.peft import PromptTunedModel
 from orchestra.model.transformer import KVCache, Transformer
+
+
+def _unwrap(model: Transformer | PromptTunedModel) -> tuple[Transformer, int]:
+    """(the Transformer holding the weights, positions a soft prompt takes before the real tokens)."""
+    if isinstance(model, PromptTunedModel):
+        return model.model, model.num_virtual_tokens
+    return model, 0
+
+
+def context_length(model: Transformer | PromptTunedModel) -> int:
+    """Real tokens (prompt + generated) that fit: max_seq_len less any soft prompt's virtual tokens."""
+    base, virtual = _unwrap(model)
+    return base.cfg.max_seq_len - virtual
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -40,7 +59,7 @@ def _next_token(
 
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model: Transformer | PromptTunedModel,
     prompt: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -66,11 +85,15 @@ def generate(
         raise ValueError("prompt is empty: generation needs at least one prompt token per row")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    max_len = model.cfg.max_seq_len
+    base, virtual = _unwrap(model)
+    max_len = context_length(model)
     if T + max_new_tokens > max_len:
+        limit = f"model.max_seq_len={base.cfg.max_seq_len}"
+        if virtual:
+            limit += f" less {virtual} virtual tokens of the soft prompt = {max_len}"
         raise ValueError(
             f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds "
-            f"model.max_seq_len={max_len}; shorten the prompt or ask for fewer tokens"
+            f"{limit}; shorten the prompt or ask for fewer tokens"
         )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -82,10 +105,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        param = model.tok_embeddings.weight
+        param = base.tok_embeddings.weight
         out = prompt.to(param.device)
         if max_new_tokens > 0:
-            cache = KVCache(B, model.cfg, T + max_new_tokens, device=param.device, dtype=param.dtype)
+            # Positions count from the soft prompt's first virtual token; start_pos counts real ones.
+            cache = KVCache(B, base.cfg, virtual + T + max_new_tokens, device=param.device, dtype=param.dtype)
             finished = torch.zeros(B, dtype=torch.bool, device=param.device)
             logits = model(out, kv_cache=cache, start_pos=0)[:, -1]
             pos = T

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestra.model.transformer import Transformer
+from orchestra.model.transformer import KVCache, Transformer
 
 IGNORE_INDEX = -100
 ALL_LINEAR = "all-linear"
@@ -318,9 +318,13 @@ class PromptTunedModel(nn.Module):
     with a seeded generator (Lester et al. found vocabulary init better than random), kept in
     ``init_token_ids`` so the wrapped model initially equals the base run on those tokens.
     The forward loop replicates Transformer.forward through its public submodules, because the
-    model takes token ids, not embeddings. Limitations: the usable context shrinks by
-    ``num_virtual_tokens`` (prompt + tokens must fit ``max_seq_len``), and there is no KV-cache
-    path, so generation goes through the full forward.
+    model takes token ids, not embeddings. The soft prompt occupies the first
+    ``num_virtual_tokens`` positions, so only :attr:`max_real_tokens` remain for real tokens.
+
+    Incremental decoding uses the base model's :class:`~orchestra.model.transformer.KVCache`
+    sized for virtual + real positions: the prefill (``start_pos=0``) writes the soft prompt's
+    keys/values along with the prompt's, and later steps are plain base-model steps at
+    position ``num_virtual_tokens + start_pos``, so decoding costs what the base model's does.
     """
 
     def __init__(
@@ -344,21 +348,53 @@ class PromptTunedModel(nn.Module):
             num_virtual_tokens, emb.shape[1], init=emb.detach()[self.init_token_ids]
         )
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for the real positions only, or the mean loss over real targets."""
+    @property
+    def max_real_tokens(self) -> int:
+        """Positions left for real tokens once the soft prompt has taken its share of max_seq_len."""
+        return self.model.cfg.max_seq_len - self.num_virtual_tokens
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for the real positions only, or the mean loss over real targets.
+
+        ``start_pos`` counts real tokens. At 0 the soft prompt is prepended (a whole sequence,
+        or the prefill of ``kv_cache``); above 0 the call continues the sequence the cache holds,
+        soft prompt included, so a cache is required there.
+        """
         m = self.model
         B, T = tokens.shape
         P = self.num_virtual_tokens
-        if m.cfg.max_seq_len < P + T:
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0 (it counts real tokens), got {start_pos}")
+        if P + start_pos + T > m.cfg.max_seq_len:
             raise ValueError(
-                f"{T} tokens plus {P} virtual tokens need {P + T} positions, but model.max_seq_len="
-                f"{m.cfg.max_seq_len}; prompt tuning leaves {m.cfg.max_seq_len - P} for real tokens"
+                f"{start_pos + T} tokens plus {P} virtual tokens need {P + start_pos + T} positions, but "
+                f"model.max_seq_len={m.cfg.max_seq_len}; prompt tuning leaves {self.max_real_tokens} for real tokens"
+            )
+        if start_pos > 0:
+            if kv_cache is None:
+                raise ValueError(
+                    f"start_pos={start_pos} continues a sequence whose soft prompt and earlier tokens live in a "
+                    "KV cache; pass kv_cache (or start_pos=0 with the whole sequence)"
+                )
+            # Keys/values of the soft prompt are in the cache: a plain base-model step, shifted by P.
+            return m(tokens, targets, kv_cache=kv_cache, start_pos=P + start_pos)
+        if kv_cache is not None and (kv_cache.max_len < P + T or kv_cache.batch_size != B):
+            raise ValueError(
+                f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions; the prefill needs "
+                f"batch {B} x {P + T} ({P} virtual + {T} real tokens)"
             )
         tok = m.tok_embeddings(tokens)
         h = torch.cat([self.soft_prompt(B).to(tok.dtype), tok], dim=1)
         cos, sin = m.rope_cos[: P + T], m.rope_sin[: P + T]
         for layer in m.layers:
-            h = layer(h, cos, sin, None, 0)
+            h = layer(h, cos, sin, kv_cache, 0)
         h = m.norm(h)
         if targets is None:
             return m.lm_head(h[:, P:]).float()

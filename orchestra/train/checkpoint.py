@@ -153,25 +153,68 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[Any, Any, dict[str, Any]]:
-    """(Transformer in eval mode, HF tokenizers.Tokenizer, orchestra metadata) from a training checkpoint."""
+    """(model in eval mode, HF tokenizers.Tokenizer, orchestra metadata) from a training checkpoint.
+
+    The model is a Transformer, or for a prompt-tuning checkpoint a PromptTunedModel around one
+    (use orchestra.model.generate.context_length for the room left to real tokens). A PEFT
+    checkpoint (its metadata has "peft") holds only the trainable tensors: the base it records
+    is loaded and checked against its sha256 (see :func:`_load_peft_model`).
+    """
     from tokenizers import Tokenizer
 
-    from orchestra.config import model_config_from_dict
+    from orchestra.config import ConfigError, model_config_from_dict
     from orchestra.model import Transformer
 
+    path = Path(path)
     ckpt = load_checkpoint_file(path, map_location=map_location)
     meta = ckpt.get("orchestra")
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"checkpoint {path} carries no Orchestra metadata (model config, tokenizer)")
-    model_cfg = model_config_from_dict(meta["model_config"])
-    model = Transformer(model_cfg, int(meta["vocab_size"]))
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not match its own model config: {err}") from err
     if not meta.get("tokenizer_json"):
         raise CheckpointError(f"checkpoint {path} has no tokenizer")
+    try:
+        model_cfg = model_config_from_dict(meta["model_config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if "peft" in meta:
+        model = _load_peft_model(state, meta, path)
+    else:
+        model = Transformer(model_cfg, int(meta["vocab_size"]))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path} does not match its own model config: {err}") from err
     tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
     return model.eval(), tokenizer, meta
+
+
+def _load_peft_model(trainable: dict[str, Any], meta: dict[str, Any], path: Path) -> Any:
+    """Base + trainable tensors of a PEFT checkpoint, in the form that runs fastest.
+
+    LoRA is merged into the base weights, so sampling costs what the base model's does; adapters
+    stay attached (they are extra layers with nothing to fold into); a prompt-tuned model stays a
+    PromptTunedModel, whose forward takes a KV cache like the Transformer's.
+    """
+    from orchestra.model.peft import merge_lora
+    from orchestra.train.finetune import rebuild_peft_model
+
+    peft = meta["peft"]
+    if not isinstance(peft, dict) or not {"method", "config", "base"} <= peft.keys():
+        raise CheckpointError(f"checkpoint {path}: its 'peft' metadata lacks method/config/base: {peft!r}")
+    base = Path(str(peft["base"].get("path", "")))
+    if not base.exists():
+        raise CheckpointError(
+            f"checkpoint {path} holds only the {peft['method']} weights of a fine-tune; its base model {base} "
+            "does not exist (put the base back at that path: it is checked against the sha256 recorded at training)"
+        )
+    try:
+        model = rebuild_peft_model(trainable, meta, path)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a malformed config or tensor shape
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild its {peft['method']} model: {err}") from err
+    if peft["method"] == "lora":
+        merge_lora(model)
+    return model

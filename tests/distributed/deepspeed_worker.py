@@ -4,6 +4,8 @@ Launched by torchrun from test_deepspeed.py. Lightning's DeepSpeedStrategy refus
 drives ``deepspeed.initialize`` directly with exactly the config ``deepspeed_config`` generates,
 trains a few steps on a fixed token stream, saves a checkpoint in the layout Lightning's strategy
 writes (tag "checkpoint", Orchestra metadata in the client state) and records losses and logits.
+With a third argument ``lora`` the model carries LoRA on every linear layer (base frozen) and the
+rank-0 output is the full gathered state after training instead of a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 
-def main(stage: str, out_dir: str) -> None:
+def main(stage: str, out_dir: str, method: str = "full") -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -34,6 +36,10 @@ def main(stage: str, out_dir: str) -> None:
     cfg.optim.lr = 3e-3
     torch.manual_seed(0)
     model = Transformer(cfg.model, 256)
+    if method == "lora":
+        from orchestra.model.peft import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(rank=4, alpha=8.0, target_modules=["all-linear"]))
     ds_config = deepspeed_config(cfg, "32-true", world_size=world)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config)
 
@@ -52,6 +58,16 @@ def main(stage: str, out_dir: str) -> None:
         dist.all_reduce(step_loss)
         losses.append(step_loss.item() / world)
 
+    if method == "lora":
+        # ZeRO-3 partitions every parameter, frozen ones too: gather them to compare with the reference.
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        if rank == 0:
+            torch.save(state, Path(out_dir) / "state.pt")
+            Path(out_dir, "losses.json").write_text(json.dumps(losses))
+        dist.barrier()
+        return
     meta = {"format": 1, "model_config": to_plain(cfg.model), "vocab_size": 256,
             "tokenizer_json": Path(out_dir, "tokenizer.json").read_text()}
     engine.save_checkpoint(str(Path(out_dir) / "ckpt"), tag="checkpoint",
@@ -67,4 +83,4 @@ def main(stage: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -19,12 +19,16 @@ from orchestra.train.strategy import deepspeed_config
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 
-def reference_losses() -> list[float]:
+def reference_run(lora: bool = False) -> tuple[list[float], Transformer]:
     """The same 5 steps in one process with plain torch: accumulation over the global batch."""
     cfg = TrainConfig(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32))
     cfg.optim.lr = 3e-3
     torch.manual_seed(0)
     model = Transformer(cfg.model, 256)
+    if lora:
+        from orchestra.model.peft import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(rank=4, alpha=8.0, target_modules=["all-linear"]))
     opt = build_optimizer(model, cfg.optim)
     data = torch.randint(0, 256, (5 * 8, 33), generator=torch.Generator().manual_seed(1))
     losses = []
@@ -38,7 +42,11 @@ def reference_losses() -> list[float]:
         opt.step()
         opt.zero_grad()
         losses.append(total)
-    return losses
+    return losses, model
+
+
+def reference_losses() -> list[float]:
+    return reference_run()[0]
 
 
 def test_generated_config_derives_every_batch_knob() -> None:
@@ -83,3 +91,25 @@ def test_zero_trains_saves_and_exports(stage: str, tmp_path: Path, trained_run: 
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         assert torch.allclose(hf(probe["probe"]).logits, probe["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_lora_under_zero_matches_one_process_and_keeps_the_base_frozen(stage: str, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+         stage, str(tmp_path), "lora"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    ref_losses, ref_model = reference_run(lora=True)
+    assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(ref_losses, rel=1e-4)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    torch.manual_seed(0)
+    initial = dict(Transformer(ref_model.cfg, 256).named_parameters())
+    lora_names = [n for n in state if "lora_" in n]
+    assert lora_names and any(state[n].abs().max() > 0 for n in lora_names if "lora_B" in n)
+    for name, tensor in state.items():
+        if "lora_" in name:
+            torch.testing.assert_close(tensor, dict(ref_model.named_parameters())[name], rtol=1e-3, atol=1e-5)
+        else:  # frozen base weights leave ZeRO untouched, bit for bit
+            assert torch.equal(tensor, initial[name.replace(".base.", ".")].detach()), name

@@ -368,3 +368,60 @@ def test_layerwise_lr_groups_with_soft_prompt(make_cfg):
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("head.no_decay", 1e-3, 0.0)]
     with pytest.raises(ValueError, match="decay"):
         layerwise_lr_groups(pt, 1e-3, 0.0, 0.1)
+
+
+def _trained_prompt(make_cfg, P: int = 5, seed: int = 7) -> PromptTunedModel:
+    """A PromptTunedModel whose soft prompt is no longer token embeddings (as after training)."""
+    pt = PromptTunedModel(Transformer(make_cfg(), V), num_virtual_tokens=P, seed=seed).eval()
+    with torch.no_grad():
+        pt.soft_prompt.weight.add_(torch.randn_like(pt.soft_prompt.weight))
+    return pt
+
+
+def test_prompt_kv_cache_generation_equals_full_recompute(make_cfg):
+    from orchestra.model.generate import context_length, generate
+    from orchestra.model.transformer import KVCache
+
+    pt = _trained_prompt(make_cfg)
+    prompt = torch.randint(0, V, (2, 7))
+    out = generate(pt, prompt, max_new_tokens=12, temperature=0.0)
+    ref = prompt
+    with torch.no_grad():  # reference: the whole sequence through the full forward at every step
+        for _ in range(12):
+            ref = torch.cat([ref, pt(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(out, ref)
+        # The cached logits themselves, step by step, match the full forward's.
+        cache = KVCache(2, pt.model.cfg, 5 + ref.shape[1])
+        full = pt(ref)
+        torch.testing.assert_close(pt(ref[:, :7], kv_cache=cache), full[:, :7], atol=1e-5, rtol=0)
+        for i in range(7, ref.shape[1]):
+            step = pt(ref[:, i : i + 1], kv_cache=cache, start_pos=i)
+            torch.testing.assert_close(step[:, 0], full[:, i], atol=1e-5, rtol=0)
+
+    assert context_length(pt) == 64 - 5
+    generate(pt, prompt, max_new_tokens=context_length(pt) - 7, temperature=0.0)  # fills it exactly
+    with pytest.raises(ValueError, match="less 5 virtual tokens of the soft prompt = 59"):
+        generate(pt, prompt, max_new_tokens=context_length(pt) - 6)
+    with pytest.raises(ValueError, match="pass kv_cache"):
+        pt(prompt, start_pos=3)
+    with pytest.raises(ValueError, match=r"prefill needs batch 2 x 12 \(5 virtual \+ 7 real"):
+        pt(prompt, kv_cache=KVCache(2, pt.model.cfg, 11))
+
+
+def test_prompt_of_token_embeddings_equals_base_on_those_tokens(make_cfg):
+    """A soft prompt set to the embeddings of ids X gives the base model's logits on X + tokens."""
+    from orchestra.model.transformer import KVCache
+
+    pt = _trained_prompt(make_cfg, P=4)
+    model = pt.model
+    X = torch.tensor([3, 50, 7, 99])
+    assert not torch.equal(X, pt.init_token_ids)
+    with torch.no_grad():
+        pt.soft_prompt.weight.copy_(model.tok_embeddings.weight[X])
+        tokens = torch.randint(0, V, (2, 10))
+        base = model(torch.cat([X.expand(2, -1), tokens], dim=1))[:, 4:]
+        torch.testing.assert_close(pt(tokens), base, atol=1e-5, rtol=0)
+        cache = KVCache(2, model.cfg, 4 + 10)
+        prefill = pt(tokens[:, :6], kv_cache=cache)
+        steps = [pt(tokens[:, i : i + 1], kv_cache=cache, start_pos=i) for i in range(6, 10)]
+        torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), base, atol=1e-5, rtol=0)
