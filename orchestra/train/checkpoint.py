@@ -164,20 +164,20 @@ def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> t
 
     from orchestra.config import ConfigError, model_config_from_dict
     from orchestra.model import Transformer
+    from orchestra.train.export import consolidated_state_dict
 
     path = Path(path)
-    ckpt = load_checkpoint_file(path, map_location=map_location)
-    meta = ckpt.get("orchestra")
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise CheckpointError(f"checkpoint {path} carries no Orchestra metadata (model config, tokenizer)")
+    # Any layout: a file, a sharded (FSDP2) directory or a DeepSpeed directory, names stripped.
+    state, meta = consolidated_state_dict(path)
+    if meta.get("task") == "classification":
+        raise CheckpointError(f"checkpoint {path} is a sequence classifier (task=classification): it has "
+                              "no language-model head to generate with")
     if not meta.get("tokenizer_json"):
         raise CheckpointError(f"checkpoint {path} has no tokenizer")
     try:
         model_cfg = model_config_from_dict(meta["model_config"])
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from err
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if "peft" in meta:
         model = _load_peft_model(state, meta, path)
     else:

@@ -201,14 +201,29 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         state = _merged_peft_state(state, meta, ckpt)
     cfg = model_config_from_dict(meta["model_config"])
     vocab_size = int(meta["vocab_size"])
+    labels = meta.get("labels") if meta.get("task") == "classification" else None
+    score = None
+    if labels:
+        # A SequenceClassifier: the decoder under "model.", the head as "score" (HF's own name).
+        score = state["score.weight"]
+        state = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
     check_shapes(state, cfg, vocab_size, ckpt)
     hf_state = {k: v.detach().to(torch_dtype).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
+    if score is not None:
+        hf_state = {k: v for k, v in hf_state.items() if k != "lm_head.weight"}  # unused by the classifier
+        hf_state["score.weight"] = score.detach().to(torch_dtype).contiguous()
 
     tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     with _staged(out) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config_dict(cfg, vocab_size, bos_id=eos_id, eos_id=eos_id, torch_dtype=dtype)
+        if labels:
+            # LlamaForSequenceClassification reads the last token before the first pad: pad = eos,
+            # which classification texts never contain (the data module pads with it too).
+            config.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels),
+                          id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+                          pad_token_id=eos_id, tie_word_embeddings=False)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}) + "\n")
         tokenizer.save(str(tmp / "tokenizer.json"))
@@ -388,6 +403,11 @@ def export_peft(ckpt: str | Path, out: str | Path, dtype: str = "float32", overw
         )
     if not {"method", "config", "base"} <= peft.keys():
         raise CheckpointError(f"checkpoint {ckpt}: its 'peft' metadata lacks method/config/base: {peft!r}")
+    if meta.get("task") == "classification":
+        raise CheckpointError(
+            f"checkpoint {ckpt} is a classifier: its new head has no place in peft's adapter files; use the "
+            f"merged export (orchestra-export ckpt={ckpt} out=DIR), a LlamaForSequenceClassification folder"
+        )
     _check_trainable(trainable, meta, ckpt)
     method = peft["method"]
     cfg = model_config_from_dict(meta["model_config"])

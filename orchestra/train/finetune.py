@@ -27,6 +27,7 @@ from orchestra.config import (
     model_config_from_dict,
     to_plain,
 )
+from orchestra.model.heads import SequenceClassifier
 
 # Methods whose checkpoints hold only the trainable tensors plus a reference to the base.
 PEFT_METHODS = (FinetuneMethod.lora, FinetuneMethod.adapter, FinetuneMethod.prompt)
@@ -191,6 +192,13 @@ def finetune_config_from_dict(d: dict[str, Any]) -> FinetuneConfig:
     return FinetuneConfig(**kw)
 
 
+def with_task_head(decoder: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """The checkpoint's task model around a decoder: a SequenceClassifier for task=classification."""
+    if meta.get("task") == "classification":
+        return SequenceClassifier(decoder, len(meta["labels"]))  # type: ignore[arg-type]
+    return decoder
+
+
 def rebuild_peft_model(trainable: dict[str, torch.Tensor], meta: dict[str, Any], source: Path) -> nn.Module:
     """Base + method from a PEFT checkpoint's reference, with its trainable tensors loaded."""
     from orchestra.model import Transformer
@@ -207,9 +215,12 @@ def rebuild_peft_model(trainable: dict[str, torch.Tensor], meta: dict[str, Any],
             f"checkpoint {source}: base {ref['path']} has changed since training (sha256 "
             f"{base.reference['sha256'][:12]} != recorded {ref['sha256'][:12]})"
         )
-    model = Transformer(model_config_from_dict(meta["model_config"]), int(meta["vocab_size"]))
-    model.load_state_dict(base.state_dict, strict=True)
+    decoder = Transformer(model_config_from_dict(meta["model_config"]), int(meta["vocab_size"]))
+    decoder.load_state_dict(base.state_dict, strict=True)
+    model = with_task_head(decoder, meta)
     model = apply_method(model, finetune_config_from_dict(peft["config"]))
+    if isinstance(model, SequenceClassifier):
+        model.score.requires_grad_(True)  # the head trains under every method (module.ClassificationModule)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != expected:
         raise CheckpointError(

@@ -50,3 +50,10 @@ def test_lora_under_fsdp_matches_one_process_and_checkpoints_only_lora(
         logits = [AutoModelForCausalLM.from_pretrained(export_hf(c, tmp_path / name)).eval()(probe).logits
                   for c, name in ((ckpt, "hf-fsdp"), (single / "checkpoints" / "last.ckpt", "hf-single"))]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    # orchestra-generate reads the sharded PEFT directory as it reads the single-file checkpoint.
+    from orchestra.cli.generate import sample
+    from orchestra.config import GenerateConfig
+
+    texts = [sample(GenerateConfig(ckpt=str(c), prompt="def ", max_new_tokens=8, temperature=0.0, top_k=None))
+             for c in (ckpt, single / "checkpoints" / "last.ckpt")]
+    assert texts[0] == texts[1]

