@@ -166,3 +166,27 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
     missing = subprocess.run([sys.executable, "-m", "orchestra.cli.train", "task=sft", "finetune=lora", "model=hf",
                               f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "model.path" in missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize(("task", "method"), [("sft", "lora"), ("dpo", "full"), ("classification", "unfreeze")])
+def test_task_resume_continues_exactly(corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path,
+                                       task: str, method: str) -> None:
+    """Killed after step 3, resumed: the task runs log the uninterrupted run's losses, bit for bit on CPU."""
+    import shutil
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def cfg(run: Path) -> TrainConfig:
+        c = task_config(corpus_dir, examples_cache, trained_run, run, task, method, max_steps=6,
+                        ckpt_every_n_steps=3, val_every_n_steps=3)
+        c.finetune.unfreeze_every_n_steps = 2  # block 0 joins at step 2, before the restart
+        return c
+
+    train(cfg(straight))
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step0000003.ckpt", resumed / "checkpoints")
+    result = train(cfg(resumed))
+    assert result.summary["resumed_from"] is not None and result.summary["steps"] == 6
+    ref, res = column(read_metrics(straight), "train/loss"), column(read_metrics(resumed), "train/loss")
+    assert sorted(ref) == list(range(6)) and sorted(res) == [3, 4, 5]
+    assert res == {step: ref[step] for step in res}
