@@ -260,7 +260,8 @@ class FinetuneConfig:
     With ``init_from`` set, the model shape and tokenizer come from the base, not from model.*.
     """
 
-    # none: pretraining from scratch; full: every weight trains; lora / adapter: base frozen.
+    # none: pretraining from scratch; full / unfreeze: every weight trains (unfreeze on a schedule);
+    # lora / adapter / prompt: base frozen, only the method's new weights train.
     method: FinetuneMethod = FinetuneMethod.none
     # An Orchestra checkpoint (file or sharded dir) or a Hugging Face folder with config.json.
     init_from: str | None = None
@@ -278,6 +279,8 @@ class FinetuneConfig:
     prompt_tokens: int = 20
     # unfreeze: the top block trains from step 0, one more block below joins every N steps.
     unfreeze_every_n_steps: int = 50
+    # Rows of at most this many tokens (the base keeps its full context); null = the base's context.
+    seq_len: int | None = 2048
 
 
 @dataclass
@@ -545,12 +548,17 @@ def validate_finetune(f: FinetuneConfig, m: ModelConfig | None = None) -> None:
                  f"must be a positive integer, got {f.adapter_bottleneck}")
     if method == FinetuneMethod.prompt:
         _require(f.prompt_tokens > 0, "finetune.prompt_tokens", f"must be a positive integer, got {f.prompt_tokens}")
-        if m is not None and m.path is None:
+        if m is not None and not init_from:  # with a base, its own context decides (checked at load)
             _require(f.prompt_tokens < m.max_seq_len, "finetune.prompt_tokens",
                      f"{f.prompt_tokens} virtual tokens leave no room in model.max_seq_len={m.max_seq_len}")
         # Only the soft prompt trains: there are no block weights for a per-layer learning rate.
         _require(f.layer_lr_decay == 1, "finetune.layer_lr_decay",
                  "does not apply to finetune=prompt (only the soft prompt trains)")
+    if f.seq_len is not None:
+        _require(f.seq_len > 0, "finetune.seq_len", f"must be a positive integer or null, got {f.seq_len}")
+        if method == FinetuneMethod.prompt:
+            _require(f.prompt_tokens < f.seq_len, "finetune.prompt_tokens",
+                     f"{f.prompt_tokens} virtual tokens leave no room in finetune.seq_len={f.seq_len}")
     if method == FinetuneMethod.unfreeze:
         _require(f.unfreeze_every_n_steps > 0, "finetune.unfreeze_every_n_steps",
                  f"must be a positive integer, got {f.unfreeze_every_n_steps}")

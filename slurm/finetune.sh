@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Fine-tuning on a Slurm allocation; arguments are Hydra overrides for orchestra-train.
 #
-#   sbatch slurm/finetune.sh task=sft finetune=lora model=hf model.path=/models/Llama-3.2-1B
-#   sbatch slurm/finetune.sh task=classification finetune=full finetune.init_from=runs/pretrain/123/checkpoints/last.ckpt
-#   sbatch --nodes=2 slurm/finetune.sh task=dpo finetune=full model=hf model.path=/models/llama-8b strategy=fsdp
+#   sbatch slurm/finetune.sh task=sft finetune=lora model=hf model.path=/models/my-llama trainer.global_batch_size=64
+#   sbatch slurm/finetune.sh task=classification finetune=full trainer.global_batch_size=64 \
+#       finetune.init_from=runs/pretrain/123/checkpoints/last.ckpt
+#   sbatch --nodes=2 slurm/finetune.sh task=dpo finetune=full model=hf model.path=/models/my-llama strategy=fsdp \
+#       trainer.global_batch_size=128
 #   ORCHESTRA_ACCELERATOR=cpu sbatch --gpus-per-node=0 --ntasks-per-node=1 slurm/finetune.sh task=sft finetune=lora ...
+#
+# The global batch must split over the ranks (8 per node by default): trainer.global_batch_size is
+# a multiple of trainer.micro_batch_size x ranks.
 #
 # The same job mechanics as slurm/pretrain.sh (one rank per GPU, USR1/TERM -> checkpoint at the
 # next step and requeue, run dir named after the job id, see docs/slurm.md); only the defaults

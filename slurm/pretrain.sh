@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pretraining on a Slurm allocation; arguments are Hydra overrides for orchestra-train.
 #
-#   sbatch slurm/pretrain.sh model=llama-1b strategy=fsdp
-#   sbatch --nodes=4 --time=2-00:00:00 slurm/pretrain.sh model=llama-1b strategy=fsdp
+#   sbatch slurm/pretrain.sh model=llama-1b strategy=fsdp trainer.global_batch_size=256
+#   sbatch --nodes=4 --time=2-00:00:00 slurm/pretrain.sh model=llama-1b strategy=fsdp trainer.global_batch_size=512
 #   ORCHESTRA_ACCELERATOR=cpu sbatch --gpus-per-node=0 --ntasks-per-node=1 slurm/pretrain.sh experiment=debug
 #
 # Every #SBATCH line below is a default: options on the sbatch command line win. One rank per

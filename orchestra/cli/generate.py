@@ -33,7 +33,7 @@ def sample(cfg: GenerateConfig) -> str:
         raise ValueError(f"max_new_tokens: must be positive, got {cfg.max_new_tokens}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    model, tokenizer, _ = load_model_from_checkpoint(cfg.ckpt)
+    model, tokenizer, meta = load_model_from_checkpoint(cfg.ckpt)
     model.to(device)
     context = context_length(model)
     virtual = getattr(model, "num_virtual_tokens", 0)
@@ -49,7 +49,8 @@ def sample(cfg: GenerateConfig) -> str:
     budget = min(cfg.max_new_tokens, context - len(ids))
     if budget < cfg.max_new_tokens:
         console.print(f"[yellow]note:[/] generating {budget} tokens: the context ({context}) is full after that")
-    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    meta_eos = meta.get("eos_id")
+    eos_id = int(meta_eos) if meta_eos is not None else tokenizer.token_to_id("<|endoftext|>")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = torch.tensor([ids], device=device)
     out = generate(model, prompt, max_new_tokens=budget, temperature=cfg.temperature, top_k=cfg.top_k,

@@ -429,6 +429,17 @@ def dpo_side(prompt: Sequence[int], response: Sequence[int], eos_id: int, seq_le
     return ids[:-1], labels[1:]
 
 
+def dpo_row(ids: Sequence[int], labels: Sequence[int], seq_len: int) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of one rendered side (ids + labels, prompt masked), cut as :func:`dpo_side` cuts."""
+    ids, labels = list(ids), list(labels)
+    n_prompt = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
+    if n_prompt >= seq_len:  # keep at least one response token: drop the prompt's start
+        cut = n_prompt - seq_len + 1
+        ids, labels = ids[cut:], labels[cut:]
+    ids, labels = ids[: seq_len + 1], labels[: seq_len + 1]
+    return ids[:-1], labels[1:]
+
+
 class DPODataset(Dataset[dict[str, torch.Tensor]]):
     """(prompt, chosen, rejected) as two unpadded (tokens, labels) sequences sharing the prompt."""
 
@@ -446,6 +457,20 @@ class DPODataset(Dataset[dict[str, torch.Tensor]]):
         if self.truncated:
             log.warning("%s: %d of %d examples are longer than seq_len=%d and were cut (the response's end, or "
                         "the prompt's start for a very long prompt)", where, self.truncated, len(self.pairs), seq_len)
+
+    @classmethod
+    def from_rendered(cls, sides: Sequence[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]],
+                      seq_len: int, where: str = "dpo") -> DPODataset:
+        """Pairs already rendered through the chat template (as SFT renders them): ((ids, labels) x 2)."""
+        self = cls([], seq_len, 0, where=where)
+        for chosen, rejected in sides:
+            self.truncated += max(len(chosen[0]), len(rejected[0])) > seq_len + 1
+            rows = (dpo_row(*chosen, seq_len), dpo_row(*rejected, seq_len))
+            self.pairs.append(tuple(np.asarray(x, dtype=np.int32) for side in rows for x in side))
+        if self.truncated:
+            log.warning("%s: %d of %d examples are longer than seq_len=%d and were cut", where, self.truncated,
+                        len(self.pairs), seq_len)
+        return self
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -614,9 +639,13 @@ class TaskDataModule(TokenDataModule):
             texts = encode_texts([text for text, _ in records], self.tokenizer)
             return ClassificationDataset(texts, [index[label] for _, label in records], self.seq_len, self.eos_id,
                                          where=where)
-        flat = encode_texts([text for triple in records for text in triple], self.tokenizer)
-        triples = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-        return DPODataset(triples, self.seq_len, self.eos_id, where=where)
+        # Rendered as SFT renders a prompt/response pair (same chat template), so preference tuning
+        # sees the format supervised fine-tuning taught.
+        conversations = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                         for prompt, chosen, rejected in records for answer in (chosen, rejected)]
+        encoded = encode_sft_batch(conversations, self.tokenizer, self.eos_id, self.task.chat_template)
+        pairs = [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded), 2)]
+        return DPODataset.from_rendered(pairs, self.seq_len, where=where)
 
     @property
     def collate_fn(self) -> Callable[[Any], dict[str, torch.Tensor]]:

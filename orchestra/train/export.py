@@ -214,7 +214,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         hf_state["score.weight"] = score.detach().to(torch_dtype).contiguous()
 
     tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    eos_id = int(meta["eos_id"]) if meta.get("eos_id") is not None else tokenizer.token_to_id(EOS_TOKEN)
+    eos_token = tokenizer.id_to_token(eos_id) if eos_id is not None else EOS_TOKEN
     with _staged(out) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config_dict(cfg, vocab_size, bos_id=eos_id, eos_id=eos_id, torch_dtype=dtype)
@@ -229,12 +230,12 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOS_TOKEN,
-            "eos_token": EOS_TOKEN,
+            "bos_token": eos_token,
+            "eos_token": eos_token,
             "model_max_length": cfg.max_seq_len,
             "clean_up_tokenization_spaces": False,
         }, indent=2) + "\n")
-        (tmp / "special_tokens_map.json").write_text(json.dumps({"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}) + "\n")
+        (tmp / "special_tokens_map.json").write_text(json.dumps({"bos_token": eos_token, "eos_token": eos_token}) + "\n")
     return out
 
 

@@ -138,6 +138,11 @@ def load_base(init_from: str | Path) -> BaseModel:
         state, meta = consolidated_state_dict(path)
     except CheckpointError as err:
         raise ConfigError(f"finetune.init_from: {err}") from err
+    if meta.get("task") == "classification":
+        raise ConfigError(
+            f"finetune.init_from: {path} is a sequence classifier (task=classification); start from the "
+            "language model it was fine-tuned from, or export it (orchestra-export) for transformers"
+        )
     if "peft" in meta:
         raise ConfigError(
             f"finetune.init_from: {path} is a {meta['peft']['method']} checkpoint holding only its trainable "

@@ -41,8 +41,9 @@ from orchestra.train.strategy import parallelize
 class CausalLMModule(L.LightningModule):
     def __init__(self, cfg: TrainConfig, vocab_size: int, tokenizer_json: str = "",
                  precision: str = "32-true", base: BaseModel | None = None,
-                 label_names: list[str] | None = None) -> None:
+                 label_names: list[str] | None = None, eos_id: int | None = None) -> None:
         super().__init__()
+        self.eos_id = eos_id
         self.cfg = cfg
         self.task = TaskName(cfg.task.name)
         self.label_names = list(label_names or [])
@@ -212,6 +213,8 @@ class CausalLMModule(L.LightningModule):
             "tokenizer_json": self.tokenizer_json,
             "task": self.task.value,
         }
+        if self.eos_id is not None:  # a base's own end token (an HF model's may not be <|endoftext|>)
+            checkpoint["orchestra"]["eos_id"] = int(self.eos_id)
         if self.label_names:
             checkpoint["orchestra"]["labels"] = list(self.label_names)
         if self.method in PEFT_METHODS and self.base_reference is not None:
@@ -352,8 +355,9 @@ class DPOModule(CausalLMModule):
 
 
 def build_module(cfg: TrainConfig, vocab_size: int, tokenizer_json: str, precision: str,
-                 base: BaseModel | None = None, label_names: list[str] | None = None) -> CausalLMModule:
+                 base: BaseModel | None = None, label_names: list[str] | None = None,
+                 eos_id: int | None = None) -> CausalLMModule:
     """The LightningModule of ``task.name``."""
     cls = {TaskName.classification: ClassificationModule, TaskName.dpo: DPOModule}.get(
         TaskName(cfg.task.name), CausalLMModule)
-    return cls(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names)
+    return cls(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names, eos_id=eos_id)

@@ -75,7 +75,8 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int) -> int:
+def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int,
+                             base_reference: dict[str, str] | None = None) -> int:
     """Refuse a checkpoint of another model shape before Lightning fails deep inside load_state_dict."""
     ckpt = load_checkpoint_file(path)
     meta = ckpt.get("orchestra")
@@ -92,6 +93,11 @@ def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int) -> i
     current_method = method.value if method in PEFT_METHODS else None
     if saved_method != current_method:
         diffs.append(f"finetune.method: checkpoint {saved_method or 'full weights'} vs config {method.value}")
+    elif peft and base_reference and peft["base"]["sha256"] != base_reference["sha256"]:
+        # The checkpoint holds only the trainable tensors: on another base they would mean nothing.
+        diffs.append(f"base model: checkpoint trained on {peft['base']['path']} (sha256 "
+                     f"{peft['base']['sha256'][:12]}), finetune.init_from is {base_reference['path']} "
+                     f"(sha256 {base_reference['sha256'][:12]})")
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
     return int(ckpt["global_step"])
@@ -217,6 +223,10 @@ def train(cfg: TrainConfig) -> RunResult:
     base = use_base(cfg, run_dir) if base_path(cfg) else None
     task = TaskName(cfg.task.name)
     seq_len = cfg.model.max_seq_len
+    if base is not None and cfg.finetune.seq_len:
+        # The base's context can be far longer than the fine-tuning data needs (32k for many HF
+        # models): rows are cut to finetune.seq_len, the model keeps its full context.
+        seq_len = min(seq_len, cfg.finetune.seq_len)
     if FinetuneMethod(cfg.finetune.method) == FinetuneMethod.prompt:
         seq_len -= cfg.finetune.prompt_tokens  # the soft prompt takes the first positions of every row
     if task == TaskName.pretrain:
@@ -231,7 +241,8 @@ def train(cfg: TrainConfig) -> RunResult:
     vocab_size = padded_vocab_size(cfg.model, tokenizer_vocab)
 
     resume_path = resolve_resume(cfg, run_dir)
-    resume_step = check_checkpoint_matches(resume_path, cfg, vocab_size) if resume_path else None
+    resume_step = (check_checkpoint_matches(resume_path, cfg, vocab_size, base.reference if base else None)
+                   if resume_path else None)
 
     precision = resolve_precision(t.precision, t.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -249,7 +260,8 @@ def train(cfg: TrainConfig) -> RunResult:
         datamodule = TaskDataModule(cfg.task, train_path, val_path, tokenizer_json, eos_id, **batch_args)
         if task == TaskName.classification:
             label_names = datamodule.label_names
-    module = build_module(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names)
+    module = build_module(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names,
+                          eos_id=eos_id)
     del base  # the module drops its reference once the weights are loaded
 
     # Row positions per optimizer step (padding included for the fine-tuning tasks; DPO rows come in pairs).

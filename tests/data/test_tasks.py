@@ -426,3 +426,19 @@ def test_resolve_task_paths_names_the_missing_key(tmp_path: Path) -> None:
                                       val_path=str(tmp_path / "nope.jsonl")), tmp_path)
     with pytest.raises(DataError, match=r"task\.val_path: set .* without task\.train_path"):
         resolve_task_paths(TaskConfig(name=TaskName.sft, val_path=str(present)), tmp_path)
+
+
+def test_dpo_pairs_are_rendered_like_sft(tokenizer: Tokenizer, task_files: Any) -> None:
+    """Preference pairs go through the chat template SFT used: same prompt text, responses trained + EOS."""
+    from orchestra.data.tasks import read_dpo
+
+    train, val = task_files["dpo"]
+    dm = datamodule(tokenizer, "dpo", train, val, seq_len=64)
+    prompt, chosen, rejected = read_dpo(val)[0]
+    item = dm.dataset("val")[0]
+    sft_ids, sft_labels = encode_sft({"prompt": prompt, "response": chosen}, tokenizer, EOS_ID)
+    assert item["chosen_tokens"].tolist() == sft_ids[:-1] and item["chosen_labels"].tolist() == sft_labels[1:]
+    assert trained_text(tokenizer, [*item["rejected_tokens"].tolist()[1:], EOS_ID],
+                        item["rejected_labels"].tolist()).startswith(rejected)
+    decoded = tokenizer.decode(item["chosen_tokens"].tolist(), skip_special_tokens=False)
+    assert decoded.startswith("<|user|>\n" + prompt)

@@ -143,3 +143,28 @@ def test_model_hf_preset_sets_the_base() -> None:
         validate(composed("model=hf", "model.path=/models/llama"))
     with pytest.raises(ConfigError, match=r"finetune.init_from: 'x' differs from model.path"):
         validate(composed("model=hf", "model.path=/models/llama", "finetune=full", "finetune.init_from=x"))
+
+
+def test_peft_resume_on_another_base_is_refused(corpus_dir: Path, data_cache: Path, trained_run: Path,
+                                                tmp_path: Path) -> None:
+    from orchestra.train.checkpoint import CheckpointError
+    from orchestra.train.export import export_hf
+
+    run = tmp_path / "run"
+    train(ft_config(corpus_dir, data_cache, run, "lora", base_ckpt(trained_run), max_steps=2))
+    other = export_hf(base_ckpt(trained_run), tmp_path / "hf-base")  # same weights, another base file
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match=r"base model: checkpoint trained on .*last.ckpt"):
+        train(ft_config(corpus_dir, data_cache, run, "lora", other, max_steps=4))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing written
+
+
+def test_finetune_seq_len_cuts_rows_not_the_model(corpus_dir: Path, data_cache: Path, trained_run: Path,
+                                                  tmp_path: Path) -> None:
+    cfg = ft_config(corpus_dir, data_cache, tmp_path / "run", "lora", base_ckpt(trained_run), max_steps=2)
+    cfg.finetune.seq_len = 32
+    result = train(cfg)
+    assert result.module is not None and result.module.cfg.model.max_seq_len == 64  # the base's context
+    assert result.summary["tokens"] == 2 * cfg.trainer.global_batch_size * 32
+    with pytest.raises(ConfigError, match=r"finetune.seq_len: must be a positive integer or null"):
+        validate(TrainConfig(finetune=FinetuneConfig(method=FinetuneMethod.full, init_from="x", seq_len=0)))

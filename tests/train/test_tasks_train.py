@@ -190,3 +190,15 @@ def test_task_resume_continues_exactly(corpus_dir: Path, examples_cache: Path, t
     ref, res = column(read_metrics(straight), "train/loss"), column(read_metrics(resumed), "train/loss")
     assert sorted(ref) == list(range(6)) and sorted(res) == [3, 4, 5]
     assert res == {step: ref[step] for step in res}
+
+
+def test_a_classifier_is_not_a_base(corpus_dir: Path, examples_cache: Path, trained_run: Path,
+                                    tmp_path: Path) -> None:
+    from orchestra.config import ConfigError
+
+    run = tmp_path / "cls"
+    train(task_config(corpus_dir, examples_cache, trained_run, run, "classification", "full", max_steps=2))
+    cfg = task_config(corpus_dir, examples_cache, trained_run, tmp_path / "sft", "sft", "lora", max_steps=2)
+    cfg.finetune.init_from = str(run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"finetune.init_from: .* is a sequence classifier"):
+        train(cfg)

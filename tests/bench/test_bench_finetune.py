@@ -1,0 +1,95 @@
+"""bench/finetune.py off the GPU: exact trainable counts, the memory tables, valid run commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "finetune.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def debug(bench):
+    return bench.presets(["debug"])["debug"]
+
+
+def test_trainable_counts_match_hand_counts(bench, debug):
+    m, vocab = debug, 32000
+    kv = m.n_kv_heads * m.head_dim
+    counts = bench.count_parameters(m, vocab)
+    # LoRA r=8 on q_proj (dim -> dim) and v_proj (dim -> kv): r * (in + out) per wrapped linear.
+    assert counts["lora"][0] == m.n_layers * 8 * ((m.dim + m.dim) + (m.dim + kv))
+    # r=16 on all seven projections of a block (lm_head is never a target).
+    shapes = [
+        (m.dim, m.dim),
+        (m.dim, kv),
+        (m.dim, kv),
+        (m.dim, m.dim),
+        (m.dim, m.ffn_dim),
+        (m.dim, m.ffn_dim),
+        (m.ffn_dim, m.dim),
+    ]
+    assert counts["lora-all"][0] == m.n_layers * sum(16 * (i + o) for i, o in shapes)
+    # Two bottleneck adapters per block: down (dim*16 + 16) and up (16*dim + dim).
+    assert counts["adapter"][0] == m.n_layers * 2 * (m.dim * 16 + 16 + 16 * m.dim + m.dim)
+    assert counts["prompt"][0] == 20 * m.dim
+    per_layer = m.dim * (2 * m.dim + 2 * kv) + 3 * m.dim * m.ffn_dim + 2 * m.dim
+    total = m.n_layers * per_layer + 2 * vocab * m.dim + m.dim  # untied embeddings
+    assert counts["full"] == (total, total)
+    for method in ("lora", "lora-all", "adapter", "prompt"):  # base frozen, new parameters added
+        trainable, n = counts[method]
+        assert n == total + trainable
+
+
+def test_state_bytes(bench):
+    assert bench.state_bytes(100, 100, "bf16-mixed") == 1600
+    assert bench.state_bytes(100, 100, "bf16-mixed", l2sp=True) == 2000
+    assert bench.state_bytes(10, 110, "bf16-mixed") == 4 * 100 + 16 * 10
+    assert bench.state_bytes(10, 110, "bf16-true") == 2 * 100 + 8 * 10
+
+
+def test_memory_table_orders_methods(bench):
+    table = bench.memory_table(micro_batch=4, names=["debug"])
+    rows = [line for line in table.splitlines() if line.startswith("| debug |")]
+    assert len(rows) == 2  # one row in the trainable-parameter table, one in the memory table
+    cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    full, l2sp = float(cells[1]), float(cells[2])
+    mixed = [float(c.split(" / ")[0]) for c in cells[3:7]]
+    true = [float(c.split(" / ")[1]) for c in cells[3:7]]
+    assert l2sp > full > max(mixed)
+    assert all(t < x for t, x in zip(true, mixed, strict=True))
+    assert "(s=256)" in cells[7]
+
+
+def test_run_commands_compose_and_validate(bench, tmp_path):
+    for method in bench.METHODS:
+        overrides = bench.finetune_overrides(
+            method, tmp_path / "base", 100, 4, "bf16-mixed", tmp_path / method
+        )
+        cfg = bench.compose_check([o for o in overrides if not o.startswith("hydra.")])
+        assert cfg.task.name.value == "sft" and cfg.finetune.init_from == str(tmp_path / "base")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_gpu_mode_refuses_cleanly_without_cuda(bench, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench/finetune.py", "--steps", "10"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert "--memory" in str(exc.value.code)
