@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -308,7 +309,8 @@ def read_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         raise DataError(f"{path}: unsupported suffix {path.suffix!r}; accepted: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``file:line``, record) for every non-blank line of a jsonl file; bad lines are one DataError."""
     offset = 0
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -316,23 +318,26 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             offset += len(raw)
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(
-                    f"{path}:{lineno}: no field {text_field!r} (found {keys}); set data.text_field"
-                )
-            value = record[text_field]
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, expected a string"
-                )
-            yield value
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for where, record in jsonl_records(path):
+        if text_field not in record:
+            raise DataError(f"{where}: no field {text_field!r} (found {sorted(record)}); set data.text_field")
+        value = record[text_field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, expected a string")
+        yield value
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

@@ -28,7 +28,6 @@ Batches (what the LightningModule receives):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from orchestra.config import ConfigError, TaskConfig, TaskName
 from orchestra.data.datamodule import TokenDataModule, _ResumableDataLoader
 from orchestra.data.errors import DataError
-from orchestra.data.sources import decode_utf8
+from orchestra.data.sources import jsonl_records
 from orchestra.data.tokenizer import EOS_TOKEN, vocab_size_of
 
 log = logging.getLogger(__name__)
@@ -64,22 +63,10 @@ def _records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: does not exist (expected a jsonl file of examples)")
-    offset, count = 0, 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = decode_utf8(raw, path, base_offset=offset)
-            offset += len(raw)
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            count += 1
-            yield where, record
+    count = 0
+    for where, record in jsonl_records(path):
+        count += 1
+        yield where, record
     if count == 0:
         raise DataError(f"{path}: no examples (the file is empty)")
 
