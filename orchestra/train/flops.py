@@ -114,14 +114,18 @@ def device_peak_flops(device_name: str, dtype: str, compute_units: int | None = 
     return PEAK_FLOPS[max(matches, key=len)].get(dtype)
 
 
-def model_flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int) -> float:
+def model_flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, *, weight_grads: bool = True,
+                          lm_head: bool = True) -> float:
     """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x dim x seq).
 
     The matmul parameters are every weight used in a matrix product: attention and MLP
     projections and the lm head (the input embedding is a lookup, so it is not counted).
     This is the llm-foundry / torchtitan convention, so MFU numbers compare across tools.
+    Fine-tuning changes two terms: with a frozen base (LoRA, adapters, prompt tuning) backward
+    computes input gradients but no weight gradients, 4 x instead of 6 x (the small PEFT weights
+    are left out); a classifier never runs the lm head (``lm_head=False``).
     """
     kv_dim = m.n_kv_heads * m.head_dim
     per_layer = m.dim * (m.dim + 2 * kv_dim) + m.dim * m.dim + 3 * m.dim * m.ffn_dim
-    n_matmul = m.n_layers * per_layer + vocab_size * m.dim
-    return 6.0 * n_matmul + 12.0 * m.n_layers * m.dim * seq_len
+    n_matmul = m.n_layers * per_layer + (vocab_size * m.dim if lm_head else 0)
+    return (6.0 if weight_grads else 4.0) * n_matmul + 12.0 * m.n_layers * m.dim * seq_len

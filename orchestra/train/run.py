@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import WandbLogger
 
 from orchestra.config import (
+    FROZEN_BASE_METHODS,
     ConfigError,
     FinetuneMethod,
     TaskName,
@@ -266,7 +267,9 @@ def train(cfg: TrainConfig) -> RunResult:
 
     # Row positions per optimizer step (padding included for the fine-tuning tasks; DPO rows come in pairs).
     tokens_per_step = t.global_batch_size * seq_len * (2 if task == TaskName.dpo else 1)
-    flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len)
+    flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len,
+                                        weight_grads=FinetuneMethod(cfg.finetune.method) not in FROZEN_BASE_METHODS,
+                                        lm_head=task != TaskName.classification)
     throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops,
                                     recompute_factor(cfg.strategy, cfg.model.n_layers))
     energy = EnergyCallback(cfg.energy, run_dir / "emissions", tokens_per_step)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestra.config import ModelConfig
 from orchestra.model import Transformer
@@ -53,3 +54,29 @@ def test_mfu_with_an_overridden_peak(corpus_dir: Path, data_cache: Path, tmp_pat
     fpt = model_flops_per_token(cfg.model, 512, 64)
     assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * fpt / 1e12, rel=1e-6)
     assert 0 < summary["mfu"] < 1
+
+
+def test_frozen_base_and_classifier_terms_against_torch_flop_counter() -> None:
+    """torch's FlopCounterMode on forward + backward: 6N with weight gradients, about 4N without."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from orchestra.config import KernelBackend
+    from orchestra.model.peft import LoraConfig, apply_lora
+
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32,
+                      kernels=KernelBackend.torch)
+    attention = 12 * 3 * 64 * 32  # SDPA's matmuls: not seen by the counter on CPU
+    measured = {}
+    for lora in (False, True):
+        model = Transformer(cfg, 320)
+        if lora:
+            apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj"]))
+        tokens, targets = torch.randint(0, 320, (2, 32)), torch.randint(0, 320, (2, 32))
+        with FlopCounterMode(display=False) as counter:
+            model(tokens, targets).backward()
+        measured[lora] = counter.get_total_flops() / 64
+    assert measured[False] == model_flops_per_token(cfg, 320, 32) - attention
+    frozen = model_flops_per_token(cfg, 320, 32, weight_grads=False) - attention
+    assert measured[True] == pytest.approx(frozen, rel=0.05)  # block 0 needs no input gradient
+    head = 320 * 64
+    assert model_flops_per_token(cfg, 320, 32, lm_head=False) == model_flops_per_token(cfg, 320, 32) - 6 * head
