@@ -280,7 +280,7 @@ class ValBatchSampler(Sampler[list[int]]):
         if num_samples < per_round:
             raise DataError(
                 f"the val split has {num_samples} samples, fewer than micro_batch_size x world_size = "
-                f"{per_round} needed for one validation batch per rank; raise data.val_fraction or lower the batch size"
+                f"{per_round} needed for one validation batch per rank; raise data.val_fraction (task.val_fraction, or a larger task.val_path, when fine-tuning) or lower the batch size"
             )
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")

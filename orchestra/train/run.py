@@ -265,12 +265,12 @@ def train(cfg: TrainConfig) -> RunResult:
                           eos_id=eos_id)
     del base  # the module drops its reference once the weights are loaded
 
-    # Row positions per optimizer step (padding included for the fine-tuning tasks; DPO rows come in pairs).
-    tokens_per_step = t.global_batch_size * seq_len * (2 if task == TaskName.dpo else 1)
+    tokens_per_step = t.global_batch_size * seq_len  # pretraining rows are always full
     flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len,
                                         weight_grads=FinetuneMethod(cfg.finetune.method) not in FROZEN_BASE_METHODS,
                                         lm_head=task != TaskName.classification)
-    throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops,
+    # Fine-tuning batches are padded to their longest example: count their positions instead.
+    throughput = ThroughputCallback(tokens_per_step if task == TaskName.pretrain else None, flops_model, t.log_every_n_steps, t.peak_flops,
                                     recompute_factor(cfg.strategy, cfg.model.n_layers))
     energy = EnergyCallback(cfg.energy, run_dir / "emissions", tokens_per_step)
     last_val = _LastValidation()
@@ -351,7 +351,8 @@ def train(cfg: TrainConfig) -> RunResult:
         steps = int(trainer.global_step)
         summary = {
             "steps": steps,
-            "tokens": steps * tokens_per_step,
+            # Fine-tuning: the positions counted in the measured windows (padding included).
+            "tokens": steps * tokens_per_step if task == TaskName.pretrain else int(perf["tokens"] or 0),
             "train_loss": _metric(metrics, "train/loss"),
             "val_loss": _metric(metrics, "val/loss"),
             "val_ppl": _metric(metrics, "val/ppl"),

@@ -202,3 +202,30 @@ def test_a_classifier_is_not_a_base(corpus_dir: Path, examples_cache: Path, trai
     cfg.finetune.init_from = str(run / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match=r"finetune.init_from: .* is a sequence classifier"):
         train(cfg)
+
+
+def test_finetune_throughput_counts_the_padded_batches_it_ran(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """Classification batches are padded to their longest text: tokens/s counts those positions."""
+    import random
+
+    rng = random.Random(0)
+    words = ["ay", "no", "sweet", "lord", "good", "night", "fair", "king", "death", "love"]
+    lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
+                         "label": rng.choice(["a", "b"])}) for _ in range(64)]
+    data = tmp_path / "short.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "cls"
+    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "classification", "lora", max_steps=4,
+                      val_every_n_steps=4, log_every_n_steps=2)
+    cfg.task.train_path, cfg.task.val_fraction = str(data), 0.25
+    result = train(cfg)
+    assert result.module is not None
+    from orchestra.data.tasks import TaskDataModule, resolve_task_paths
+
+    dm = TaskDataModule(cfg.task, *resolve_task_paths(cfg.task, cfg.data.cache_dir), result.module.tokenizer_json,
+                        result.module.eos_id, seq_len=64, micro_batch_size=4, global_batch_size=8, seed=cfg.seed,
+                        max_steps=4, val_batches=1, loader_workers=0)
+    expected = sum(batch["tokens"].numel() for batch in dm.train_dataloader())
+    assert 0 < result.summary["tokens"] == expected < 4 * 8 * 64  # padded to the batch, not to the context

@@ -47,13 +47,17 @@ def _host_peak_rss_gb() -> float:
 class ThroughputCallback(L.Callback):
     def __init__(
         self,
-        tokens_per_step: int,
+        tokens_per_step: int | None,
         flops_per_token: float,
         log_every_n_steps: int,
         peak_flops: float | None = None,
         recompute_factor: float = 1.0,
     ) -> None:
-        """``recompute_factor`` > 1 when activation checkpointing recomputes the forward (HFU)."""
+        """``recompute_factor`` > 1 when activation checkpointing recomputes the forward (HFU).
+
+        ``tokens_per_step=None`` counts the token positions of every batch instead (fine-tuning
+        batches are padded to their longest example, so their size varies), summed over ranks.
+        """
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.log_every_n_steps = log_every_n_steps
@@ -62,11 +66,13 @@ class ThroughputCallback(L.Callback):
         self.peak: float | None = None
         self._window_start: float | None = None
         self._window_steps = 0
+        self._window_tokens = 0
         self._data_wait = 0.0
         self._batch_end: float | None = None
         self._last_step = -1
         self.train_seconds = 0.0
         self.train_steps = 0
+        self.train_tokens = 0.0  # every rank's token positions in the measured windows
         self.last: dict[str, float] = {}
         self._world = 1
         self._paused_at: float | None = None
@@ -107,6 +113,9 @@ class ThroughputCallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.tokens_per_step is None:
+            tokens = batch["tokens"] if isinstance(batch, dict) else batch[0]
+            self._window_tokens += int(tokens.numel())
         step = trainer.global_step
         if step != self._last_step:  # an optimizer step happened in this batch
             self._window_steps += step - self._last_step
@@ -146,7 +155,12 @@ class ThroughputCallback(L.Callback):
         self.train_seconds += elapsed
         self.train_steps += self._window_steps
         world = trainer.world_size
-        tokens_per_s = self._window_steps * self.tokens_per_step / elapsed
+        if self.tokens_per_step is None:
+            (window_tokens,) = reduce_across_ranks([self._window_tokens], "sum", device)
+        else:
+            window_tokens = self._window_steps * self.tokens_per_step
+        self.train_tokens += window_tokens
+        tokens_per_s = window_tokens / elapsed
         model_flops_per_device = tokens_per_s * self.flops_per_token / world
         metrics = {
             "perf/tokens_per_s": tokens_per_s,
@@ -166,14 +180,16 @@ class ThroughputCallback(L.Callback):
             pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
         self._window_start = now  # the collective and logging belong to the next window's wall time
         self._window_steps = 0
+        self._window_tokens = 0
         self._data_wait = 0.0
 
     def summary(self) -> dict[str, float | None]:
         """Mean throughput over the whole run (measured windows only)."""
         if self.train_seconds == 0:
-            return {"tokens_per_s": None, "mfu": None}
-        tokens_per_s = self.train_steps * self.tokens_per_step / self.train_seconds
+            return {"tokens_per_s": None, "mfu": None, "tokens": None}
+        tokens_per_s = self.train_tokens / self.train_seconds
         return {
+            "tokens": self.train_tokens,
             "tokens_per_s": tokens_per_s,
             "mfu": None if not self.peak else tokens_per_s * self.flops_per_token / self._world / self.peak,
         }
