@@ -7,7 +7,7 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch>=2.5
+TORCH_SPEC ?= torch>=2.6
 ARGS ?=
 PYTEST_ARGS ?=
 # Target Python version of `make wheelhouse` (e.g. make wheelhouse PY=3.12).

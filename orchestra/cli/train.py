@@ -9,7 +9,9 @@ Examples::
 
 from __future__ import annotations
 
-from dataclasses import fields
+import difflib
+import sys
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestra.cli.common import CONF_DIR, console, fail, table
 from orchestra.config import ConfigError, TrainConfig, register_configs, validate
+
+
+def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None:
+    """One message for the first ``a.b=value`` override whose key the schema lacks, listing the keys it has.
+
+    Hydra refuses such a key too, but names only the schema class; this says what is allowed
+    and what was probably meant. Group choices (``model=...``), ``hydra.*`` and ``+``/``~`` edits
+    are left to Hydra.
+    """
+    for arg in args:
+        if arg.startswith(("-", "+", "~", "hydra.")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        node: Any = root
+        path: list[str] = []
+        for part in key.split("."):
+            if not is_dataclass(node):
+                break
+            known = {f.name: f for f in fields(node)}
+            if part not in known:
+                where = ".".join(path) or "the top level"
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f" (did you mean {'.'.join([*path, close[0]])}?)" if close else ""
+                return (f"{key}: no key {part!r} in {where}{hint}; allowed: {', '.join(sorted(known))}")
+            path.append(part)
+            node = known[part].default_factory() if callable(known[part].default_factory) else None  # type: ignore[misc]
+    return None
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
@@ -79,6 +108,9 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    message = misspelled_override(sys.argv[1:])
+    if message:
+        fail(f"invalid configuration: {message}")
     _main()
 
 
