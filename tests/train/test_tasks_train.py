@@ -162,6 +162,9 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["task"], summary["finetune"], summary["steps"]) == ("sft", "lora", 3)
     assert summary["trainable_parameters"] < summary["parameters"] / 10
+    # The end-of-run console output: the summary table, the sample, where to find the run.
+    assert "Orchestra run summary" in proc.stdout and "trainable_parameters" in proc.stdout
+    assert f"report:  orchestra-report {run}" in proc.stdout
 
     missing = subprocess.run([sys.executable, "-m", "orchestra.cli.train", "task=sft", "finetune=lora", "model=hf",
                               f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300)

@@ -102,3 +102,34 @@ def test_window_flushes_on_lightning_logging_steps_after_an_odd_resume() -> None
             module.logged = {}
     assert flushed == [8, 12, 16]
     assert cb.train_steps == 9
+
+
+def test_unknown_device_warns_once_and_reports_no_mfu() -> None:
+    """No peak in the table and no trainer.peak_flops: a warning that says how to fix it, and no MFU."""
+    trainer = SimpleNamespace(world_size=1, global_step=0, precision="32-true",
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module = FakeModule()
+    cb = ThroughputCallback(TOKENS_PER_STEP, FLOPS_PER_TOKEN, 1)
+    with pytest.warns(UserWarning, match=r"trainer\.peak_flops"):
+        cb.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    cb.on_train_batch_start(trainer, module, None, 0)  # type: ignore[arg-type]
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]
+    assert "perf/tokens_per_s" in module.logged and "perf/mfu" not in module.logged
+    assert cb.summary()["mfu"] is None
+
+
+def test_counted_mode_sums_the_batches_of_every_step() -> None:
+    """tokens_per_step=None (fine-tuning): the positions of the batches actually run."""
+    trainer = SimpleNamespace(world_size=1, global_step=0, precision="32-true",
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module = FakeModule()
+    cb = ThroughputCallback(None, FLOPS_PER_TOKEN, 2, peak_flops=PEAK)
+    cb.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    widths = [7, 9, 12, 5]
+    for step, width in enumerate(widths, start=1):
+        cb.on_train_batch_start(trainer, module, None, 0)  # type: ignore[arg-type]
+        trainer.global_step = step
+        batch = {"tokens": torch.zeros(3, width, dtype=torch.long)}
+        cb.on_train_batch_end(trainer, module, None, batch, 0)  # type: ignore[arg-type]
+    assert cb.train_tokens == 3 * sum(widths) and cb.summary()["tokens"] == 3 * sum(widths)
