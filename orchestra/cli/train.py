@@ -101,8 +101,8 @@ def _main(cfg: DictConfig) -> float | None:
         console.rule("sample")
         console.print(result.sample, markup=False, highlight=False)
         console.rule()
-        console.print(f"run dir: {result.run_dir}")
-        console.print(f"report:  orchestra-report {result.run_dir}")
+        console.print(f"run dir: {result.run_dir}", soft_wrap=True)  # paths stay on one line
+        console.print(f"report:  orchestra-report {result.run_dir}", soft_wrap=True)
     val = result.summary.get("val_loss") if result.summary else None
     return float(val) if val is not None else None  # lets Hydra sweepers optimise it
 
