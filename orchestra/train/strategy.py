@@ -199,6 +199,9 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     if st.name == StrategyName.ddp:
         return DDPStrategy(gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False)
     if st.name == StrategyName.fsdp:
+        if st.cpu_offload and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("strategy.cpu_offload: moves parameters and optimizer state from GPU memory to the "
+                              "CPU, and this run has no GPU; set strategy.cpu_offload=false")
         return AtomicModelParallelStrategy(
             data_parallel_size=world_size_of(cfg), tensor_parallel_size=1, save_distributed_checkpoint=True
         )

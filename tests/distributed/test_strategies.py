@@ -61,6 +61,8 @@ def two_rank_runs(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.T
         "fsdp-ac-compile": ("fsdp", {"strategy.activation_checkpointing": "every_k", "strategy.ac_every_k": 1,
                                      "strategy.compile": True}),
         "ddp-ac": ("ddp", {"strategy.activation_checkpointing": "full"}),
+        # HSDP on a (1 node x 2 ranks) mesh, the root kept unsharded between forward and backward.
+        "hsdp-noreshard": ("fsdp", {"strategy.hybrid_shard": True, "strategy.reshard_after_forward": False}),
     }
     for name, (strategy, extra) in variants.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
@@ -69,7 +71,7 @@ def two_rank_runs(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.T
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ac-compile", "ddp-ac"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ac-compile", "ddp-ac", "hsdp-noreshard"])
 def test_two_ranks_match_one_process(reference: Path, two_rank_runs: dict[str, Path], strategy: str) -> None:
     ref, got = losses(reference), losses(two_rank_runs[strategy])
     assert sorted(got) == sorted(ref) == list(range(STEPS))

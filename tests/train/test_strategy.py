@@ -64,3 +64,14 @@ def test_compiled_blocks_match_eager() -> None:
     strip = {n.replace("._checkpoint_wrapped_module", ""): g for n, g in grads.items()}
     for name, grad in ref_grads.items():
         torch.testing.assert_close(strip[name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_cpu_offload_without_a_gpu_is_one_clear_error() -> None:
+    from orchestra.config import ConfigError, TrainConfig
+    from orchestra.train.strategy import build_strategy
+
+    cfg = TrainConfig()
+    cfg.strategy = StrategyConfig(name=StrategyName.fsdp, cpu_offload=True)
+    with pytest.raises(ConfigError, match=r"strategy.cpu_offload: .* this run has no GPU"):
+        build_strategy(cfg, "32-true")
