@@ -63,6 +63,9 @@ def two_rank_runs(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.T
         "ddp-ac": ("ddp", {"strategy.activation_checkpointing": "full"}),
         # HSDP on a (1 node x 2 ranks) mesh, the root kept unsharded between forward and backward.
         "hsdp-noreshard": ("fsdp", {"strategy.hybrid_shard": True, "strategy.reshard_after_forward": False}),
+        # The fused kernels (Triton's CPU interpreter here) under sharding: the loss kernel reads
+        # lm_head.weight inside the model's forward, where FSDP has gathered it.
+        "fsdp-triton": ("fsdp", {"model.kernels": "triton"}),
     }
     for name, (strategy, extra) in variants.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
@@ -71,7 +74,7 @@ def two_rank_runs(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.T
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ac-compile", "ddp-ac", "hsdp-noreshard"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ac-compile", "ddp-ac", "hsdp-noreshard", "fsdp-triton"])
 def test_two_ranks_match_one_process(reference: Path, two_rank_runs: dict[str, Path], strategy: str) -> None:
     ref, got = losses(reference), losses(two_rank_runs[strategy])
     assert sorted(got) == sorted(ref) == list(range(STEPS))
