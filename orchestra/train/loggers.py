@@ -4,6 +4,12 @@ Lightning's CSV writer deletes an existing metrics.csv when its directory is not
 would erase the history of a run that resumes in the same run dir. The writer below keeps it and
 drops only the rows at or after the resumed step (logged after the checkpoint by the run that
 died), so metrics.csv reads as one uninterrupted run.
+
+Lightning writes a step's row only after the callbacks' ``on_train_batch_end``, where the
+checkpoint of that step is saved: a job killed in between (a node failure) would lose the row of
+the checkpointed step, which the resumed run never recomputes. So each checkpoint carries that
+row's loss (CausalLMModule.on_save_checkpoint, ``orchestra.last_row``), and the writer puts it
+back when it is missing.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from orchestra.config import LoggerConfig, LoggerName, WandbMode
 
 
 class _ResumingWriter(ExperimentWriter):
-    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+    def __init__(self, log_dir: str, resume_step: int | None, last_row: dict[str, Any] | None = None) -> None:
         self._resume_step = resume_step
+        self._last_row = last_row
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -37,6 +44,10 @@ class _ResumingWriter(ExperimentWriter):
             rows = list(reader)
         if self._resume_step is not None:
             rows = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < self._resume_step]
+            last = self._last_row
+            if last and not any(int(float(r["step"])) == int(last["step"]) for r in rows):
+                header += [k for k in last["metrics"] if k not in header]
+                rows.append({"step": str(int(last["step"])), **{k: repr(v) for k, v in last["metrics"].items()}})
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
@@ -50,20 +61,22 @@ class ResumableCSVLogger(CSVLogger):
     """CSVLogger writing ``<run_dir>/metrics.csv`` and continuing it across resumes.
 
     Rows are flushed every step (an appended line), so a killed job loses at most the row of the
-    step it was logging; Lightning logs a step's metrics just after its checkpoint hook, so that
-    row is re-logged when the run resumes from a checkpoint of a later step than it.
+    step it was logging: a later step is re-logged by the resumed run, the checkpointed step's
+    loss comes back from the checkpoint (``last_row``, see the module docstring).
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None,
+                 last_row: dict[str, Any] | None = None) -> None:
         super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
         self._resume_step = resume_step
+        self._last_row = last_row
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step, self._last_row)
         return self._experiment
 
 
@@ -101,8 +114,9 @@ def run_tags(config: dict[str, Any]) -> list[str]:
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
-                  resume_step: int | None, is_global_zero: bool) -> list[Logger]:
-    loggers: list[Logger] = [ResumableCSVLogger(run_dir, resume_step=resume_step)]
+                  resume_step: int | None, is_global_zero: bool,
+                  last_row: dict[str, Any] | None = None) -> list[Logger]:
+    loggers: list[Logger] = [ResumableCSVLogger(run_dir, resume_step=resume_step, last_row=last_row)]
     if cfg.name == LoggerName.wandb:
         mode = wandb_mode(cfg)
         os.environ.setdefault("WANDB_SILENT", "true")

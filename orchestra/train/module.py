@@ -125,6 +125,8 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.task_loss(batch)
         self._step_losses.append(loss.detach())
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self._log_step_loss()
         if self.l2sp is not None:
             penalty = self._l2sp_penalty()
             self.log("train/l2sp", penalty.detach(), on_step=True, on_epoch=False)
@@ -138,14 +140,14 @@ class CausalLMModule(L.LightningModule):
             self.l2sp.to(self.device)
         return self.l2sp.penalty(self.model)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _log_step_loss(self) -> None:
         """Log the loss of the whole global batch once per optimizer step.
 
         The mean over this rank's accumulated micro-batches, averaged over ranks, is the same
         number whatever the split of the global batch, so runs at different world sizes compare.
+        Logged from the last micro-batch's training_step, so the checkpoint callbacks that run
+        at the end of this batch already see it (on_save_checkpoint records it).
         """
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches != 0:
-            return
         loss = torch.stack(self._step_losses).mean()
         self._step_losses.clear()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
@@ -213,6 +215,11 @@ class CausalLMModule(L.LightningModule):
             "tokenizer_json": self.tokenizer_json,
             "task": self.task.value,
         }
+        loss = self.trainer.callback_metrics.get("train/loss") if self._trainer is not None else None
+        if loss is not None and self.global_step > 0:
+            # The row Lightning writes after this hook: a kill in between must not lose it (loggers.py).
+            checkpoint["orchestra"]["last_row"] = {"step": int(self.global_step) - 1,
+                                                   "metrics": {"train/loss": float(loss)}}
         if self.eos_id is not None:  # a base's own end token (an HF model's may not be <|endoftext|>)
             checkpoint["orchestra"]["eos_id"] = int(self.eos_id)
         if self.label_names:

@@ -77,7 +77,7 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
 
 
 def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int,
-                             base_reference: dict[str, str] | None = None) -> int:
+                             base_reference: dict[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
     """Refuse a checkpoint of another model shape before Lightning fails deep inside load_state_dict."""
     ckpt = load_checkpoint_file(path)
     meta = ckpt.get("orchestra")
@@ -101,7 +101,8 @@ def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int,
                      f"(sha256 {base_reference['sha256'][:12]})")
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
-    return int(ckpt["global_step"])
+    # (its step, the metrics row it carries for the logger, see loggers.py)
+    return int(ckpt["global_step"]), meta.get("last_row")
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -242,8 +243,8 @@ def train(cfg: TrainConfig) -> RunResult:
     vocab_size = padded_vocab_size(cfg.model, tokenizer_vocab)
 
     resume_path = resolve_resume(cfg, run_dir)
-    resume_step = (check_checkpoint_matches(resume_path, cfg, vocab_size, base.reference if base else None)
-                   if resume_path else None)
+    resume_step, last_row = (check_checkpoint_matches(resume_path, cfg, vocab_size, base.reference if base else None)
+                             if resume_path else (None, None))
 
     precision = resolve_precision(t.precision, t.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -296,7 +297,7 @@ def train(cfg: TrainConfig) -> RunResult:
 
     # Before the Trainer exists: rank from the launcher's environment (torchrun, srun, Lightning).
     is_zero = all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
-    loggers = build_loggers(cfg.logger, run_dir, cfg.name, to_plain(cfg), resume_step, is_zero)
+    loggers = build_loggers(cfg.logger, run_dir, cfg.name, to_plain(cfg), resume_step, is_zero, last_row)
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
