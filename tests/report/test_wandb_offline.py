@@ -55,3 +55,28 @@ def test_offline_wandb_run_contains_the_logged_keys(observed_run: Path) -> None:
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["trainer"]["max_steps"] == STEPS  # the resolved config, as nested values
     assert {"model", "data", "optim", "trainer", "energy", "strategy"} <= config.keys()
+
+
+def test_sweep_jobs_share_a_wandb_group(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+    """`orchestra-train -m ...`: every job of one Hydra sweep lands in one W&B group named after it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_overrides
+
+    args = [a for a in cli_overrides(corpus_dir, data_cache, tmp_path / "unused", **{
+        "trainer.max_steps": 6, "trainer.val_every_n_steps": 6, "trainer.ckpt_every_n_steps": 6,
+        "scheduler.warmup_steps": 1, "logger": "wandb", "optim.lr": "1e-3,3e-3"}) if not a.startswith("hydra.run")]
+    env = {**os.environ, "ORCHESTRA_RUNS": str(tmp_path / "runs"), "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "orchestra.cli.train", "-m", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sweep = next((tmp_path / "runs" / "tiny").glob("multirun-*"))
+    groups, ids = set(), set()
+    for job in ("0", "1"):
+        (wandb_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        run = next(r.run for r in read_records(wandb_file) if r.WhichOneof("record_type") == "run")
+        groups.add(run.run_group)
+        ids.add(run.run_id)
+    assert groups == {f"tiny-{sweep.name}"} and len(ids) == 2  # one group, one W&B run per job
