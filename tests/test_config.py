@@ -86,3 +86,21 @@ def test_cli_rejects_bad_config_and_writes_nothing(tmp_path: Path, override: str
     assert "Traceback" not in out, out
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "data").exists()
+
+
+def test_override_precheck_leaves_groups_and_hydra_alone() -> None:
+    from orchestra.cli.train import misspelled_override
+
+    fine = ["experiment=debug", "model=hf", "model.path=/m", "hydra.run.dir=x", "-m", "+extra=1", "~logger",
+            "optim.lr=1e-3,3e-3", "finetune.lora_targets=[q_proj]", "seed=3", "strategy.compile=true"]
+    assert misspelled_override(fine) is None
+    message = misspelled_override(["experiment=debug", "strategy.compil=true"])
+    assert message is not None and message.startswith("strategy.compil: no key 'compil' in strategy")
+    assert "did you mean strategy.compile?" in message
+
+
+def test_readme_main_command_composes(tmp_path: Path) -> None:
+    """`make train` runs `orchestra-train experiment=debug`: it must get past every pre-check."""
+    proc = run_cli(tmp_path, "experiment=debug", "--cfg", "job")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "max_steps: 300" in proc.stdout

@@ -29,13 +29,15 @@ def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None
     """One message for the first ``a.b=value`` override whose key the schema lacks, listing the keys it has.
 
     Hydra refuses such a key too, but names only the schema class; this says what is allowed
-    and what was probably meant. Group choices (``model=...``), ``hydra.*`` and ``+``/``~`` edits
-    are left to Hydra.
+    and what was probably meant. Undotted keys (group choices such as ``experiment=debug``,
+    top-level values), ``hydra.*`` and ``+``/``~`` edits are left to Hydra.
     """
     for arg in args:
         if arg.startswith(("-", "+", "~", "hydra.")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
+        if "." not in key:  # a group choice (experiment=debug) or a top-level value: Hydra checks those
+            continue
         node: Any = root
         path: list[str] = []
         for part in key.split("."):
