@@ -45,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import compose_check, read_losses  # noqa: E402
+
 # `single` (one file per checkpoint, any device) runs the same save/resume/export check without
 # DeepSpeed, e.g. on a CPU machine to try the script itself.
 STRATEGIES = ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "single"]
@@ -81,31 +83,6 @@ def train_overrides(
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
-
-
-def compose_check(overrides: Sequence[str]) -> Any:
-    """Compose ``overrides`` as `orchestra-train` would and run its validation (hydra.* left out)."""
-    from hydra import compose, initialize_config_dir
-
-    from orchestra.cli.common import CONF_DIR
-    from orchestra.cli.train import to_config
-    from orchestra.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = to_config(compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]))
-    validate(cfg)
-    return cfg
-
-
-def read_losses(metrics_csv: Path) -> dict[int, float]:
-    """{Lightning step (0-based): train/loss} of a metrics.csv (the last row of a step wins)."""
-    if not metrics_csv.is_file():
-        return {}
-    with open(metrics_csv, newline="") as f:
-        return {
-            int(float(r["step"])): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
-        }
 
 
 @dataclass

@@ -50,6 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import append_csv, compose_check  # noqa: E402
+
 J_PER_KWH = 3.6e6
 RESULTS = ROOT / "bench" / "results" / "energy.csv"
 # NVML field id of the instantaneous board power (nvml.h: NVML_FI_DEV_POWER_INSTANT); older
@@ -236,28 +238,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Append rows; a file written with other columns is rewritten once with the union of both."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old: list[dict[str, Any]] = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames and list(reader.fieldnames) != fields:
-                old = list(reader)
-                fields = list(dict.fromkeys([*reader.fieldnames, *fields]))
-                path.unlink()
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(old + rows)
-
-
-# --------------------------------------------------------------------------- the run
-
-
 def train_overrides(preset: str, steps: int, run_dir: Path | str, extra: Sequence[str] = ()) -> list[str]:
     """The `orchestra-train` overrides of the measured run."""
     return [
@@ -278,21 +258,6 @@ def train_overrides(preset: str, steps: int, run_dir: Path | str, extra: Sequenc
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
-
-
-def compose_check(overrides: Sequence[str]) -> Any:
-    """Compose ``overrides`` as `orchestra-train` would and run its validation (hydra.* left out)."""
-    from hydra import compose, initialize_config_dir
-
-    from orchestra.cli.common import CONF_DIR
-    from orchestra.cli.train import to_config
-    from orchestra.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = to_config(compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]))
-    validate(cfg)
-    return cfg
 
 
 def tracked_gpus(count: int) -> list[int]:

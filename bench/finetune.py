@@ -45,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import compose_check  # noqa: E402
+
 PRESETS = ["debug", "llama-125m", "llama-350m", "llama-1b", "llama-3b", "llama-8b"]
 GIB = 2**30
 DEFAULT_VOCAB = 32000  # presets without a fixed vocabulary take theirs from the tokenizer
@@ -214,25 +216,6 @@ def memory_table(micro_batch: int = 4, seq: int | None = None, names: list[str] 
 
 
 # --------------------------------------------------------------------------- GPU runs
-
-
-def compose_check(overrides: list[str]) -> Any:
-    """Compose ``overrides`` as `orchestra-train` would and run its validation; returns the TrainConfig.
-
-    `orchestra-train --cfg job` prints the composition but skips the cross-field checks; this
-    runs both, so a bad command fails here, before any base is built.
-    """
-    from hydra import compose, initialize_config_dir
-
-    from orchestra.cli.common import CONF_DIR
-    from orchestra.cli.train import to_config
-    from orchestra.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides))
-    validate(cfg)
-    return cfg
 
 
 def finetune_overrides(

@@ -33,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import append_csv, compose_check, read_losses  # noqa: E402
+
 PRESETS = {
     # name: overrides on top of experiment=debug
     "debug": [],
@@ -101,32 +103,6 @@ def plan(
     ]
 
 
-def compose_check(overrides: Sequence[str]) -> Any:
-    """Compose ``overrides`` as `orchestra-train` would and run its validation; returns the TrainConfig."""
-    from hydra import compose, initialize_config_dir
-
-    from orchestra.cli.common import CONF_DIR
-    from orchestra.cli.train import to_config
-    from orchestra.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = to_config(compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]))
-    validate(cfg)
-    return cfg
-
-
-def read_losses(run_dir: Path) -> dict[int, float]:
-    """{Lightning step: train/loss} of a run's metrics.csv."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        return {
-            int(float(r["step"])): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
-        }
-
-
 def max_loss_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, int] | None:
     """(largest |a - b| over the steps both logged, number of such steps), or None if none is shared."""
     shared = sorted(set(a) & set(b))
@@ -164,25 +140,6 @@ def run(preset: str, kernels: str | None, overrides: list[str], run_dir: Path) -
     if proc.returncode != 0:
         return {**result, "error": f"exit {proc.returncode}"}
     return {**result, **read_run(run_dir)}
-
-
-def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Append rows; a file written with other columns is rewritten once with the union of both."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old: list[dict[str, Any]] = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames and list(reader.fieldnames) != fields:
-                old = list(reader)
-                fields = list(dict.fromkeys([*reader.fieldnames, *fields]))
-                path.unlink()
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(old + rows)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
