@@ -25,6 +25,7 @@ def test_package_list_names_every_package_directory() -> None:
     packages = set(declared()["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "orchestra").rglob("__init__.py")}
     on_disk |= {"orchestra.kernels", "orchestra.conf"}
+    on_disk |= {f"orchestra.conf.{d.name}" for d in (ROOT / "conf").iterdir() if d.is_dir()}  # config groups
     assert packages == on_disk
 
 
