@@ -60,10 +60,15 @@ class TokenDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
+        self._set_batching(seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers)
+        self.manifest = load_manifest(self.dataset_dir)  # cheap; vocab_size/eos_id are needed before fit
+
+    def _set_batching(self, seq_len: int, micro_batch_size: int, global_batch_size: int, seed: int,
+                      max_steps: int, val_batches: int, loader_workers: int) -> None:
+        """What the samplers and loaders need; shared with TaskDataModule (orchestra/data/tasks.py)."""
         self.seq_len, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
         self.seed, self.max_steps, self.val_batches, self.loader_workers = seed, max_steps, val_batches, loader_workers
-        self.manifest = load_manifest(self.dataset_dir)  # cheap; vocab_size/eos_id are needed before fit
-        self._datasets: dict[str, PackedDataset] = {}
+        self._datasets: dict[str, Any] = {}
         self._restored: dict[str, Any] | None = None
 
     @property

@@ -34,6 +34,7 @@ from typing import Any
 from filelock import FileLock
 
 from orchestra.data.errors import DataError
+from orchestra.data.pack import swap_into_place
 from orchestra.data.sources import Corpus, SourceUnavailable, shakespeare_corpus
 
 log = logging.getLogger(__name__)
@@ -323,13 +324,7 @@ def build_examples(out_dir: Path, corpus: Corpus, seed: int = DEFAULT_SEED) -> P
         }
         # Written last inside the temp dir; the rename below makes the whole set appear at once.
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

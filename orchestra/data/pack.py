@@ -179,7 +179,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, force: bool = False) -> Path:
         tmp.mkdir()
         try:
             _build(cfg, seed, fingerprint, tmp)
-            _swap_into_place(tmp, dataset_dir)
+            swap_into_place(tmp, dataset_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
@@ -225,14 +225,23 @@ def _reusable(dataset_dir: Path, fingerprint: dict[str, Any], seed: int) -> bool
     return True
 
 
-def _swap_into_place(tmp: Path, dataset_dir: Path) -> None:
-    if dataset_dir.exists():  # force=true (or an empty dir): move the old one aside first
-        old = dataset_dir.with_name(f".{dataset_dir.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-        os.replace(dataset_dir, old)
-        os.replace(tmp, dataset_dir)
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Make the finished directory ``tmp`` appear as ``final`` (replacing an existing one) by renames.
+
+    An existing ``final`` is moved aside first and deleted only once the new one is in place; if
+    the second rename fails the old one is put back, so a reader sees the old or the new, never a mix.
+    """
+    if final.exists():  # force=true (or an empty dir): move the old one aside first
+        old = final.with_name(f".{final.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, dataset_dir)
+        os.replace(tmp, final)
 
 
 # --------------------------------------------------------------------------- the build

@@ -547,17 +547,13 @@ class TaskDataModule(TokenDataModule):
         self.task_name = TaskName(task.name)
         if self.task_name == TaskName.pretrain:
             raise ConfigError("task.name: TaskDataModule serves sft, classification and dpo; pretrain uses TokenDataModule")
-        self.dataset_dir = Path(train_path).parent
         self.train_path, self.val_path = Path(train_path), Path(val_path) if val_path is not None else None
-        self.seq_len, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
-        self.seed, self.max_steps, self.val_batches, self.loader_workers = seed, max_steps, val_batches, loader_workers
+        self._set_batching(seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers)
         try:
             self.tokenizer = Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # tokenizers raises a bare Exception for parse errors
             raise DataError(f"tokenizer: not a valid Hugging Face tokenizer.json ({err})") from None
         self._eos_id = int(eos_id)
-        self._datasets: dict[str, Dataset[Any]] = {}
-        self._restored: dict[str, Any] | None = None
         self.label_names: list[str] = []
         self._records = self._read()
 

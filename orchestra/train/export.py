@@ -161,26 +161,17 @@ def _staged(out: Path) -> Iterator[Path]:
 
     An existing ``out`` is moved aside first and deleted only once the new folder is in place,
     so a failure leaves the old folder or the new one, never a mix (a kill between the two
-    renames leaves the old one as ``<out>.old-<pid>``); the temp folder is removed on failure.
+    renames leaves the old one as ``.<out>.tmp-old-*``); the temp folder is removed on failure.
     """
+    from orchestra.data.pack import swap_into_place
+
     out = Path(os.path.abspath(out))
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -56,8 +56,9 @@ def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path)
         eos = eos[0]
     if isinstance(eos, int):
         return eos
+    tokenizer = Tokenizer.from_str(tokenizer_json)
     for token in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>"):
-        found = Tokenizer.from_str(tokenizer_json).token_to_id(token)
+        found = tokenizer.token_to_id(token)
         if found is not None:
             return int(found)
     raise ConfigError(f"finetune.init_from: {source} names no eos_token_id and its tokenizer has no known "

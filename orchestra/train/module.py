@@ -312,14 +312,17 @@ class DPOModule(CausalLMModule):
         # per_sequence gives each row's summed NLL over its response tokens.
         return -model(batch["tokens"], batch["labels"], per_sequence=True)
 
+    def on_fit_start(self) -> None:
+        # Lightning moved the policy; the reference is outside the module tree, so move it too
+        # (a sharded one already lives on its mesh's devices).
+        for reference in self._frozen_reference:
+            if not isinstance(next(reference.parameters()), DTensor):
+                reference.to(self.device)
+
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             if self._frozen_reference:
-                reference = self._frozen_reference[0]
-                if next(reference.parameters()).device != self.device and not isinstance(
-                        next(reference.parameters()), DTensor):
-                    reference.to(self.device)
-                return self._sequence_logps(reference, batch)
+                return self._sequence_logps(self._frozen_reference[0], batch)
             with peft_disabled(self.model):
                 return self._sequence_logps(self.model, batch)
 

@@ -194,15 +194,12 @@ def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_ne
     """
     from tokenizers import Tokenizer
 
-    from orchestra.model.generate import generate
+    from orchestra.model.generate import context_length, generate
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     ids = torch.tensor([tokenizer.encode(prompt).ids or [eos_id]], device=device)
-    from orchestra.train.strategy import decoder_of
-
     # A soft prompt (finetune=prompt) takes the first positions of the context.
-    context = decoder_of(model).cfg.max_seq_len - int(getattr(model, "num_virtual_tokens", 0))
-    budget = max(0, min(max_new_tokens, context - ids.shape[1]))
+    budget = max(0, min(max_new_tokens, context_length(model) - ids.shape[1]))
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"):
         out = generate(model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_id, generator=gen)
@@ -224,12 +221,13 @@ def train(cfg: TrainConfig) -> RunResult:
 
     base = use_base(cfg, run_dir) if base_path(cfg) else None
     task = TaskName(cfg.task.name)
+    method = FinetuneMethod(cfg.finetune.method)
     seq_len = cfg.model.max_seq_len
     if base is not None and cfg.finetune.seq_len:
         # The base's context can be far longer than the fine-tuning data needs (32k for many HF
         # models): rows are cut to finetune.seq_len, the model keeps its full context.
         seq_len = min(seq_len, cfg.finetune.seq_len)
-    if FinetuneMethod(cfg.finetune.method) == FinetuneMethod.prompt:
+    if method == FinetuneMethod.prompt:
         seq_len -= cfg.finetune.prompt_tokens  # the soft prompt takes the first positions of every row
     if task == TaskName.pretrain:
         dataset_dir = prepare_dataset(cfg.data, seed=cfg.seed)
@@ -266,12 +264,13 @@ def train(cfg: TrainConfig) -> RunResult:
                           eos_id=eos_id)
     del base  # the module drops its reference once the weights are loaded
 
-    tokens_per_step = t.global_batch_size * seq_len  # pretraining rows are always full
+    # Pretraining rows are always full; fine-tuning batches are padded to their longest example, so
+    # throughput counts their positions instead (and energy per token is not reported for them).
+    tokens_per_step = t.global_batch_size * seq_len if task == TaskName.pretrain else None
     flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len,
-                                        weight_grads=FinetuneMethod(cfg.finetune.method) not in FROZEN_BASE_METHODS,
+                                        weight_grads=method not in FROZEN_BASE_METHODS,
                                         lm_head=task != TaskName.classification)
-    # Fine-tuning batches are padded to their longest example: count their positions instead.
-    throughput = ThroughputCallback(tokens_per_step if task == TaskName.pretrain else None, flops_model, t.log_every_n_steps, t.peak_flops,
+    throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops,
                                     recompute_factor(cfg.strategy, cfg.model.n_layers))
     energy = EnergyCallback(cfg.energy, run_dir / "emissions", tokens_per_step)
     last_val = _LastValidation()
@@ -288,7 +287,7 @@ def train(cfg: TrainConfig) -> RunResult:
     preemption = PreemptionCallback(run_dir / CHECKPOINT_DIRNAME, run_dir / MARKER_NAME,
                                     signals=(t.preempt_signal, "TERM"))
     callbacks: list[Callback] = [checkpointing, throughput, last_val, preemption]
-    if FinetuneMethod(cfg.finetune.method) == FinetuneMethod.unfreeze:
+    if method == FinetuneMethod.unfreeze:
         callbacks.append(GradualUnfreezing(cfg.model.n_layers, cfg.finetune.unfreeze_every_n_steps))
     if cfg.energy.enabled:
         callbacks.append(energy)
@@ -353,12 +352,12 @@ def train(cfg: TrainConfig) -> RunResult:
         summary = {
             "steps": steps,
             # Fine-tuning: the positions counted in the measured windows (padding included).
-            "tokens": steps * tokens_per_step if task == TaskName.pretrain else int(perf["tokens"] or 0),
+            "tokens": steps * tokens_per_step if tokens_per_step else int(perf["tokens"] or 0),
             "train_loss": _metric(metrics, "train/loss"),
             "val_loss": _metric(metrics, "val/loss"),
             "val_ppl": _metric(metrics, "val/ppl"),
             "task": task.value,
-            "finetune": FinetuneMethod(cfg.finetune.method).value,
+            "finetune": method.value,
             "val_metrics": {k[4:]: _metric(metrics, k) for k in sorted(metrics) if k.startswith("val/")},
             "tokens_per_s": perf["tokens_per_s"],
             "mfu": perf["mfu"],

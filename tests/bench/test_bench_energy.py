@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "energy.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_energy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return importlib.import_module("bench.energy")  # bench/ is a package beside tests/
 
 
 def test_power_integration_against_hand_values(bench):

@@ -122,11 +122,14 @@ class EnergyCallback(L.Callback):
         self,
         cfg: EnergyConfig,
         output_dir: Path,
-        tokens_per_step: int,
+        tokens_per_step: int | None,
         csv_path: Path | None = None,
         meter_factory: Callable[[int], NodeMeter] | None = None,
     ) -> None:
-        """``meter_factory(node_rank)`` builds a node's meter (default: CodeCarbon into ``output_dir``)."""
+        """``meter_factory(node_rank)`` builds a node's meter (default: CodeCarbon into ``output_dir``).
+
+        ``tokens_per_step=None`` (batches of varying size) leaves energy per token unreported.
+        """
         self.cfg = cfg
         self.output_dir = output_dir
         self.tokens_per_step = tokens_per_step
@@ -197,7 +200,7 @@ class EnergyCallback(L.Callback):
         """Rank zero: the logged metrics of one reading, also appended to energy.csv."""
         now = time.time()
         kwh, kg = self._offset.kwh + totals.kwh, self._offset.kg + totals.kg
-        tokens = (step - self._token_base_step) * self.tokens_per_step
+        tokens = (step - self._token_base_step) * (self.tokens_per_step or 0)
         power = (kwh - self._prev_kwh) * J_PER_KWH / max(now - self._prev_time, 1e-9)
         metrics = {"energy/kwh": kwh, "energy/kg_co2eq": kg, "energy/power_w": power}
         if tokens > 0:
