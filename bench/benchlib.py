@@ -37,7 +37,9 @@ def read_losses(path: Path) -> dict[int, float]:
     if not path.is_file():
         return {}
     with open(path, newline="") as f:
-        return {int(float(r["step"])): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return {
+            int(float(r["step"])): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
+        }
 
 
 def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:

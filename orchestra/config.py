@@ -433,77 +433,123 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Cross-field checks; raises :class:`ConfigError` naming the offending key."""
     validate_model(cfg.model)
     t = cfg.trainer
-    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every_n_steps",
-                "val_every_n_steps", "val_batches", "ckpt_every_n_steps", "keep_last_checkpoints",
-                "devices", "num_nodes"):
+    for key in (
+        "max_steps",
+        "micro_batch_size",
+        "global_batch_size",
+        "log_every_n_steps",
+        "val_every_n_steps",
+        "val_batches",
+        "ckpt_every_n_steps",
+        "keep_last_checkpoints",
+        "devices",
+        "num_nodes",
+    ):
         _require(getattr(t, key) > 0, f"trainer.{key}", f"must be a positive integer, got {getattr(t, key)}")
     _require(t.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(t.peak_flops is None or t.peak_flops > 0, "trainer.peak_flops", "must be positive or null")
     allowed_precision = {"auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"}
-    _require(t.precision in allowed_precision, "trainer.precision",
-             f"{t.precision!r} is not one of {sorted(allowed_precision)}")
+    _require(
+        t.precision in allowed_precision,
+        "trainer.precision",
+        f"{t.precision!r} is not one of {sorted(allowed_precision)}",
+    )
     accumulation_steps(t, world_size if world_size is not None else t.devices * t.num_nodes)
-    _require(t.preempt_signal.upper().removeprefix("SIG") in {"USR1", "USR2", "TERM", "INT", "HUP"},
-             "trainer.preempt_signal", f"{t.preempt_signal!r} is not one of USR1, USR2, TERM, INT, HUP")
+    _require(
+        t.preempt_signal.upper().removeprefix("SIG") in {"USR1", "USR2", "TERM", "INT", "HUP"},
+        "trainer.preempt_signal",
+        f"{t.preempt_signal!r} is not one of USR1, USR2, TERM, INT, HUP",
+    )
 
     d = cfg.data
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {d.val_fraction}")
-    _require(d.vocab_size >= 260, "data.vocab_size", f"must be >= 260 (256 bytes + specials), got {d.vocab_size}")
+    _require(
+        d.vocab_size >= 260, "data.vocab_size", f"must be >= 260 (256 bytes + specials), got {d.vocab_size}"
+    )
     _require(d.shard_tokens > 0, "data.shard_tokens", "must be positive")
     _require(d.tokenize_workers > 0, "data.tokenize_workers", "must be positive")
     _require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     if d.source == DataSource.files:
         _require(len(d.paths) > 0, "data.paths", "source=files needs at least one path or glob")
     if cfg.model.vocab_size is not None and d.tokenizer_path is None:
-        _require(cfg.model.vocab_size >= d.vocab_size, "model.vocab_size",
-                 f"{cfg.model.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}")
+        _require(
+            cfg.model.vocab_size >= d.vocab_size,
+            "model.vocab_size",
+            f"{cfg.model.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}",
+        )
 
     o = cfg.optim
     _require(o.lr > 0, "optim.lr", "must be positive")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-             f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {list(o.betas)}",
+    )
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
 
     s = cfg.scheduler
     _require(s.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
-    _require(s.warmup_steps < t.max_steps or s.warmup_steps == 0, "scheduler.warmup_steps",
-             f"{s.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}")
+    _require(
+        s.warmup_steps < t.max_steps or s.warmup_steps == 0,
+        "scheduler.warmup_steps",
+        f"{s.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}",
+    )
     _require(0.0 <= s.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", "must be in [0, 1]")
     _require(s.step_size > 0, "scheduler.step_size", "must be positive")
     _require(0.0 < s.gamma <= 1.0, "scheduler.gamma", "must be in (0, 1]")
     _require(0.0 < s.decay_fraction <= 1.0, "scheduler.decay_fraction", "must be in (0, 1]")
 
     st = cfg.strategy
-    _require(not cfg.logger.wandb_log_checkpoints or st.name in (StrategyName.single, StrategyName.ddp),
-             "logger.wandb_log_checkpoints",
-             "sharded checkpoints (fsdp, deepspeed) are directories W&B artifacts are not made from; "
-             "export one with orchestra-export and log that folder instead")
+    _require(
+        not cfg.logger.wandb_log_checkpoints or st.name in (StrategyName.single, StrategyName.ddp),
+        "logger.wandb_log_checkpoints",
+        "sharded checkpoints (fsdp, deepspeed) are directories W&B artifacts are not made from; "
+        "export one with orchestra-export and log that folder instead",
+    )
     _require(st.ac_every_k > 0, "strategy.ac_every_k", "must be positive")
-    _require(st.reduce_bucket_size > 0 and st.allgather_bucket_size > 0, "strategy.reduce_bucket_size",
-             "bucket sizes must be positive")
+    _require(
+        st.reduce_bucket_size > 0 and st.allgather_bucket_size > 0,
+        "strategy.reduce_bucket_size",
+        "bucket sizes must be positive",
+    )
     if st.name == StrategyName.single:
-        _require(t.devices * t.num_nodes == 1, "strategy",
-                 f"single runs on one device, but trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}; "
-                 "choose ddp, fsdp or deepspeed_zero*")
+        _require(
+            t.devices * t.num_nodes == 1,
+            "strategy",
+            f"single runs on one device, but trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}; "
+            "choose ddp, fsdp or deepspeed_zero*",
+        )
     if st.hybrid_shard:
         _require(st.name == StrategyName.fsdp, "strategy.hybrid_shard", "applies to strategy=fsdp only")
     if st.cpu_offload:
-        _require(st.name == StrategyName.fsdp, "strategy.cpu_offload",
-                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)")
+        _require(
+            st.name == StrategyName.fsdp,
+            "strategy.cpu_offload",
+            "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
+        )
     if st.name.is_deepspeed:
-        _require(t.precision not in ("16-mixed",), "trainer.precision",
-                 "use bf16-mixed or 32-true with DeepSpeed (fp16 loss scaling is not configured)")
+        _require(
+            t.precision not in ("16-mixed",),
+            "trainer.precision",
+            "use bf16-mixed or 32-true with DeepSpeed (fp16 loss scaling is not configured)",
+        )
 
     validate_finetune(cfg.finetune, cfg.model)
     validate_task(cfg)
 
     e = cfg.energy
-    _require(len(e.country_iso_code) == 3 and e.country_iso_code.isalpha(), "energy.country_iso_code",
-             f"must be an ISO 3166 alpha-3 code such as FRA or USA, got {e.country_iso_code!r}")
+    _require(
+        len(e.country_iso_code) == 3 and e.country_iso_code.isalpha(),
+        "energy.country_iso_code",
+        f"must be an ISO 3166 alpha-3 code such as FRA or USA, got {e.country_iso_code!r}",
+    )
     _require(e.pue >= 1.0, "energy.pue", f"must be >= 1.0, got {e.pue}")
     _require(e.measure_power_secs > 0, "energy.measure_power_secs", "must be positive")
-    _require(cfg.resume == "auto" or cfg.resume == "never" or len(cfg.resume) > 0, "resume",
-             "must be auto, never or a checkpoint path")
+    _require(
+        cfg.resume == "auto" or cfg.resume == "never" or len(cfg.resume) > 0,
+        "resume",
+        "must be auto, never or a checkpoint path",
+    )
 
 
 def base_path(cfg: TrainConfig) -> str | None:
@@ -519,54 +565,94 @@ def validate_finetune(f: FinetuneConfig, m: ModelConfig | None = None) -> None:
     method = FinetuneMethod(f.method)
     model_path = m.path if m is not None else None
     if m is not None and m.name == "hf":
-        _require(bool(model_path), "model.path",
-                 "model=hf needs the folder of a pretrained Llama-family model: model.path=<folder with "
-                 "config.json, *.safetensors and tokenizer.json>")
+        _require(
+            bool(model_path),
+            "model.path",
+            "model=hf needs the folder of a pretrained Llama-family model: model.path=<folder with "
+            "config.json, *.safetensors and tokenizer.json>",
+        )
     if f.init_from and model_path:
-        _require(f.init_from == model_path, "finetune.init_from",
-                 f"{f.init_from!r} differs from model.path={model_path!r}; set only one of them")
+        _require(
+            f.init_from == model_path,
+            "finetune.init_from",
+            f"{f.init_from!r} differs from model.path={model_path!r}; set only one of them",
+        )
     init_from = f.init_from or model_path
     if method == FinetuneMethod.none:
-        _require(not init_from, "finetune.init_from" if f.init_from else "model.path",
-                 f"{init_from!r} is set but finetune.method is none (pretraining from scratch); "
-                 "choose finetune=full (or lora, adapter, prompt, unfreeze, l2sp) to start from it")
+        _require(
+            not init_from,
+            "finetune.init_from" if f.init_from else "model.path",
+            f"{init_from!r} is set but finetune.method is none (pretraining from scratch); "
+            "choose finetune=full (or lora, adapter, prompt, unfreeze, l2sp) to start from it",
+        )
         return
-    _require(bool(init_from), "finetune.init_from",
-             f"finetune.method={method.value} needs a base model: an Orchestra checkpoint or a Hugging Face "
-             "folder, e.g. finetune.init_from=runs/debug/<time>/checkpoints/last.ckpt (or model=hf model.path=...)")
+    _require(
+        bool(init_from),
+        "finetune.init_from",
+        f"finetune.method={method.value} needs a base model: an Orchestra checkpoint or a Hugging Face "
+        "folder, e.g. finetune.init_from=runs/debug/<time>/checkpoints/last.ckpt (or model=hf model.path=...)",
+    )
     _require(f.l2sp >= 0, "finetune.l2sp", f"must be >= 0 (0 disables L2-SP), got {f.l2sp}")
-    _require(0 < f.layer_lr_decay <= 1, "finetune.layer_lr_decay",
-             f"must be in (0, 1] (1 disables layer-wise decay), got {f.layer_lr_decay}")
+    _require(
+        0 < f.layer_lr_decay <= 1,
+        "finetune.layer_lr_decay",
+        f"must be in (0, 1] (1 disables layer-wise decay), got {f.layer_lr_decay}",
+    )
     if method == FinetuneMethod.lora:
         _require(f.lora_rank > 0, "finetune.lora_rank", f"must be a positive integer, got {f.lora_rank}")
         _require(f.lora_alpha > 0, "finetune.lora_alpha", f"must be positive, got {f.lora_alpha}")
         _require(0 <= f.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {f.lora_dropout}")
-        _require(len(f.lora_targets) > 0, "finetune.lora_targets",
-                 "needs at least one linear-layer suffix such as [q_proj, v_proj], or [all-linear]")
+        _require(
+            len(f.lora_targets) > 0,
+            "finetune.lora_targets",
+            "needs at least one linear-layer suffix such as [q_proj, v_proj], or [all-linear]",
+        )
     if method == FinetuneMethod.adapter:
-        _require(f.adapter_bottleneck > 0, "finetune.adapter_bottleneck",
-                 f"must be a positive integer, got {f.adapter_bottleneck}")
+        _require(
+            f.adapter_bottleneck > 0,
+            "finetune.adapter_bottleneck",
+            f"must be a positive integer, got {f.adapter_bottleneck}",
+        )
     if method == FinetuneMethod.prompt:
-        _require(f.prompt_tokens > 0, "finetune.prompt_tokens", f"must be a positive integer, got {f.prompt_tokens}")
+        _require(
+            f.prompt_tokens > 0,
+            "finetune.prompt_tokens",
+            f"must be a positive integer, got {f.prompt_tokens}",
+        )
         if m is not None and not init_from:  # with a base, its own context decides (checked at load)
-            _require(f.prompt_tokens < m.max_seq_len, "finetune.prompt_tokens",
-                     f"{f.prompt_tokens} virtual tokens leave no room in model.max_seq_len={m.max_seq_len}")
+            _require(
+                f.prompt_tokens < m.max_seq_len,
+                "finetune.prompt_tokens",
+                f"{f.prompt_tokens} virtual tokens leave no room in model.max_seq_len={m.max_seq_len}",
+            )
         # Only the soft prompt trains: there are no block weights for a per-layer learning rate.
-        _require(f.layer_lr_decay == 1, "finetune.layer_lr_decay",
-                 "does not apply to finetune=prompt (only the soft prompt trains)")
+        _require(
+            f.layer_lr_decay == 1,
+            "finetune.layer_lr_decay",
+            "does not apply to finetune=prompt (only the soft prompt trains)",
+        )
     if f.seq_len is not None:
         _require(f.seq_len > 0, "finetune.seq_len", f"must be a positive integer or null, got {f.seq_len}")
         if method == FinetuneMethod.prompt:
-            _require(f.prompt_tokens < f.seq_len, "finetune.prompt_tokens",
-                     f"{f.prompt_tokens} virtual tokens leave no room in finetune.seq_len={f.seq_len}")
+            _require(
+                f.prompt_tokens < f.seq_len,
+                "finetune.prompt_tokens",
+                f"{f.prompt_tokens} virtual tokens leave no room in finetune.seq_len={f.seq_len}",
+            )
     if method == FinetuneMethod.unfreeze:
-        _require(f.unfreeze_every_n_steps > 0, "finetune.unfreeze_every_n_steps",
-                 f"must be a positive integer, got {f.unfreeze_every_n_steps}")
+        _require(
+            f.unfreeze_every_n_steps > 0,
+            "finetune.unfreeze_every_n_steps",
+            f"must be a positive integer, got {f.unfreeze_every_n_steps}",
+        )
     if method in FROZEN_BASE_METHODS:
         # The penalty is over trainable pretrained weights; with the base frozen there are none.
-        _require(f.l2sp == 0, "finetune.l2sp",
-                 f"applies to full-weight methods (full, unfreeze, l2sp) only; with {method.value} the "
-                 "pretrained weights are frozen")
+        _require(
+            f.l2sp == 0,
+            "finetune.l2sp",
+            f"applies to full-weight methods (full, unfreeze, l2sp) only; with {method.value} the "
+            "pretrained weights are frozen",
+        )
 
 
 def validate_task(cfg: TrainConfig) -> None:
@@ -575,30 +661,48 @@ def validate_task(cfg: TrainConfig) -> None:
     tc = cfg.task
     _require(0 < tc.val_fraction < 1, "task.val_fraction", f"must be in (0, 1), got {tc.val_fraction}")
     if task != TaskName.pretrain:
-        _require(method != FinetuneMethod.none, "task",
-                 f"task={task.value} adapts a pretrained model: choose finetune=full|lora|adapter|prompt|unfreeze|"
-                 "l2sp and set finetune.init_from (or model=hf model.path=<folder>)")
+        _require(
+            method != FinetuneMethod.none,
+            "task",
+            f"task={task.value} adapts a pretrained model: choose finetune=full|lora|adapter|prompt|unfreeze|"
+            "l2sp and set finetune.init_from (or model=hf model.path=<folder>)",
+        )
     if task == TaskName.dpo:
         _require(tc.beta > 0, "task.beta", f"must be positive, got {tc.beta}")
         if method not in FROZEN_BASE_METHODS:
             # A full-weight policy needs a second, frozen copy as reference; ZeRO-3 would have to
             # partition it in its own engine.
-            _require(strategy != StrategyName.deepspeed_zero3 and strategy != StrategyName.deepspeed_zero3_offload,
-                     "strategy", f"task=dpo with finetune={method.value} keeps a frozen reference copy, which "
-                     "ZeRO-3 cannot partition here; use strategy=fsdp or deepspeed_zero2, or finetune=lora "
-                     "(whose reference is the base with the adapters switched off)")
+            _require(
+                strategy != StrategyName.deepspeed_zero3 and strategy != StrategyName.deepspeed_zero3_offload,
+                "strategy",
+                f"task=dpo with finetune={method.value} keeps a frozen reference copy, which "
+                "ZeRO-3 cannot partition here; use strategy=fsdp or deepspeed_zero2, or finetune=lora "
+                "(whose reference is the base with the adapters switched off)",
+            )
     if method == FinetuneMethod.prompt:
-        _require(task in (TaskName.pretrain, TaskName.sft), "finetune",
-                 f"finetune=prompt conditions generation; it does not apply to task={task.value}")
-        _require(not (task == TaskName.sft and tc.pack), "task.pack",
-                 "finetune=prompt prepends one soft prompt per row; set task.pack=false")
-        _require(strategy in (StrategyName.single, StrategyName.ddp), "strategy",
-                 f"finetune=prompt runs under strategy=single or ddp (its few weights need no sharding), "
-                 f"not {strategy.value}")
+        _require(
+            task in (TaskName.pretrain, TaskName.sft),
+            "finetune",
+            f"finetune=prompt conditions generation; it does not apply to task={task.value}",
+        )
+        _require(
+            not (task == TaskName.sft and tc.pack),
+            "task.pack",
+            "finetune=prompt prepends one soft prompt per row; set task.pack=false",
+        )
+        _require(
+            strategy in (StrategyName.single, StrategyName.ddp),
+            "strategy",
+            f"finetune=prompt runs under strategy=single or ddp (its few weights need no sharding), "
+            f"not {strategy.value}",
+        )
     if method == FinetuneMethod.unfreeze:
-        _require(not strategy.is_deepspeed, "strategy",
-                 "finetune=unfreeze needs an optimizer that skips still-frozen blocks; DeepSpeed's fused "
-                 "optimizer does not: use strategy=single, ddp or fsdp")
+        _require(
+            not strategy.is_deepspeed,
+            "strategy",
+            "finetune=unfreeze needs an optimizer that skips still-frozen blocks; DeepSpeed's fused "
+            "optimizer does not: use strategy=single, ddp or fsdp",
+        )
 
 
 def padded_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:

@@ -17,8 +17,20 @@ import pytest
 
 from tests.helpers import tiny_config
 
-STDLIB_FILES = ["textwrap.py", "shlex.py", "argparse.py", "calendar.py", "difflib.py", "fractions.py",
-                "glob.py", "heapq.py", "statistics.py", "string.py", "tokenize.py", "tracemalloc.py"]
+STDLIB_FILES = [
+    "textwrap.py",
+    "shlex.py",
+    "argparse.py",
+    "calendar.py",
+    "difflib.py",
+    "fractions.py",
+    "glob.py",
+    "heapq.py",
+    "statistics.py",
+    "string.py",
+    "tokenize.py",
+    "tracemalloc.py",
+]
 
 
 @pytest.fixture(scope="session")

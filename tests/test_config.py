@@ -34,7 +34,14 @@ def test_model_presets_compose_and_validate(preset: str) -> None:
 
 def test_llama_8b_has_the_llama3_shape() -> None:
     m = composed("model=llama-8b").model
-    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size) == (4096, 32, 32, 8, 14336, 128256)
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size) == (
+        4096,
+        32,
+        32,
+        8,
+        14336,
+        128256,
+    )
     assert m.rope_theta == 500000.0
 
 
@@ -63,7 +70,11 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]
     env = {**os.environ, "ORCHESTRA_RUNS": str(tmp_path / "runs"), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, "-m", "orchestra.cli.train", f"data.cache_dir={tmp_path / 'data'}", *overrides],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
 
 
@@ -77,7 +88,9 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]
         ("trainer.global_batch_size=10", ["trainer.global_batch_size"]),  # cross-field rule
     ],
 )
-def test_cli_rejects_bad_config_and_writes_nothing(tmp_path: Path, override: str, must_say: list[str]) -> None:
+def test_cli_rejects_bad_config_and_writes_nothing(
+    tmp_path: Path, override: str, must_say: list[str]
+) -> None:
     proc = run_cli(tmp_path, override)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
@@ -91,8 +104,19 @@ def test_cli_rejects_bad_config_and_writes_nothing(tmp_path: Path, override: str
 def test_override_precheck_leaves_groups_and_hydra_alone() -> None:
     from orchestra.cli.train import misspelled_override
 
-    fine = ["experiment=debug", "model=hf", "model.path=/m", "hydra.run.dir=x", "-m", "+extra=1", "~logger",
-            "optim.lr=1e-3,3e-3", "finetune.lora_targets=[q_proj]", "seed=3", "strategy.compile=true"]
+    fine = [
+        "experiment=debug",
+        "model=hf",
+        "model.path=/m",
+        "hydra.run.dir=x",
+        "-m",
+        "+extra=1",
+        "~logger",
+        "optim.lr=1e-3,3e-3",
+        "finetune.lora_targets=[q_proj]",
+        "seed=3",
+        "strategy.compile=true",
+    ]
     assert misspelled_override(fine) is None
     message = misspelled_override(["experiment=debug", "strategy.compil=true"])
     assert message is not None and message.startswith("strategy.compil: no key 'compil' in strategy")

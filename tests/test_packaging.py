@@ -39,8 +39,22 @@ def test_console_scripts_exist() -> None:
 
 @pytest.mark.slow
 def test_wheel_contains_kernels_and_configs(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
     wheel = next(tmp_path.glob("orchestra_trainer-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "orchestra/kernels/__init__.py" in names
@@ -51,7 +65,13 @@ def test_wheel_contains_kernels_and_configs(tmp_path: Path) -> None:
     # Installed from the wheel (no source tree around), the CLIs find the packaged configs.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = subprocess.run([sys.executable, "-c", "from orchestra.cli.common import CONF_DIR; print(CONF_DIR)"],
-                           capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
-                           timeout=120, check=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from orchestra.cli.common import CONF_DIR; print(CONF_DIR)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": ""},
+        timeout=120,
+        check=True,
+    )
     assert Path(probe.stdout.strip()) == site / "orchestra" / "conf"

@@ -42,8 +42,12 @@ def _main(cfg: DictConfig) -> None:
         if record["tensor_names"] == "peft"
         else "Orchestra only (peft has no bottleneck adapters)"
     )
-    console.print(f"exported the {record['method']} weights of {config.ckpt} -> {out} ({files}); "
-                  f"base: {record['base']['path']}; readable by {reader}", soft_wrap=True, highlight=False)
+    console.print(
+        f"exported the {record['method']} weights of {config.ckpt} -> {out} ({files}); "
+        f"base: {record['base']['path']}; readable by {reader}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def main() -> None:

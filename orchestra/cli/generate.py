@@ -22,7 +22,9 @@ def sample(cfg: GenerateConfig) -> str:
     from orchestra.train.checkpoint import load_model_from_checkpoint
 
     if not cfg.ckpt:
-        raise ValueError("ckpt: give the checkpoint to sample from, e.g. ckpt=runs/debug/<time>/checkpoints/last.ckpt")
+        raise ValueError(
+            "ckpt: give the checkpoint to sample from, e.g. ckpt=runs/debug/<time>/checkpoints/last.ckpt"
+        )
     if cfg.temperature < 0:
         raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k <= 0:
@@ -31,8 +33,11 @@ def sample(cfg: GenerateConfig) -> str:
         raise ValueError(f"top_p: must be in (0, 1] or null, got {cfg.top_p}")
     if cfg.max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: must be positive, got {cfg.max_new_tokens}")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     model, tokenizer, meta = load_model_from_checkpoint(cfg.ckpt)
     model.to(device)
     context = context_length(model)
@@ -48,13 +53,23 @@ def sample(cfg: GenerateConfig) -> str:
         )
     budget = min(cfg.max_new_tokens, context - len(ids))
     if budget < cfg.max_new_tokens:
-        console.print(f"[yellow]note:[/] generating {budget} tokens: the context ({context}) is full after that")
+        console.print(
+            f"[yellow]note:[/] generating {budget} tokens: the context ({context}) is full after that"
+        )
     meta_eos = meta.get("eos_id")
     eos_id = int(meta_eos) if meta_eos is not None else tokenizer.token_to_id("<|endoftext|>")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = torch.tensor([ids], device=device)
-    out = generate(model, prompt, max_new_tokens=budget, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, eos_id=eos_id, generator=gen)
+    out = generate(
+        model,
+        prompt,
+        max_new_tokens=budget,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_id=eos_id,
+        generator=gen,
+    )
     return tokenizer.decode(out[0].tolist())
 
 

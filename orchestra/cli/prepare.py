@@ -30,7 +30,9 @@ def summary_tables(manifest: dict[str, Any], dataset_dir: Path, built: bool) -> 
     split = manifest.get("split", {})
     counts = Table(title=f"Orchestra dataset — {dataset_dir.name}", title_justify="left")
     for column in ("", "train", "val", "total"):
-        counts.add_column(column, justify="left" if not column else "right", style="bold" if not column else None)
+        counts.add_column(
+            column, justify="left" if not column else "right", style="bold" if not column else None
+        )
     for label, values in (
         ("documents", [int(splits[s]["documents"]) for s in ("train", "val")]),
         ("tokens", [int(splits[s]["tokens"]) for s in ("train", "val")]),
@@ -44,7 +46,9 @@ def summary_tables(manifest: dict[str, Any], dataset_dir: Path, built: bool) -> 
         "val split": f"{split.get('method')} (fraction {split.get('val_fraction')}, seed {split.get('seed')})",
         "tokenizer sha256": manifest["tokenizer"]["sha256"],
         "dataset dir": str(dataset_dir.resolve()),
-        "status": f"built in {manifest.get('prepare_seconds', 0):.1f} s" if built else "already prepared (reused)",
+        "status": f"built in {manifest.get('prepare_seconds', 0):.1f} s"
+        if built
+        else "already prepared (reused)",
     }
     if corpus.get("fallback_reason"):
         facts["FALLBACK corpus"] = f"{corpus.get('kind')}: {corpus['fallback_reason']}"

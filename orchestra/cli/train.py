@@ -48,7 +48,7 @@ def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None
                 where = ".".join(path) or "the top level"
                 close = difflib.get_close_matches(part, known, n=1)
                 hint = f" (did you mean {'.'.join([*path, close[0]])}?)" if close else ""
-                return (f"{key}: no key {part!r} in {where}{hint}; allowed: {', '.join(sorted(known))}")
+                return f"{key}: no key {part!r} in {where}{hint}; allowed: {', '.join(sorted(known))}"
             path.append(part)
             node = known[part].default_factory() if callable(known[part].default_factory) else None  # type: ignore[misc]
     return None

@@ -60,14 +60,33 @@ class TokenDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
-        self._set_batching(seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers)
+        self._set_batching(
+            seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers
+        )
         self.manifest = load_manifest(self.dataset_dir)  # cheap; vocab_size/eos_id are needed before fit
 
-    def _set_batching(self, seq_len: int, micro_batch_size: int, global_batch_size: int, seed: int,
-                      max_steps: int, val_batches: int, loader_workers: int) -> None:
+    def _set_batching(
+        self,
+        seq_len: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        seed: int,
+        max_steps: int,
+        val_batches: int,
+        loader_workers: int,
+    ) -> None:
         """What the samplers and loaders need; shared with TaskDataModule (orchestra/data/tasks.py)."""
-        self.seq_len, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
-        self.seed, self.max_steps, self.val_batches, self.loader_workers = seed, max_steps, val_batches, loader_workers
+        self.seq_len, self.micro_batch_size, self.global_batch_size = (
+            seq_len,
+            micro_batch_size,
+            global_batch_size,
+        )
+        self.seed, self.max_steps, self.val_batches, self.loader_workers = (
+            seed,
+            max_steps,
+            val_batches,
+            loader_workers,
+        )
         self._datasets: dict[str, Any] = {}
         self._restored: dict[str, Any] | None = None
 
@@ -118,7 +137,10 @@ class TokenDataModule(L.LightningDataModule):
             if consumed != start_step * self.global_batch_size:
                 log.warning(
                     "checkpoint records %d consumed samples but the trainer restored step %d (x %d); "
-                    "continuing from the trainer's step", consumed, start_step, self.global_batch_size,
+                    "continuing from the trainer's step",
+                    consumed,
+                    start_step,
+                    self.global_batch_size,
                 )
         return GlobalBatchSampler(
             num_samples=len(self.dataset("train")),
@@ -140,9 +162,14 @@ class TokenDataModule(L.LightningDataModule):
         dataset = self.dataset("val")
         sampler = ValBatchSampler(len(dataset), self.micro_batch_size, rank, world, self.val_batches)
         if sampler.total_batches != sampler.requested and rank == 0:
-            log.warning("validating on %d batches of %d samples, not trainer.val_batches=%d (split size, or "
-                        "rounded to a multiple of %d ranks)", sampler.total_batches, self.micro_batch_size,
-                        sampler.requested, world)
+            log.warning(
+                "validating on %d batches of %d samples, not trainer.val_batches=%d (split size, or "
+                "rounded to a multiple of %d ranks)",
+                sampler.total_batches,
+                self.micro_batch_size,
+                sampler.requested,
+                world,
+            )
         return self._loader(dataset, sampler)
 
     def accumulation(self) -> int:

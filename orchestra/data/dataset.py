@@ -40,7 +40,11 @@ def load_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err}); re-run orchestra-prepare with force=true") from None
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED_KEYS)
+    missing = (
+        [k for k in _REQUIRED_KEYS if k not in manifest]
+        if isinstance(manifest, dict)
+        else list(_REQUIRED_KEYS)
+    )
     if missing:
         raise DataError(f"{path}: missing keys {missing}; re-run orchestra-prepare with force=true")
     if manifest["format_version"] != FORMAT_VERSION:
@@ -62,12 +66,16 @@ def verify_shards(dataset_dir: str | os.PathLike[str], splits: tuple[str, ...] =
     tok = manifest["tokenizer"]
     tok_path = root / tok["file"]
     if not tok_path.is_file() or file_sha256(tok_path) != tok["sha256"]:
-        raise DataError(f"{tok_path}: missing or does not match the sha256 in {MANIFEST_FILE}; re-prepare with force=true")
+        raise DataError(
+            f"{tok_path}: missing or does not match the sha256 in {MANIFEST_FILE}; re-prepare with force=true"
+        )
     for split in splits:
         for shard in manifest["splits"][split]["shards"]:
             path = root / shard["file"]
             if not path.is_file():
-                raise DataError(f"{path}: shard listed in {MANIFEST_FILE} is missing; re-prepare with force=true")
+                raise DataError(
+                    f"{path}: shard listed in {MANIFEST_FILE} is missing; re-prepare with force=true"
+                )
             size = path.stat().st_size
             if size != shard["tokens"] * itemsize:
                 raise DataError(
@@ -75,7 +83,9 @@ def verify_shards(dataset_dir: str | os.PathLike[str], splits: tuple[str, ...] =
                     f"({shard['tokens']} tokens); the shard is truncated or corrupt, re-prepare with force=true"
                 )
             if file_sha256(path) != shard["sha256"]:
-                raise DataError(f"{path}: sha256 does not match {MANIFEST_FILE}; the shard is corrupt, re-prepare with force=true")
+                raise DataError(
+                    f"{path}: sha256 does not match {MANIFEST_FILE}; the shard is corrupt, re-prepare with force=true"
+                )
 
 
 class PackedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -86,7 +96,9 @@ class PackedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ``(input_ids, labels)``, both int64 of length seq_len, labels shifted by one.
     """
 
-    def __init__(self, dataset_dir: str | os.PathLike[str], split: str, seq_len: int, verify: bool = True) -> None:
+    def __init__(
+        self, dataset_dir: str | os.PathLike[str], split: str, seq_len: int, verify: bool = True
+    ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split: {split!r} is not one of {list(SPLITS)}")
         if seq_len <= 0:
@@ -116,8 +128,10 @@ class PackedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         # Opened lazily so each DataLoader worker maps the files itself (a pickled memmap would
         # copy the data into the worker instead).
         if self._maps is None:
-            self._maps = [np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
-                          for f, n in zip(self._files, self._sizes, strict=True)]
+            self._maps = [
+                np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
+                for f, n in zip(self._files, self._sizes, strict=True)
+            ]
         return self._maps
 
     def __getstate__(self) -> dict[str, Any]:
@@ -133,7 +147,7 @@ class PackedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         while start < stop:
             end = min(stop, self._starts[shard + 1])
             offset = self._starts[shard]
-            pieces.append(maps[shard][start - offset:end - offset])
+            pieces.append(maps[shard][start - offset : end - offset])
             start = end
             shard += 1
         return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
@@ -188,7 +202,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         if not 0 <= start_step <= total_steps:
             raise ConfigError(f"start_step {start_step} must be in [0, total_steps={total_steps}]")
-        self.num_samples, self.global_batch_size, self.micro_batch_size = num_samples, global_batch_size, micro_batch_size
+        self.num_samples, self.global_batch_size, self.micro_batch_size = (
+            num_samples,
+            global_batch_size,
+            micro_batch_size,
+        )
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.total_steps, self.start_step, self.counted_before = total_steps, start_step, counted_before
         self.accumulation = global_batch_size // (micro_batch_size * world_size)
@@ -218,7 +236,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         base = step * self.global_batch_size + self.rank * per_rank
         indices = self.stream(base, base + per_rank)
         m = self.micro_batch_size
-        return [indices[i * m:(i + 1) * m].tolist() for i in range(self.accumulation)]
+        return [indices[i * m : (i + 1) * m].tolist() for i in range(self.accumulation)]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.total_steps):
@@ -253,10 +271,13 @@ def check_sampler_state(state: dict[str, Any], seed: int, global_batch_size: int
     if int(state.get("seed", seed)) != seed:
         problems.append(f"seed: checkpoint {state['seed']} vs now {seed}")
     if int(state.get("global_batch_size", global_batch_size)) != global_batch_size:
-        problems.append(f"trainer.global_batch_size: checkpoint {state['global_batch_size']} vs now {global_batch_size}")
+        problems.append(
+            f"trainer.global_batch_size: checkpoint {state['global_batch_size']} vs now {global_batch_size}"
+        )
     if problems:
         raise ConfigError(
-            "cannot resume the data order: " + "; ".join(problems)
+            "cannot resume the data order: "
+            + "; ".join(problems)
             + " (both change which samples each step sees; resume with the checkpoint's values)"
         )
     consumed = int(state.get("consumed_samples", 0))
@@ -275,7 +296,9 @@ class ValBatchSampler(Sampler[list[int]]):
     so ``batches`` is rounded down to a multiple of W; a split too small for ``batches`` uses fewer.
     """
 
-    def __init__(self, num_samples: int, micro_batch_size: int, rank: int, world_size: int, batches: int) -> None:
+    def __init__(
+        self, num_samples: int, micro_batch_size: int, rank: int, world_size: int, batches: int
+    ) -> None:
         per_round = micro_batch_size * world_size
         if num_samples < per_round:
             raise DataError(

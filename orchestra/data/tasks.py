@@ -90,12 +90,16 @@ def _messages(record: Mapping[str, Any], where: str) -> Messages:
     if "messages" in record:
         raw = record["messages"]
         if not isinstance(raw, list) or not raw:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+            raise DataError(
+                f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects"
+            )
         messages: Messages = []
         for i, message in enumerate(raw):
             at = f"{where}: messages[{i}]"
             if not isinstance(message, dict):
-                raise DataError(f"{at} is {type(message).__name__}, expected an object with 'role' and 'content'")
+                raise DataError(
+                    f"{at} is {type(message).__name__}, expected an object with 'role' and 'content'"
+                )
             role = message.get("role")
             if role not in ROLES:
                 raise DataError(f"{at}: unknown role {role!r} (accepted: {', '.join(ROLES)})")
@@ -108,8 +112,10 @@ def _messages(record: Mapping[str, Any], where: str) -> Messages:
             )
         return messages
     if "prompt" not in record and "response" not in record:
-        raise DataError(f"{where}: missing field 'prompt'/'response' or 'messages' (found {sorted(record)}; "
-                        f"expected {_SFT_FORMS})")
+        raise DataError(
+            f"{where}: missing field 'prompt'/'response' or 'messages' (found {sorted(record)}; "
+            f"expected {_SFT_FORMS})"
+        )
     prompt = _text_field(record, "prompt", where, _SFT_FORMS)
     response = _text_field(record, "response", where, _SFT_FORMS)
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
@@ -130,8 +136,10 @@ def read_classification(
         texts.append(_text_field(record, "text", where, '{"text", "label"}'))
         label = _text_field(record, "label", where, '{"text", "label"}')
         if known is not None and label not in known:
-            raise DataError(f"{where}: unknown label {label!r} (known labels: {list(labels or [])}; set task.labels "
-                            "to list every class)")
+            raise DataError(
+                f"{where}: unknown label {label!r} (known labels: {list(labels or [])}; set task.labels "
+                "to list every class)"
+            )
         found.append(label)
     return texts, found
 
@@ -141,7 +149,9 @@ def read_dpo(path: str | os.PathLike[str]) -> list[tuple[str, str, str]]:
     expected = '{"prompt", "chosen", "rejected"}'
     triples = []
     for where, record in _records(path):
-        prompt, chosen, rejected = (_text_field(record, key, where, expected) for key in ("prompt", "chosen", "rejected"))
+        prompt, chosen, rejected = (
+            _text_field(record, key, where, expected) for key in ("prompt", "chosen", "rejected")
+        )
         triples.append((prompt, chosen, rejected))
     return triples
 
@@ -156,8 +166,9 @@ def as_messages(example: Mapping[str, Any] | Sequence[Mapping[str, str]]) -> Mes
     return [{"role": m["role"], "content": m["content"]} for m in example]
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], template: str | None = None,
-                eos_token: str = EOS_TOKEN) -> Segments:
+def render_chat(
+    messages: Sequence[Mapping[str, str]], template: str | None = None, eos_token: str = EOS_TOKEN
+) -> Segments:
     """The conversation as text segments, each with whether it is trained on.
 
     Trained: the content of every assistant message and the marker that ends it; everything
@@ -195,14 +206,14 @@ def render_chat(messages: Sequence[Mapping[str, str]], template: str | None = No
         if message["role"] != "assistant":
             continue
         prompt = render(messages[:i], add_generation_prompt=True)
-        turn = render(messages[:i + 1], add_generation_prompt=False)
+        turn = render(messages[: i + 1], add_generation_prompt=False)
         if not (turn.startswith(prompt) and full.startswith(turn) and len(prompt) >= pos):
             raise DataError(
                 f"task.chat_template: the render of the first {i} messages (with add_generation_prompt=true) "
                 f"is not a prefix of the render with message {i}, so the assistant's text cannot be located; "
                 "the template must render a conversation as its turns one after another"
             )
-        segments += [(full[pos:len(prompt)], False), (full[len(prompt):len(turn)], True)]
+        segments += [(full[pos : len(prompt)], False), (full[len(prompt) : len(turn)], True)]
         pos = len(turn)
     segments.append((full[pos:], False))
     return _merge(segments)
@@ -235,16 +246,23 @@ def _compile_template(template: str) -> Any:
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as err:
-        raise DataError(f"task.chat_template: not a valid Jinja2 template (line {err.lineno}: {err.message})") from None
+        raise DataError(
+            f"task.chat_template: not a valid Jinja2 template (line {err.lineno}: {err.message})"
+        ) from None
 
 
-def _render_template(compiled: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
-                     eos_token: str) -> str:
+def _render_template(
+    compiled: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, eos_token: str
+) -> str:
     import jinja2
 
     try:
-        return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                               eos_token=eos_token, bos_token="")
+        return compiled.render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            eos_token=eos_token,
+            bos_token="",
+        )
     except jinja2.exceptions.TemplateError as err:
         raise DataError(f"task.chat_template: rendering failed ({err})") from None
 
@@ -252,14 +270,20 @@ def _render_template(compiled: Any, messages: Sequence[Mapping[str, str]], add_g
 # --------------------------------------------------------------------------- tokenizing
 
 
-def _encode_texts(tokenizer: Tokenizer, texts: list[str], eos_id: int, eos_token: str | None) -> list[list[int]]:
+def _encode_texts(
+    tokenizer: Tokenizer, texts: list[str], eos_id: int, eos_token: str | None
+) -> list[list[int]]:
     """Token ids of each text; the EOS token's own text is always exactly [eos_id]."""
     encoded = tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
     return [[eos_id] if text == eos_token else enc.ids for text, enc in zip(texts, encoded, strict=True)]
 
 
-def encode_sft_batch(examples: Sequence[Mapping[str, Any] | Sequence[Mapping[str, str]]], tokenizer: Tokenizer,
-                     eos_id: int, template: str | None = None) -> list[tuple[list[int], list[int]]]:
+def encode_sft_batch(
+    examples: Sequence[Mapping[str, Any] | Sequence[Mapping[str, str]]],
+    tokenizer: Tokenizer,
+    eos_id: int,
+    template: str | None = None,
+) -> list[tuple[list[int], list[int]]]:
     """:func:`encode_sft` of many examples, with one batched tokenizer call."""
     eos_token = tokenizer.id_to_token(eos_id)
     rendered = [render_chat(as_messages(ex), template, eos_token or EOS_TOKEN) for ex in examples]
@@ -277,7 +301,9 @@ def encode_sft_batch(examples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
             if trained and piece:
                 last_trained = len(ids)
         if last_trained == 0:
-            raise DataError("an sft example renders to no trained (assistant) tokens; check task.chat_template")
+            raise DataError(
+                "an sft example renders to no trained (assistant) tokens; check task.chat_template"
+            )
         if ids[last_trained - 1] != eos_id:
             # A custom template ends turns with its own marker; the model must still learn to stop.
             ids.insert(last_trained, eos_id)
@@ -286,8 +312,12 @@ def encode_sft_batch(examples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     return out
 
 
-def encode_sft(example: Mapping[str, Any] | Sequence[Mapping[str, str]], tokenizer: Tokenizer, eos_id: int,
-               template: str | None = None) -> tuple[list[int], list[int]]:
+def encode_sft(
+    example: Mapping[str, Any] | Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    eos_id: int,
+    template: str | None = None,
+) -> tuple[list[int], list[int]]:
     """(token ids, labels) of one sft example, labels ``-100`` wherever the text is not trained.
 
     Tokenized segment by segment (see :func:`render_chat`), so the mask boundary falls exactly
@@ -313,8 +343,14 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
     0). An example longer than seq_len keeps its start; one left with no trained target is dropped.
     """
 
-    def __init__(self, examples_ids: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, pack: bool,
-                 pad_id: int, where: str = "sft") -> None:
+    def __init__(
+        self,
+        examples_ids: Sequence[tuple[Sequence[int], Sequence[int]]],
+        seq_len: int,
+        pack: bool,
+        pad_id: int,
+        where: str = "sft",
+    ) -> None:
         if seq_len <= 0:
             raise ConfigError(f"seq_len: must be positive, got {seq_len}")
         self.seq_len, self.pack = seq_len, pack
@@ -331,9 +367,15 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
                 continue
             examples.append((inputs, targets))
         if self.truncated or self.dropped:
-            log.warning("%s: %d of %d examples are longer than seq_len=%d and were cut (their ends dropped); "
-                        "%d example(s) left with no trained token were left out", where, self.truncated,
-                        len(examples_ids), seq_len, self.dropped)
+            log.warning(
+                "%s: %d of %d examples are longer than seq_len=%d and were cut (their ends dropped); "
+                "%d example(s) left with no trained token were left out",
+                where,
+                self.truncated,
+                len(examples_ids),
+                seq_len,
+                self.dropped,
+            )
         if not examples:
             raise DataError(f"{where}: no example has a trained token within seq_len={seq_len}")
         rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
@@ -352,7 +394,11 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
             pos = 0
             for s, (inputs, targets) in enumerate(row, start=1):
                 end = pos + len(inputs)
-                self.tokens[r, pos:end], self.labels[r, pos:end], self.segment_ids[r, pos:end] = inputs, targets, s
+                self.tokens[r, pos:end], self.labels[r, pos:end], self.segment_ids[r, pos:end] = (
+                    inputs,
+                    targets,
+                    s,
+                )
                 pos = end
 
     def __len__(self) -> int:
@@ -369,8 +415,14 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
 class ClassificationDataset(Dataset[dict[str, Any]]):
     """Texts as token ids (their first seq_len tokens) and class indices; padding is the collate's job."""
 
-    def __init__(self, texts_ids: Sequence[Sequence[int]], label_ids: Sequence[int], seq_len: int, pad_id: int,
-                 where: str = "classification") -> None:
+    def __init__(
+        self,
+        texts_ids: Sequence[Sequence[int]],
+        label_ids: Sequence[int],
+        seq_len: int,
+        pad_id: int,
+        where: str = "classification",
+    ) -> None:
         if len(texts_ids) != len(label_ids):
             raise ValueError(f"{len(texts_ids)} texts but {len(label_ids)} labels")
         self.pad_id = pad_id
@@ -380,8 +432,14 @@ class ClassificationDataset(Dataset[dict[str, Any]]):
             raise DataError(f"{where}: a text tokenizes to no tokens")
         self.truncated = sum(len(ids) > seq_len for ids in texts_ids)
         if self.truncated:
-            log.warning("%s: %d of %d texts are longer than seq_len=%d tokens; only their first %d tokens are read",
-                        where, self.truncated, len(texts_ids), seq_len, seq_len)
+            log.warning(
+                "%s: %d of %d texts are longer than seq_len=%d tokens; only their first %d tokens are read",
+                where,
+                self.truncated,
+                len(texts_ids),
+                seq_len,
+                seq_len,
+            )
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -395,7 +453,7 @@ def collate_classification(batch: Sequence[Mapping[str, Any]], pad_id: int) -> d
     lengths = [len(item["tokens"]) for item in batch]
     tokens = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
     for i, item in enumerate(batch):
-        tokens[i, :lengths[i]] = item["tokens"]
+        tokens[i, : lengths[i]] = item["tokens"]
     return {
         "tokens": tokens,
         "last_index": torch.tensor(lengths, dtype=torch.long) - 1,
@@ -403,7 +461,9 @@ def collate_classification(batch: Sequence[Mapping[str, Any]], pad_id: int) -> d
     }
 
 
-def dpo_side(prompt: Sequence[int], response: Sequence[int], eos_id: int, seq_len: int) -> tuple[list[int], list[int]]:
+def dpo_side(
+    prompt: Sequence[int], response: Sequence[int], eos_id: int, seq_len: int
+) -> tuple[list[int], list[int]]:
     """(inputs, targets) of prompt + response + EOS, shifted as in SFT, the prompt masked.
 
     At most seq_len positions: the prompt is kept whole and the response's end is cut; a prompt
@@ -430,8 +490,13 @@ def dpo_row(ids: Sequence[int], labels: Sequence[int], seq_len: int) -> tuple[li
 class DPODataset(Dataset[dict[str, torch.Tensor]]):
     """(prompt, chosen, rejected) as two unpadded (tokens, labels) sequences sharing the prompt."""
 
-    def __init__(self, examples_ids: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], seq_len: int,
-                 eos_id: int, where: str = "dpo") -> None:
+    def __init__(
+        self,
+        examples_ids: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+        seq_len: int,
+        eos_id: int,
+        where: str = "dpo",
+    ) -> None:
         if seq_len <= 0:
             raise ConfigError(f"seq_len: must be positive, got {seq_len}")
         self.pairs: list[tuple[np.ndarray, ...]] = []
@@ -442,12 +507,22 @@ class DPODataset(Dataset[dict[str, torch.Tensor]]):
             sides = (dpo_side(prompt, chosen, eos_id, seq_len), dpo_side(prompt, rejected, eos_id, seq_len))
             self.pairs.append(tuple(np.asarray(x, dtype=np.int32) for side in sides for x in side))
         if self.truncated:
-            log.warning("%s: %d of %d examples are longer than seq_len=%d and were cut (the response's end, or "
-                        "the prompt's start for a very long prompt)", where, self.truncated, len(self.pairs), seq_len)
+            log.warning(
+                "%s: %d of %d examples are longer than seq_len=%d and were cut (the response's end, or "
+                "the prompt's start for a very long prompt)",
+                where,
+                self.truncated,
+                len(self.pairs),
+                seq_len,
+            )
 
     @classmethod
-    def from_rendered(cls, sides: Sequence[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]],
-                      seq_len: int, where: str = "dpo") -> DPODataset:
+    def from_rendered(
+        cls,
+        sides: Sequence[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]],
+        seq_len: int,
+        where: str = "dpo",
+    ) -> DPODataset:
         """Pairs already rendered through the chat template (as SFT renders them): ((ids, labels) x 2)."""
         self = cls([], seq_len, 0, where=where)
         for chosen, rejected in sides:
@@ -455,8 +530,13 @@ class DPODataset(Dataset[dict[str, torch.Tensor]]):
             rows = (dpo_row(*chosen, seq_len), dpo_row(*rejected, seq_len))
             self.pairs.append(tuple(np.asarray(x, dtype=np.int32) for side in rows for x in side))
         if self.truncated:
-            log.warning("%s: %d of %d examples are longer than seq_len=%d and were cut", where, self.truncated,
-                        len(self.pairs), seq_len)
+            log.warning(
+                "%s: %d of %d examples are longer than seq_len=%d and were cut",
+                where,
+                self.truncated,
+                len(self.pairs),
+                seq_len,
+            )
         return self
 
     def __len__(self) -> int:
@@ -475,7 +555,7 @@ def collate_dpo(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dic
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, (t, y) in enumerate(rows):
-        tokens[i, :len(t)], labels[i, :len(y)] = t, y
+        tokens[i, : len(t)], labels[i, : len(y)] = t, y
     return {"tokens": tokens, "labels": labels}
 
 
@@ -489,8 +569,10 @@ def resolve_task_paths(task: TaskConfig, cache_dir: str | os.PathLike[str]) -> t
         raise ConfigError("task.name: pretrain reads the data group's packed corpus, not task jsonl files")
     if task.train_path is None:
         if task.val_path is not None:
-            raise DataError(f"task.val_path: set ({task.val_path}) without task.train_path; set both, or neither "
-                            "to use the bundled examples")
+            raise DataError(
+                f"task.val_path: set ({task.val_path}) without task.train_path; set both, or neither "
+                "to use the bundled examples"
+            )
         from orchestra.data.examples import example_paths
 
         return example_paths(cache_dir, name.value)
@@ -511,8 +593,9 @@ def hold_out(n: int, fraction: float, seed: int, where: str) -> tuple[list[int],
     """(train, val) indices, both in file order: a seeded ``fraction`` of n (at least one) for val."""
     n_val = max(1, round(n * fraction))
     if n - n_val < 1:
-        raise DataError(f"{where}: {n} example(s) cannot be split into train and val; add examples or set "
-                        "task.val_path")
+        raise DataError(
+            f"{where}: {n} example(s) cannot be split into train and val; add examples or set task.val_path"
+        )
     val = np.random.default_rng(seed).permutation(n)[:n_val]
     mask = np.zeros(n, dtype=bool)
     mask[val] = True
@@ -546,9 +629,13 @@ class TaskDataModule(TokenDataModule):
         self.task = task
         self.task_name = TaskName(task.name)
         if self.task_name == TaskName.pretrain:
-            raise ConfigError("task.name: TaskDataModule serves sft, classification and dpo; pretrain uses TokenDataModule")
+            raise ConfigError(
+                "task.name: TaskDataModule serves sft, classification and dpo; pretrain uses TokenDataModule"
+            )
         self.train_path, self.val_path = Path(train_path), Path(val_path) if val_path is not None else None
-        self._set_batching(seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers)
+        self._set_batching(
+            seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers
+        )
         try:
             self.tokenizer = Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # tokenizers raises a bare Exception for parse errors
@@ -577,8 +664,13 @@ class TaskDataModule(TokenDataModule):
         if val is None:
             keep, held = hold_out(len(train), self.task.val_fraction, self.seed, str(train_path))
             train, val = [train[i] for i in keep], [train[i] for i in held]
-            log.info("%s: held out %d of %d examples for validation (task.val_fraction=%s)",
-                     train_path, len(val), len(train) + len(val), self.task.val_fraction)
+            log.info(
+                "%s: held out %d of %d examples for validation (task.val_fraction=%s)",
+                train_path,
+                len(val),
+                len(train) + len(val),
+                self.task.val_fraction,
+            )
         return {"train": train, "val": val}
 
     def num_examples(self, split: str) -> int:
@@ -620,12 +712,16 @@ class TaskDataModule(TokenDataModule):
         if self.task_name == TaskName.classification:
             index = {name: i for i, name in enumerate(self.label_names)}
             texts = encode_texts([text for text, _ in records], self.tokenizer)
-            return ClassificationDataset(texts, [index[label] for _, label in records], self.seq_len, self.eos_id,
-                                         where=where)
+            return ClassificationDataset(
+                texts, [index[label] for _, label in records], self.seq_len, self.eos_id, where=where
+            )
         # Rendered as SFT renders a prompt/response pair (same chat template), so preference tuning
         # sees the format supervised fine-tuning taught.
-        conversations = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-                         for prompt, chosen, rejected in records for answer in (chosen, rejected)]
+        conversations = [
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            for prompt, chosen, rejected in records
+            for answer in (chosen, rejected)
+        ]
         encoded = encode_sft_batch(conversations, self.tokenizer, self.eos_id, self.task.chat_template)
         pairs = [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded), 2)]
         return DPODataset.from_rendered(pairs, self.seq_len, where=where)

@@ -52,7 +52,9 @@ def read_tokenizer_file(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer.json, turning a missing or malformed file into a :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data.tokenizer_path: {path} does not exist (expected a Hugging Face tokenizer.json)")
+        raise DataError(
+            f"data.tokenizer_path: {path} does not exist (expected a Hugging Face tokenizer.json)"
+        )
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for parse errors

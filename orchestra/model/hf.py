@@ -128,7 +128,9 @@ def _check(
         raise ValueError(f"{what} state dict is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
     unexpected = sorted(k for k in set(sd) - set(expected) if k not in ignore)
     if unexpected:
-        raise ValueError(f"{what} state dict has {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
+        raise ValueError(
+            f"{what} state dict has {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}"
+        )
     for name, shape in expected.items():
         if tuple(sd[name].shape) != shape:
             raise ValueError(f"{what} tensor {name!r} has shape {tuple(sd[name].shape)}, expected {shape}")
@@ -243,7 +245,11 @@ def _rope_theta(config: dict[str, Any]) -> float:
             continue
         if not isinstance(params, dict):
             raise HFImportError(f"config.json: {key}={params!r} is not a dict")
-        if "rope_type" not in params and "type" not in params and all(isinstance(v, dict) for v in params.values()):
+        if (
+            "rope_type" not in params
+            and "type" not in params
+            and all(isinstance(v, dict) for v in params.values())
+        ):
             raise HFImportError(
                 f"config.json: {key} is given per layer type ({sorted(params)}); only one default RoPE is supported"
             )
@@ -281,14 +287,20 @@ def model_config_from_hf(config: dict[str, Any]) -> tuple[ModelConfig, int]:
         return value
 
     dim, n_heads = req_int("hidden_size"), req_int("num_attention_heads")
-    ffn_dim, n_layers, vocab = req_int("intermediate_size"), req_int("num_hidden_layers"), req_int("vocab_size")
+    ffn_dim, n_layers, vocab = (
+        req_int("intermediate_size"),
+        req_int("num_hidden_layers"),
+        req_int("vocab_size"),
+    )
     n_kv_heads = req_int("num_key_value_heads") if config.get("num_key_value_heads") is not None else n_heads
     if n_heads % n_kv_heads:
         raise HFImportError(
             f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}"
         )
     if dim % n_heads:
-        raise HFImportError(f"config.json: hidden_size={dim} is not divisible by num_attention_heads={n_heads}")
+        raise HFImportError(
+            f"config.json: hidden_size={dim} is not divisible by num_attention_heads={n_heads}"
+        )
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim != dim // n_heads:
         raise HFImportError(
@@ -303,7 +315,9 @@ def model_config_from_hf(config: dict[str, Any]) -> tuple[ModelConfig, int]:
         raise HFImportError(f"config.json: hidden_act={act!r} is not supported; our MLP is SwiGLU (silu)")
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
-            raise HFImportError(f"config.json: {key}=true is not supported; our model has no biases by design")
+            raise HFImportError(
+                f"config.json: {key}=true is not supported; our model has no biases by design"
+            )
     if config.get("quantization_config"):
         raise HFImportError("config.json: quantization_config is set; only unquantized weights can be loaded")
 
@@ -319,7 +333,9 @@ def model_config_from_hf(config: dict[str, Any]) -> tuple[ModelConfig, int]:
         )
     layer_types = config.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
-        raise HFImportError(f"config.json: layer_types={sorted(set(layer_types))}; only full_attention is supported")
+        raise HFImportError(
+            f"config.json: layer_types={sorted(set(layer_types))}; only full_attention is supported"
+        )
 
     cfg = ModelConfig(
         name=f"hf-{config.get('model_type') or arch}",
@@ -342,7 +358,9 @@ def model_config_from_hf(config: dict[str, Any]) -> tuple[ModelConfig, int]:
 def _folder(folder: str | os.PathLike[str]) -> Path:
     path = Path(folder)
     if not path.is_dir():
-        raise FileNotFoundError(f"Hugging Face model folder {str(path)!r} does not exist or is not a directory")
+        raise FileNotFoundError(
+            f"Hugging Face model folder {str(path)!r} does not exist or is not a directory"
+        )
     return path
 
 

@@ -58,8 +58,9 @@ def init_weights(model: Transformer, cfg: ModelConfig, generator: torch.Generato
             if id(module.weight) in seen:  # lm_head tied to tok_embeddings
                 continue
             seen.add(id(module.weight))
-            _init_linear(module.weight, scheme, cfg, _is_output_projection(name), depth_scale,
-                         small_std, generator)
+            _init_linear(
+                module.weight, scheme, cfg, _is_output_projection(name), depth_scale, small_std, generator
+            )
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 

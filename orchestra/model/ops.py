@@ -74,7 +74,10 @@ def torch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def torch_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean (or sum) cross-entropy of ``hidden @ weight.T`` over targets != ignore_index.

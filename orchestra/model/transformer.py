@@ -244,11 +244,14 @@ class Transformer(nn.Module):
             return self.lm_head(h).float()
         B, T = tokens.shape
         if per_sequence:
-            return torch.stack([
-                self.ops.linear_cross_entropy(h[b], self.lm_head.weight, targets[b], ignore_index=-100,
-                                              reduction="sum")
-                for b in range(B)
-            ])
+            return torch.stack(
+                [
+                    self.ops.linear_cross_entropy(
+                        h[b], self.lm_head.weight, targets[b], ignore_index=-100, reduction="sum"
+                    )
+                    for b in range(B)
+                ]
+            )
         return self.ops.linear_cross_entropy(
             h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-100
         )
@@ -282,7 +285,9 @@ class Transformer(nn.Module):
         attn_mask = None
         if segment_ids is not None:
             if kv_cache is not None or segment_ids.shape != tokens.shape:
-                raise ValueError(f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache")
+                raise ValueError(
+                    f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache"
+                )
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             attn_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # [B, T, T]
             attn_mask = attn_mask[:, None]  # broadcast over heads
@@ -318,4 +323,3 @@ class Transformer(nn.Module):
         """
         n_matmul = self.num_parameters(exclude_embeddings=True)
         return 6.0 * n_matmul + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
-

@@ -69,7 +69,9 @@ def _deepspeed_client_state(path: Path) -> dict[str, Any]:
     try:
         states = torch.load(files[0], map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"DeepSpeed checkpoint {files[0]} is unreadable as weights-only data: {err}") from err
+        raise CheckpointError(
+            f"DeepSpeed checkpoint {files[0]} is unreadable as weights-only data: {err}"
+        ) from err
     states.pop("module", None)
     states.pop("optimizer", None)
     return states
@@ -88,7 +90,9 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
         try:
             return torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"sharded checkpoint {path}: metadata {SHARDED_META} unreadable: {err}") from err
+            raise CheckpointError(
+                f"sharded checkpoint {path}: metadata {SHARDED_META} unreadable: {err}"
+            ) from err
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist (or is neither a file nor a sharded checkpoint directory)"
@@ -112,7 +116,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_torch_save(checkpoint, Path(path))
 
-    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
@@ -152,7 +158,9 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     return None if best is None else best[2]
 
 
-def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+def load_model_from_checkpoint(
+    path: str | Path, map_location: Any = "cpu"
+) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, HF tokenizers.Tokenizer, orchestra metadata) from a training checkpoint.
 
     The model is a Transformer, or for a prompt-tuning checkpoint a PromptTunedModel around one
@@ -170,8 +178,10 @@ def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> t
     # Any layout: a file, a sharded (FSDP2) directory or a DeepSpeed directory, names stripped.
     state, meta = consolidated_state_dict(path)
     if meta.get("task") == "classification":
-        raise CheckpointError(f"checkpoint {path} is a sequence classifier (task=classification): it has "
-                              "no language-model head to generate with")
+        raise CheckpointError(
+            f"checkpoint {path} is a sequence classifier (task=classification): it has "
+            "no language-model head to generate with"
+        )
     if not meta.get("tokenizer_json"):
         raise CheckpointError(f"checkpoint {path} has no tokenizer")
     try:

@@ -50,7 +50,7 @@ _SOFT_PROMPT = "soft_prompt.weight"
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our parameter names, whether saved from the LightningModule (model.*) or the bare model."""
     if any(k.startswith(_PREFIX) for k in state):
-        return {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
+        return {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
     return dict(state)
 
 
@@ -68,7 +68,9 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     if is_deepspeed_checkpoint(path):
         meta = load_checkpoint_file(path).get("orchestra")
         if meta is None:
-            raise CheckpointError(f"DeepSpeed checkpoint {path} carries no Orchestra metadata (client state 'orchestra')")
+            raise CheckpointError(
+                f"DeepSpeed checkpoint {path} carries no Orchestra metadata (client state 'orchestra')"
+            )
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path))
@@ -86,8 +88,11 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     if "peft" in meta:
         # Only the trainable tensors were saved: take their names and shapes from the DCP metadata.
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        templates = {k[len("state_dict."):]: torch.empty(tuple(m.size)) for k, m in stored.items()
-                     if k.startswith("state_dict.") and hasattr(m, "size")}
+        templates = {
+            k[len("state_dict.") :]: torch.empty(tuple(m.size))
+            for k, m in stored.items()
+            if k.startswith("state_dict.") and hasattr(m, "size")
+        }
     else:
         cfg = model_config_from_dict(meta["model_config"])
         shapes = _expected_shapes(cfg, int(meta["vocab_size"]))
@@ -96,7 +101,9 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except Exception as err:  # a shape or key mismatch surfaces as a planner error
-        raise CheckpointError(f"sharded checkpoint {path} does not match its recorded model config: {err}") from err
+        raise CheckpointError(
+            f"sharded checkpoint {path} does not match its recorded model config: {err}"
+        ) from err
     return _strip(state["state_dict"]), meta
 
 
@@ -123,7 +130,9 @@ _UNMERGEABLE = {
 }
 
 
-def _merged_peft_state(trainable: dict[str, torch.Tensor], meta: dict[str, Any], ckpt: Path) -> dict[str, torch.Tensor]:
+def _merged_peft_state(
+    trainable: dict[str, torch.Tensor], meta: dict[str, Any], ckpt: Path
+) -> dict[str, torch.Tensor]:
     """A LoRA checkpoint holds its trainable tensors only: rebuild base + LoRA and merge them."""
     from orchestra.model.peft import merge_lora
     from orchestra.train.finetune import rebuild_peft_model
@@ -152,7 +161,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out: {out} is a file; give a folder to write into")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out: {out} exists and is not empty; choose another folder or set overwrite=true")
+        raise FileExistsError(
+            f"out: {out} exists and is not empty; choose another folder or set overwrite=true"
+        )
 
 
 @contextlib.contextmanager
@@ -197,7 +208,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
     if labels:
         # A SequenceClassifier: the decoder under "model.", the head as "score" (HF's own name).
         score = state["score.weight"]
-        state = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
+        state = {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
     check_shapes(state, cfg, vocab_size, ckpt)
     hf_state = {k: v.detach().to(torch_dtype).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
     if score is not None:
@@ -213,20 +224,35 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         if labels:
             # LlamaForSequenceClassification reads the last token before the first pad: pad = eos,
             # which classification texts never contain (the data module pads with it too).
-            config.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels),
-                          id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-                          pad_token_id=eos_id, tie_word_embeddings=False)
+            config.update(
+                architectures=["LlamaForSequenceClassification"],
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={n: i for i, n in enumerate(labels)},
+                pad_token_id=eos_id,
+                tie_word_embeddings=False,
+            )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}) + "\n"
+        )
         tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": eos_token,
-            "eos_token": eos_token,
-            "model_max_length": cfg.max_seq_len,
-            "clean_up_tokenization_spaces": False,
-        }, indent=2) + "\n")
-        (tmp / "special_tokens_map.json").write_text(json.dumps({"bos_token": eos_token, "eos_token": eos_token}) + "\n")
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": eos_token,
+                    "eos_token": eos_token,
+                    "model_max_length": cfg.max_seq_len,
+                    "clean_up_tokenization_spaces": False,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        (tmp / "special_tokens_map.json").write_text(
+            json.dumps({"bos_token": eos_token, "eos_token": eos_token}) + "\n"
+        )
     return out
 
 
@@ -249,7 +275,9 @@ def _trainable_layout(meta: dict[str, Any], ckpt: Path) -> dict[str, tuple[int, 
         with torch.device("meta"):
             model = apply_method(Transformer(cfg, int(meta["vocab_size"])), ft)
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {ckpt}: its PEFT metadata does not describe a model: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {ckpt}: its PEFT metadata does not describe a model: {err}"
+        ) from err
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -415,7 +443,9 @@ def export_peft(ckpt: str | Path, out: str | Path, dtype: str = "float32", overw
     elif method == "adapter":
         adapter_config, tensors, names = None, trainable, "orchestra"
     else:
-        raise CheckpointError(f"checkpoint {ckpt}: PEFT method {method!r} is not one of lora, adapter, prompt")
+        raise CheckpointError(
+            f"checkpoint {ckpt}: PEFT method {method!r} is not one of lora, adapter, prompt"
+        )
     record = {
         "format": 1,
         "method": method,
@@ -425,7 +455,9 @@ def export_peft(ckpt: str | Path, out: str | Path, dtype: str = "float32", overw
         "vocab_size": int(meta["vocab_size"]),
         # Key names in adapter_model.safetensors: peft's (lora, prompt) or ours (adapter).
         "tensor_names": names,
-        "readable_by": "peft.PeftModel.from_pretrained and Orchestra" if names == "peft" else "Orchestra only",
+        "readable_by": "peft.PeftModel.from_pretrained and Orchestra"
+        if names == "peft"
+        else "Orchestra only",
     }
     with _staged(out) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -464,14 +496,19 @@ def load_peft_export(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     tensors = load_file(str(weights_file))
     if method == "lora":
         cfg = model_config_from_dict(meta["model_config"])
-        ours = {theirs: name for name, theirs in _lora_peft_names(sorted(_trainable_layout(meta, folder)), cfg).items()}
+        ours = {
+            theirs: name
+            for name, theirs in _lora_peft_names(sorted(_trainable_layout(meta, folder)), cfg).items()
+        }
         unknown = sorted(set(tensors) - set(ours))
         if unknown:
             raise CheckpointError(f"{weights_file}: tensors {unknown[:3]} are not LoRA weights of this model")
         trainable = {ours[k]: v for k, v in tensors.items()}
     elif method == "prompt":
         if set(tensors) != {_PEFT_PROMPT_KEY}:
-            raise CheckpointError(f"{weights_file}: expected one tensor {_PEFT_PROMPT_KEY!r}, found {sorted(tensors)}")
+            raise CheckpointError(
+                f"{weights_file}: expected one tensor {_PEFT_PROMPT_KEY!r}, found {sorted(tensors)}"
+            )
         trainable = {_SOFT_PROMPT: tensors[_PEFT_PROMPT_KEY]}
     else:
         trainable = dict(tensors)

@@ -61,8 +61,10 @@ def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path)
         found = tokenizer.token_to_id(token)
         if found is not None:
             return int(found)
-    raise ConfigError(f"finetune.init_from: {source} names no eos_token_id and its tokenizer has no known "
-                      "end-of-text token; add eos_token_id to config.json")
+    raise ConfigError(
+        f"finetune.init_from: {source} names no eos_token_id and its tokenizer has no known "
+        "end-of-text token; add eos_token_id to config.json"
+    )
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -134,7 +136,9 @@ def load_base(init_from: str | Path) -> BaseModel:
         except (HFImportError, FileNotFoundError, json.JSONDecodeError) as err:
             raise ConfigError(f"finetune.init_from: {path}: {err}") from err
         tokenizer_json = tokenizer_file.read_text()
-        return BaseModel(cfg, vocab, tokenizer_json, state, reference, _eos_id(tokenizer_json, hf_config, path))
+        return BaseModel(
+            cfg, vocab, tokenizer_json, state, reference, _eos_id(tokenizer_json, hf_config, path)
+        )
     try:
         state, meta = consolidated_state_dict(path)
     except CheckpointError as err:
@@ -153,8 +157,14 @@ def load_base(init_from: str | Path) -> BaseModel:
         raise ConfigError(f"finetune.init_from: checkpoint {path} records no tokenizer")
     cfg = model_config_from_dict(meta["model_config"])
     vocab = int(meta["vocab_size"])
-    return BaseModel(replace(cfg, vocab_size=vocab), vocab, meta["tokenizer_json"], state, reference,
-                     _eos_id(meta["tokenizer_json"], None, path))
+    return BaseModel(
+        replace(cfg, vocab_size=vocab),
+        vocab,
+        meta["tokenizer_json"],
+        state,
+        reference,
+        _eos_id(meta["tokenizer_json"], None, path),
+    )
 
 
 def base_model_config(base: BaseModel, current: ModelConfig) -> ModelConfig:
@@ -173,8 +183,15 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     method = FinetuneMethod(cfg.method)
     if method == FinetuneMethod.lora:
         try:
-            apply_lora(model, LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                         target_modules=list(cfg.lora_targets)))
+            apply_lora(
+                model,
+                LoraConfig(
+                    rank=cfg.lora_rank,
+                    alpha=cfg.lora_alpha,
+                    dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_targets),
+                ),
+            )
         except ValueError as err:
             raise ConfigError(f"finetune.lora_targets: {err}") from err
     elif method == FinetuneMethod.adapter:

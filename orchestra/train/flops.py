@@ -114,8 +114,9 @@ def device_peak_flops(device_name: str, dtype: str, compute_units: int | None = 
     return PEAK_FLOPS[max(matches, key=len)].get(dtype)
 
 
-def model_flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, *, weight_grads: bool = True,
-                          lm_head: bool = True) -> float:
+def model_flops_per_token(
+    m: ModelConfig, vocab_size: int, seq_len: int, *, weight_grads: bool = True, lm_head: bool = True
+) -> float:
     """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x dim x seq).
 
     The matmul parameters are every weight used in a matrix product: attention and MLP

@@ -43,11 +43,17 @@ class _ResumingWriter(ExperimentWriter):
             header = list(reader.fieldnames or [])
             rows = list(reader)
         if self._resume_step is not None:
-            rows = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < self._resume_step]
+            rows = [
+                r
+                for r in rows
+                if r.get("step") not in (None, "") and int(float(r["step"])) < self._resume_step
+            ]
             last = self._last_row
             if last and not any(int(float(r["step"])) == int(last["step"]) for r in rows):
                 header += [k for k in last["metrics"] if k not in header]
-                rows.append({"step": str(int(last["step"])), **{k: repr(v) for k, v in last["metrics"].items()}})
+                rows.append(
+                    {"step": str(int(last["step"])), **{k: repr(v) for k, v in last["metrics"].items()}}
+                )
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
@@ -65,8 +71,9 @@ class ResumableCSVLogger(CSVLogger):
     loss comes back from the checkpoint (``last_row``, see the module docstring).
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None,
-                 last_row: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, resume_step: int | None = None, last_row: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
         self._resume_step = resume_step
         self._last_row = last_row
@@ -109,13 +116,23 @@ def wandb_run_id(run_dir: Path) -> str:
 
 def run_tags(config: dict[str, Any]) -> list[str]:
     """Tags every W&B run carries so dashboards can filter by model, strategy and experiment."""
-    return [f"model:{config['model']['name']}", f"strategy:{config['strategy']['name']}",
-            f"experiment:{config['name']}", *config["logger"]["tags"]]
+    return [
+        f"model:{config['model']['name']}",
+        f"strategy:{config['strategy']['name']}",
+        f"experiment:{config['name']}",
+        *config["logger"]["tags"],
+    ]
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict[str, Any],
-                  resume_step: int | None, is_global_zero: bool,
-                  last_row: dict[str, Any] | None = None) -> list[Logger]:
+def build_loggers(
+    cfg: LoggerConfig,
+    run_dir: Path,
+    run_name: str,
+    config: dict[str, Any],
+    resume_step: int | None,
+    is_global_zero: bool,
+    last_row: dict[str, Any] | None = None,
+) -> list[Logger]:
     loggers: list[Logger] = [ResumableCSVLogger(run_dir, resume_step=resume_step, last_row=last_row)]
     if cfg.name == LoggerName.wandb:
         mode = wandb_mode(cfg)

@@ -51,7 +51,11 @@ def classification_metrics(
     n = len(label_names)
     preds, target = preds.long().cpu(), target.long().cpu()
     metrics = {"accuracy": float(multiclass_accuracy(preds, target, n, average="micro"))}
-    for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score)):
+    for name, fn in (
+        ("precision", multiclass_precision),
+        ("recall", multiclass_recall),
+        ("f1", multiclass_f1_score),
+    ):
         per_class = fn(preds, target, n, average="none")
         for label, value in zip(label_names, per_class.tolist(), strict=True):
             metrics[f"{name}/{label}"] = float(value)

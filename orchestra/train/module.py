@@ -39,9 +39,16 @@ from orchestra.train.strategy import parallelize
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, cfg: TrainConfig, vocab_size: int, tokenizer_json: str = "",
-                 precision: str = "32-true", base: BaseModel | None = None,
-                 label_names: list[str] | None = None, eos_id: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        vocab_size: int,
+        tokenizer_json: str = "",
+        precision: str = "32-true",
+        base: BaseModel | None = None,
+        label_names: list[str] | None = None,
+        eos_id: int | None = None,
+    ) -> None:
         super().__init__()
         self.eos_id = eos_id
         self.cfg = cfg
@@ -116,7 +123,9 @@ class CausalLMModule(L.LightningModule):
     def task_loss(self, batch: Any) -> torch.Tensor:
         """Mean next-token loss; SFT batches are dicts whose packed rows carry segment ids."""
         if isinstance(batch, dict):
-            segments = batch["segment_ids"] if self.cfg.task.pack and self.method != FinetuneMethod.prompt else None
+            segments = (
+                batch["segment_ids"] if self.cfg.task.pack and self.method != FinetuneMethod.prompt else None
+            )
             kwargs = {"segment_ids": segments} if segments is not None else {}
             return self.model(batch["tokens"], batch["labels"], **kwargs)
         inputs, labels = batch
@@ -186,8 +195,9 @@ class CausalLMModule(L.LightningModule):
         offload = self.cfg.strategy.name == StrategyName.deepspeed_zero3_offload
         groups = None
         if self.cfg.finetune.layer_lr_decay < 1.0:
-            groups = layerwise_lr_groups(self.model, self.cfg.optim.lr, self.cfg.finetune.layer_lr_decay,
-                                         self.cfg.optim.weight_decay)
+            groups = layerwise_lr_groups(
+                self.model, self.cfg.optim.lr, self.cfg.finetune.layer_lr_decay, self.cfg.optim.weight_decay
+            )
         optimizer = build_optimizer(self.model, self.cfg.optim, cpu_offload=offload, groups=groups)
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -218,8 +228,10 @@ class CausalLMModule(L.LightningModule):
         loss = self.trainer.callback_metrics.get("train/loss") if self._trainer is not None else None
         if loss is not None and self.global_step > 0:
             # The row Lightning writes after this hook: a kill in between must not lose it (loggers.py).
-            checkpoint["orchestra"]["last_row"] = {"step": int(self.global_step) - 1,
-                                                   "metrics": {"train/loss": float(loss)}}
+            checkpoint["orchestra"]["last_row"] = {
+                "step": int(self.global_step) - 1,
+                "metrics": {"train/loss": float(loss)},
+            }
         if self.eos_id is not None:  # a base's own end token (an HF model's may not be <|endoftext|>)
             checkpoint["orchestra"]["eos_id"] = int(self.eos_id)
         if self.label_names:
@@ -268,8 +280,9 @@ class ClassificationModule(CausalLMModule):
         logits = self._logits(batch)
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        self._val_sums += torch.stack([loss.double(), torch.tensor(float(labels.numel()), device=self.device,
-                                                                     dtype=torch.float64)])
+        self._val_sums += torch.stack(
+            [loss.double(), torch.tensor(float(labels.numel()), device=self.device, dtype=torch.float64)]
+        )
         n = len(self.label_names)
         self._confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).view(n, n)
 
@@ -288,9 +301,15 @@ class ClassificationModule(CausalLMModule):
         support = confusion.sum(1)
         majority = float(support.max() / support.sum()) if support.sum() > 0 else float("nan")
         self.log("val/majority_baseline", majority, on_step=False, on_epoch=True)
-        self.last_report = {"step": int(self.global_step), "labels": self.label_names, "loss": val_loss,
-                            "majority_baseline": majority, "support": support.tolist(),
-                            "confusion_matrix": matrix, **metrics}
+        self.last_report = {
+            "step": int(self.global_step),
+            "labels": self.label_names,
+            "loss": val_loss,
+            "majority_baseline": majority,
+            "support": support.tolist(),
+            "confusion_matrix": matrix,
+            **metrics,
+        }
         if self.trainer.is_global_zero and self.cfg.run_dir:
             path = Path(self.cfg.run_dir) / "classification.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,8 +355,9 @@ class DPOModule(CausalLMModule):
         loss, chosen, rejected = self._dpo(batch)
         margin = chosen - rejected
         self.log("train/reward_margin", margin.mean(), on_step=True, on_epoch=False, sync_dist=True)
-        self.log("train/reward_accuracy", (margin > 0).float().mean(), on_step=True, on_epoch=False,
-                 sync_dist=True)
+        self.log(
+            "train/reward_accuracy", (margin > 0).float().mean(), on_step=True, on_epoch=False, sync_dist=True
+        )
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -348,11 +368,16 @@ class DPOModule(CausalLMModule):
         loss, chosen, rejected = self._dpo(batch)
         n = chosen.numel()
         margin = (chosen - rejected).double()
-        self._val_sums += torch.stack([
-            loss.detach().double() * n, margin.sum(), (margin > 0).double().sum(),
-            torch.tensor(float(n), dtype=torch.float64, device=self.device),
-            chosen.double().sum(), rejected.double().sum(),
-        ])
+        self._val_sums += torch.stack(
+            [
+                loss.detach().double() * n,
+                margin.sum(),
+                (margin > 0).double().sum(),
+                torch.tensor(float(n), dtype=torch.float64, device=self.device),
+                chosen.double().sum(),
+                rejected.double().sum(),
+            ]
+        )
 
     def on_validation_epoch_end(self) -> None:
         s = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
@@ -364,10 +389,17 @@ class DPOModule(CausalLMModule):
         self.log("val/reward_rejected", float(s[5]) / pairs, on_step=False, on_epoch=True)
 
 
-def build_module(cfg: TrainConfig, vocab_size: int, tokenizer_json: str, precision: str,
-                 base: BaseModel | None = None, label_names: list[str] | None = None,
-                 eos_id: int | None = None) -> CausalLMModule:
+def build_module(
+    cfg: TrainConfig,
+    vocab_size: int,
+    tokenizer_json: str,
+    precision: str,
+    base: BaseModel | None = None,
+    label_names: list[str] | None = None,
+    eos_id: int | None = None,
+) -> CausalLMModule:
     """The LightningModule of ``task.name``."""
     cls = {TaskName.classification: ClassificationModule, TaskName.dpo: DPOModule}.get(
-        TaskName(cfg.task.name), CausalLMModule)
+        TaskName(cfg.task.name), CausalLMModule
+    )
     return cls(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names, eos_id=eos_id)

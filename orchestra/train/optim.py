@@ -43,8 +43,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False,
-                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False, groups: list[dict] | None = None
+) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (default: :func:`parameter_groups`; groups may carry their own lr)."""
     if groups is None:
         groups = parameter_groups(model, cfg.weight_decay)

@@ -76,8 +76,9 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int,
-                             base_reference: dict[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
+def check_checkpoint_matches(
+    path: Path, cfg: TrainConfig, vocab_size: int, base_reference: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any] | None]:
     """Refuse a checkpoint of another model shape before Lightning fails deep inside load_state_dict."""
     ckpt = load_checkpoint_file(path)
     meta = ckpt.get("orchestra")
@@ -85,8 +86,11 @@ def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int,
         raise CheckpointError(f"checkpoint {path} carries no Orchestra metadata; cannot resume from it")
     saved, current = meta["model_config"], to_plain(cfg.model)
     shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
-             for k in shape_keys if saved.get(k) != current[k]]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
+        for k in shape_keys
+        if saved.get(k) != current[k]
+    ]
     if meta["vocab_size"] != vocab_size:
         diffs.append(f"vocab size: checkpoint {meta['vocab_size']} vs data/config {vocab_size}")
     peft, method = meta.get("peft"), FinetuneMethod(cfg.finetune.method)
@@ -96,9 +100,11 @@ def check_checkpoint_matches(path: Path, cfg: TrainConfig, vocab_size: int,
         diffs.append(f"finetune.method: checkpoint {saved_method or 'full weights'} vs config {method.value}")
     elif peft and base_reference and peft["base"]["sha256"] != base_reference["sha256"]:
         # The checkpoint holds only the trainable tensors: on another base they would mean nothing.
-        diffs.append(f"base model: checkpoint trained on {peft['base']['path']} (sha256 "
-                     f"{peft['base']['sha256'][:12]}), finetune.init_from is {base_reference['path']} "
-                     f"(sha256 {base_reference['sha256'][:12]})")
+        diffs.append(
+            f"base model: checkpoint trained on {peft['base']['path']} (sha256 "
+            f"{peft['base']['sha256'][:12]}), finetune.init_from is {base_reference['path']} "
+            f"(sha256 {base_reference['sha256'][:12]})"
+        )
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
     # (its step, the metrics row it carries for the logger, see loggers.py)
@@ -180,13 +186,24 @@ def _slurm_plugins() -> list[Any]:
     if not SLURMEnvironment.detect():
         return []
     if os.environ.get("SLURM_PROCID", "0") == "0":
-        print(f"SLURM job {os.environ.get('SLURM_JOB_ID')}: SLURM_RESTART_COUNT="
-              f"{os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
+        print(
+            f"SLURM job {os.environ.get('SLURM_JOB_ID')}: SLURM_RESTART_COUNT="
+            f"{os.environ.get('SLURM_RESTART_COUNT', '0')}",
+            flush=True,
+        )
     return [SLURMEnvironment(auto_requeue=False)]
 
 
-def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_new_tokens: int, eos_id: int,
-                device: torch.device, precision: str, seed: int) -> str:
+def sample_text(
+    model: torch.nn.Module,
+    tokenizer_json: str,
+    prompt: str,
+    max_new_tokens: int,
+    eos_id: int,
+    device: torch.device,
+    precision: str,
+    seed: int,
+) -> str:
     """A short seeded continuation of ``prompt`` for the end-of-run summary.
 
     Every rank calls this in lockstep (same seed, same logits): a sharded model's forward is a
@@ -201,8 +218,12 @@ def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_ne
     # A soft prompt (finetune=prompt) takes the first positions of the context.
     budget = max(0, min(max_new_tokens, context_length(model) - ids.shape[1]))
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"):
-        out = generate(model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_id, generator=gen)
+    with torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"
+    ):
+        out = generate(
+            model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_id, generator=gen
+        )
     return tokenizer.decode(out[0].tolist())
 
 
@@ -241,14 +262,23 @@ def train(cfg: TrainConfig) -> RunResult:
     vocab_size = padded_vocab_size(cfg.model, tokenizer_vocab)
 
     resume_path = resolve_resume(cfg, run_dir)
-    resume_step, last_row = (check_checkpoint_matches(resume_path, cfg, vocab_size, base.reference if base else None)
-                             if resume_path else (None, None))
+    resume_step, last_row = (
+        check_checkpoint_matches(resume_path, cfg, vocab_size, base.reference if base else None)
+        if resume_path
+        else (None, None)
+    )
 
     precision = resolve_precision(t.precision, t.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    batch_args = {"seq_len": seq_len, "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
-                  "seed": cfg.seed, "max_steps": t.max_steps, "val_batches": t.val_batches,
-                  "loader_workers": cfg.data.loader_workers}
+    batch_args = {
+        "seq_len": seq_len,
+        "micro_batch_size": t.micro_batch_size,
+        "global_batch_size": t.global_batch_size,
+        "seed": cfg.seed,
+        "max_steps": t.max_steps,
+        "val_batches": t.val_batches,
+        "loader_workers": cfg.data.loader_workers,
+    }
     datamodule: Any
     label_names: list[str] | None = None
     if task == TaskName.pretrain:
@@ -260,18 +290,28 @@ def train(cfg: TrainConfig) -> RunResult:
         datamodule = TaskDataModule(cfg.task, train_path, val_path, tokenizer_json, eos_id, **batch_args)
         if task == TaskName.classification:
             label_names = datamodule.label_names
-    module = build_module(cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names,
-                          eos_id=eos_id)
+    module = build_module(
+        cfg, vocab_size, tokenizer_json, precision, base=base, label_names=label_names, eos_id=eos_id
+    )
     del base  # the module drops its reference once the weights are loaded
 
     # Pretraining rows are always full; fine-tuning batches are padded to their longest example, so
     # throughput counts their positions instead (and energy per token is not reported for them).
     tokens_per_step = t.global_batch_size * seq_len if task == TaskName.pretrain else None
-    flops_model = model_flops_per_token(cfg.model, vocab_size, seq_len,
-                                        weight_grads=method not in FROZEN_BASE_METHODS,
-                                        lm_head=task != TaskName.classification)
-    throughput = ThroughputCallback(tokens_per_step, flops_model, t.log_every_n_steps, t.peak_flops,
-                                    recompute_factor(cfg.strategy, cfg.model.n_layers))
+    flops_model = model_flops_per_token(
+        cfg.model,
+        vocab_size,
+        seq_len,
+        weight_grads=method not in FROZEN_BASE_METHODS,
+        lm_head=task != TaskName.classification,
+    )
+    throughput = ThroughputCallback(
+        tokens_per_step,
+        flops_model,
+        t.log_every_n_steps,
+        t.peak_flops,
+        recompute_factor(cfg.strategy, cfg.model.n_layers),
+    )
     energy = EnergyCallback(cfg.energy, run_dir / "emissions", tokens_per_step)
     last_val = _LastValidation()
     checkpointing = ModelCheckpoint(
@@ -284,8 +324,9 @@ def train(cfg: TrainConfig) -> RunResult:
         every_n_train_steps=t.ckpt_every_n_steps,
         save_last=True,
     )
-    preemption = PreemptionCallback(run_dir / CHECKPOINT_DIRNAME, run_dir / MARKER_NAME,
-                                    signals=(t.preempt_signal, "TERM"))
+    preemption = PreemptionCallback(
+        run_dir / CHECKPOINT_DIRNAME, run_dir / MARKER_NAME, signals=(t.preempt_signal, "TERM")
+    )
     callbacks: list[Callback] = [checkpointing, throughput, last_val, preemption]
     if method == FinetuneMethod.unfreeze:
         callbacks.append(GradualUnfreezing(cfg.model.n_layers, cfg.finetune.unfreeze_every_n_steps))
@@ -295,7 +336,9 @@ def train(cfg: TrainConfig) -> RunResult:
         callbacks.append(RichProgressBar(leave=True))
 
     # Before the Trainer exists: rank from the launcher's environment (torchrun, srun, Lightning).
-    is_zero = all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+    is_zero = all(
+        int(os.environ.get(k, "0")) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    )
     loggers = build_loggers(cfg.logger, run_dir, cfg.name, to_plain(cfg), resume_step, is_zero, last_row)
     trainer = L.Trainer(
         accelerator=t.accelerator,
@@ -342,8 +385,16 @@ def train(cfg: TrainConfig) -> RunResult:
 
     sample = ""
     if task != TaskName.classification:  # a classifier has no language-model head to sample from
-        sample = sample_text(module.model, tokenizer_json, t.sample_prompt, t.sample_tokens, eos_id,
-                             trainer.strategy.root_device, precision, cfg.seed)
+        sample = sample_text(
+            module.model,
+            tokenizer_json,
+            t.sample_prompt,
+            t.sample_tokens,
+            eos_id,
+            trainer.strategy.root_device,
+            precision,
+            cfg.seed,
+        )
     summary: dict[str, Any] = {}
     if trainer.is_global_zero:
         perf = throughput.summary()
@@ -378,4 +429,3 @@ def train(cfg: TrainConfig) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(summary=summary, sample=sample, run_dir=run_dir, module=module)
-

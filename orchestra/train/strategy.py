@@ -52,8 +52,11 @@ def recompute_factor(st: StrategyConfig, n_layers: int) -> float:
     """Hardware FLOPs / model FLOPs: recomputed forwards count as hardware work (HFU)."""
     if st.activation_checkpointing == ActivationCheckpointing.none:
         return 1.0
-    checkpointed = n_layers if st.activation_checkpointing == ActivationCheckpointing.full else len(
-        range(0, n_layers, st.ac_every_k))
+    checkpointed = (
+        n_layers
+        if st.activation_checkpointing == ActivationCheckpointing.full
+        else len(range(0, n_layers, st.ac_every_k))
+    )
     # A training step is 1 forward + 2 backward units; each recomputed block adds one forward.
     return (3.0 + checkpointed / n_layers) / 3.0
 
@@ -79,7 +82,9 @@ def decoder_of(model: nn.Module) -> Any:
     return model if hasattr(model, "layers") else decoder_of(model.model)  # type: ignore[arg-type]
 
 
-def parallelize(model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None
+) -> nn.Module:
     """Apply activation checkpointing, compile and (FSDP2) sharding to the plain model, in place."""
     apply_activation_checkpointing(model, st.activation_checkpointing, st.ac_every_k)
     if st.compile:
@@ -117,7 +122,9 @@ def _hybrid_mesh(mesh: Any) -> Any:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
     nodes = mesh.size() // per_node
     if nodes * per_node != mesh.size():
-        raise ConfigError(f"strategy.hybrid_shard: world size {mesh.size()} is not nodes x {per_node} devices")
+        raise ConfigError(
+            f"strategy.hybrid_shard: world size {mesh.size()} is not nodes x {per_node} devices"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return init_device_mesh(device, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
 
@@ -200,8 +207,10 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
         return DDPStrategy(gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False)
     if st.name == StrategyName.fsdp:
         if st.cpu_offload and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
-            raise ConfigError("strategy.cpu_offload: moves parameters and optimizer state from GPU memory to the "
-                              "CPU, and this run has no GPU; set strategy.cpu_offload=false")
+            raise ConfigError(
+                "strategy.cpu_offload: moves parameters and optimizer state from GPU memory to the "
+                "CPU, and this run has no GPU; set strategy.cpu_offload=false"
+            )
         return AtomicModelParallelStrategy(
             data_parallel_size=world_size_of(cfg), tensor_parallel_size=1, save_distributed_checkpoint=True
         )

@@ -16,8 +16,9 @@ from orchestra.train.checkpoint import CheckpointError, load_model_from_checkpoi
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestra.cli.generate", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestra.cli.generate", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_greedy_sample_equals_model_argmax_decoding(trained_run: Path) -> None:
@@ -32,15 +33,22 @@ def test_greedy_sample_equals_model_argmax_decoding(trained_run: Path) -> None:
             tokens = torch.cat([tokens, nxt], dim=1)
     eos = tokenizer.token_to_id("<|endoftext|>")
     ref = tokens[0].tolist()
-    if eos in ref[len(ids):]:
+    if eos in ref[len(ids) :]:
         ref = ref[: ref.index(eos, len(ids)) + 1]
     assert text == tokenizer.decode(ref)
     assert text.startswith("def")
 
 
 def test_cli_samples_reproducibly(trained_run: Path) -> None:
-    args = [f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", "prompt=import", "max_new_tokens=16",
-            "temperature=0.9", "top_p=0.9", "top_k=20", "seed=7"]
+    args = [
+        f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "prompt=import",
+        "max_new_tokens=16",
+        "temperature=0.9",
+        "top_p=0.9",
+        "top_k=20",
+        "seed=7",
+    ]
     first, second = cli(*args), cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("import")
@@ -97,7 +105,7 @@ def greedy_reference(model: torch.nn.Module, ids: list[int], n: int, eos: int) -
         for _ in range(n):
             tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
     ref = tokens[0].tolist()
-    return ref[: ref.index(eos, len(ids)) + 1] if eos in ref[len(ids):] else ref
+    return ref[: ref.index(eos, len(ids)) + 1] if eos in ref[len(ids) :] else ref
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "prompt"])
@@ -121,14 +129,18 @@ def test_peft_checkpoints_load_and_sample(peft_base: Path, tmp_path: Path, metho
 
     text = sample(GenerateConfig(ckpt=str(ckpt), prompt="def add", max_new_tokens=10, temperature=0.0))
     ids = tokenizer.encode("def add").ids
-    assert text == tokenizer.decode(greedy_reference(reference, ids, 10, tokenizer.token_to_id("<|endoftext|>")))
+    assert text == tokenizer.decode(
+        greedy_reference(reference, ids, 10, tokenizer.token_to_id("<|endoftext|>"))
+    )
 
     if method == "prompt":  # the soft prompt's positions are not the prompt's to use
         room = context_length(model)
         words = "x " * 200
         long_ids = tokenizer.encode(words).ids
         fits_base_only = tokenizer.decode(long_ids[: room + 1])
-        with pytest.raises(ValueError, match=rf"context of {room} tokens \(model.max_seq_len less {VIRTUAL} soft"):
+        with pytest.raises(
+            ValueError, match=rf"context of {room} tokens \(model.max_seq_len less {VIRTUAL} soft"
+        ):
             sample(GenerateConfig(ckpt=str(ckpt), prompt=fits_base_only, temperature=0.0))
         assert len(tokenizer.encode(fits_base_only).ids) < 64  # it would have fitted the base model
 

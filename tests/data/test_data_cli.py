@@ -9,8 +9,14 @@ from pathlib import Path
 
 
 def run_prepare(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestra.cli.prepare", *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestra.cli.prepare", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_prepare_cli_files_corpus(tmp_path: Path) -> None:
@@ -18,7 +24,9 @@ def test_prepare_cli_files_corpus(tmp_path: Path) -> None:
     corpus.mkdir()
     for i in range(12):
         (corpus / f"part{i}.jsonl").write_text(
-            "\n".join(json.dumps({"text": f"record {j} of part {i}: all the world's a stage"}) for j in range(5))
+            "\n".join(
+                json.dumps({"text": f"record {j} of part {i}: all the world's a stage"}) for j in range(5)
+            )
         )
     cache = tmp_path / "cache"
     args = ("data=files", f"data.paths=[{corpus}/*.jsonl]", f"data.cache_dir={cache}", "data.vocab_size=300")
@@ -40,7 +48,9 @@ def test_prepare_cli_files_corpus(tmp_path: Path) -> None:
 
 
 def test_prepare_cli_reports_a_missing_path(tmp_path: Path) -> None:
-    proc = run_prepare(tmp_path, "data=files", f"data.paths=[{tmp_path}/none/*.txt]", f"data.cache_dir={tmp_path}")
+    proc = run_prepare(
+        tmp_path, "data=files", f"data.paths=[{tmp_path}/none/*.txt]", f"data.cache_dir={tmp_path}"
+    )
     assert proc.returncode == 2
     assert "matches no" in proc.stdout and "none/*.txt" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -15,7 +15,22 @@ from orchestra.config import ConfigError, DataConfig, DataSource
 from orchestra.data.datamodule import TokenDataModule, realign_loop_progress
 from orchestra.data.pack import prepare_dataset
 
-WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind", "suffer"]
+WORDS = [
+    "to",
+    "be",
+    "or",
+    "not",
+    "that",
+    "is",
+    "the",
+    "question",
+    "whether",
+    "tis",
+    "nobler",
+    "in",
+    "mind",
+    "suffer",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +39,27 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = random.Random(0)
     for i in range(30):
         (root / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(150)))
-    cfg = DataConfig(name="dm", source=DataSource.files, paths=[str(root / "*.txt")],
-                     cache_dir=str(root / "cache"), vocab_size=300, tokenize_workers=1)
+    cfg = DataConfig(
+        name="dm",
+        source=DataSource.files,
+        paths=[str(root / "*.txt")],
+        cache_dir=str(root / "cache"),
+        vocab_size=300,
+        tokenize_workers=1,
+    )
     return prepare_dataset(cfg, seed=1)
 
 
 def module(dataset_dir: Path, **kw: Any) -> TokenDataModule:
-    args: dict[str, Any] = dict(seq_len=8, micro_batch_size=2, global_batch_size=8, seed=7, max_steps=10,
-                                val_batches=2, loader_workers=0)
+    args: dict[str, Any] = dict(
+        seq_len=8,
+        micro_batch_size=2,
+        global_batch_size=8,
+        seed=7,
+        max_steps=10,
+        val_batches=2,
+        loader_workers=0,
+    )
     args.update(kw)
     return TokenDataModule(dataset_dir, **args)
 
@@ -60,10 +88,15 @@ def test_state_guard_refuses_another_seed_or_global_batch(dataset_dir: Path) -> 
 
 
 def test_realign_loop_progress_rescales_micro_batch_counters() -> None:
-    progress = {"total": {"ready": 12, "completed": 11, "started": 12, "processed": 12},
-                "current": {"ready": 12, "completed": 11, "started": 12, "processed": 12}}
-    ckpt = {"global_step": 3, "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}},
-            "TokenDataModule": {"accumulation": 4}}
+    progress = {
+        "total": {"ready": 12, "completed": 11, "started": 12, "processed": 12},
+        "current": {"ready": 12, "completed": 11, "started": 12, "processed": 12},
+    }
+    ckpt = {
+        "global_step": 3,
+        "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}},
+        "TokenDataModule": {"accumulation": 4},
+    }
     realign_loop_progress(ckpt, accumulation=8)
     assert progress["total"] == {"ready": 24, "completed": 23, "started": 24, "processed": 24}
     assert progress["current"]["completed"] == 23
@@ -89,16 +122,32 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _fit(dataset_dir: Path, steps: int, micro: int, ckpt_dir: Path, ckpt: str | None = None,
-         every: int | None = None) -> dict[int, list[tuple[int, ...]]]:
+def _fit(
+    dataset_dir: Path,
+    steps: int,
+    micro: int,
+    ckpt_dir: Path,
+    ckpt: str | None = None,
+    every: int | None = None,
+) -> dict[int, list[tuple[int, ...]]]:
     model = _Recorder()
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1)] if every else []
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, max_epochs=-1, accumulate_grad_batches=8 // micro,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-        enable_checkpointing=bool(every), use_distributed_sampler=False, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=steps,
+        max_epochs=-1,
+        accumulate_grad_batches=8 // micro,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(every),
+        use_distributed_sampler=False,
+        limit_val_batches=0,
     )
-    trainer.fit(model, datamodule=module(dataset_dir, micro_batch_size=micro, max_steps=steps), ckpt_path=ckpt)
+    trainer.fit(
+        model, datamodule=module(dataset_dir, micro_batch_size=micro, max_steps=steps), ckpt_path=ckpt
+    )
     assert trainer.global_step == steps
     return {k: sorted(v) for k, v in model.seen.items()}
 

@@ -19,7 +19,22 @@ from orchestra.data.pack import choose_val_documents, prepare_dataset, token_dty
 from orchestra.data.sources import files_corpus
 from orchestra.data.tokenizer import load_tokenizer
 
-WORDS = ["the", "king", "queen", "crown", "sword", "love", "death", "night", "day", "speak", "thou", "art", "my", "lord"]
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "crown",
+    "sword",
+    "love",
+    "death",
+    "night",
+    "day",
+    "speak",
+    "thou",
+    "art",
+    "my",
+    "lord",
+]
 
 
 def write_corpus(root: Path, n_docs: int = 24, words: int = 60, seed: int = 0) -> Path:
@@ -35,8 +50,14 @@ def write_corpus(root: Path, n_docs: int = 24, words: int = 60, seed: int = 0) -
 
 
 def config(tmp_path: Path, corpus: Path, **overrides: object) -> DataConfig:
-    cfg = DataConfig(name="tiny", source=DataSource.files, paths=[str(corpus / "*.txt")],
-                     cache_dir=str(tmp_path / "cache"), vocab_size=300, tokenize_workers=1)
+    cfg = DataConfig(
+        name="tiny",
+        source=DataSource.files,
+        paths=[str(corpus / "*.txt")],
+        cache_dir=str(tmp_path / "cache"),
+        vocab_size=300,
+        tokenize_workers=1,
+    )
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -44,8 +65,10 @@ def config(tmp_path: Path, corpus: Path, **overrides: object) -> DataConfig:
 
 def split_tokens(dataset_dir: Path, split: str) -> np.ndarray:
     manifest = load_manifest(dataset_dir)
-    parts = [np.fromfile(dataset_dir / s["file"], dtype=np.dtype(manifest["dtype"]))
-             for s in manifest["splits"][split]["shards"]]
+    parts = [
+        np.fromfile(dataset_dir / s["file"], dtype=np.dtype(manifest["dtype"]))
+        for s in manifest["splits"][split]["shards"]
+    ]
     return np.concatenate(parts)
 
 
@@ -62,8 +85,10 @@ def test_round_trip_across_shards(tmp_path: Path) -> None:
     eos = manifest["eos_id"]
     docs = list(files_corpus(cfg.paths).documents())
     val_ids = set(manifest["split"]["val_documents"])
-    for split, members in (("train", [d for i, d in enumerate(docs) if i not in val_ids]),
-                           ("val", [d for i, d in enumerate(docs) if i in val_ids])):
+    for split, members in (
+        ("train", [d for i, d in enumerate(docs) if i not in val_ids]),
+        ("val", [d for i, d in enumerate(docs) if i in val_ids]),
+    ):
         stream = split_tokens(out, split)
         assert stream[-1] == eos
         pieces = np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]
@@ -127,6 +152,7 @@ def test_concurrent_prepares_build_once(tmp_path: Path, monkeypatch: pytest.Monk
         real_build(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pack, "_build", counting_build)
+
     def call(results: list[Path], force: bool) -> None:
         results.append(prepare_dataset(cfg, seed=1, force=force))
 
@@ -184,10 +210,16 @@ def test_long_document_packs_and_round_trips(tmp_path: Path) -> None:
     tok = load_tokenizer(out)
     ids = tok.encode(long_doc).ids
     assert len(ids) > 10 * 64  # far longer than the context below
-    stream = split_tokens(out, "train") if "long.txt" not in load_manifest(out)["split"].get(
-        "val_document_names", []) else split_tokens(out, "val")
-    starts = [i for i in range(len(stream) - len(ids) + 1) if stream[i] == ids[0] and
-              stream[i:i + len(ids)].tolist() == ids]
+    stream = (
+        split_tokens(out, "train")
+        if "long.txt" not in load_manifest(out)["split"].get("val_document_names", [])
+        else split_tokens(out, "val")
+    )
+    starts = [
+        i
+        for i in range(len(stream) - len(ids) + 1)
+        if stream[i] == ids[0] and stream[i : i + len(ids)].tolist() == ids
+    ]
     assert starts and stream[starts[0] + len(ids)] == 0  # whole, then EOS
     ds = PackedDataset(out, "train", seq_len=64)
     x, y = ds[len(ds) - 1]
@@ -297,8 +329,16 @@ def test_omegaconf_node_is_accepted(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=10)
-    node = OmegaConf.create({"name": "node", "source": "files", "paths": [str(corpus / "*.txt")],
-                             "cache_dir": str(tmp_path / "cache"), "vocab_size": 300, "tokenize_workers": 1})
+    node = OmegaConf.create(
+        {
+            "name": "node",
+            "source": "files",
+            "paths": [str(corpus / "*.txt")],
+            "cache_dir": str(tmp_path / "cache"),
+            "vocab_size": 300,
+            "tokenize_workers": 1,
+        }
+    )
     assert (prepare_dataset(node, seed=1) / "manifest.json").is_file()  # type: ignore[arg-type]
 
 

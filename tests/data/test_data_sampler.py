@@ -25,9 +25,14 @@ def fake_dataset(root: Path, train: np.ndarray, val: np.ndarray, shard_tokens: i
         writer = ShardWriter(root, split, np.dtype("<u2"), shard_tokens)
         writer.write(tokens)
         splits[split] = writer.close()
-    manifest = {"format_version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": 65536, "eos_id": 0,
-                "tokenizer": {"file": "tokenizer.json", "sha256": file_sha256(root / "tokenizer.json")},
-                "splits": splits}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "vocab_size": 65536,
+        "eos_id": 0,
+        "tokenizer": {"file": "tokenizer.json", "sha256": file_sha256(root / "tokenizer.json")},
+        "splits": splits,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -67,8 +72,9 @@ def test_dataset_pickles_without_its_memmaps(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- GlobalBatchSampler
 
 
-def make(n: int = 50, G: int = 8, m: int = 2, rank: int = 0, W: int = 1, seed: int = 0, T: int = 20,
-         start: int = 0) -> GlobalBatchSampler:
+def make(
+    n: int = 50, G: int = 8, m: int = 2, rank: int = 0, W: int = 1, seed: int = 0, T: int = 20, start: int = 0
+) -> GlobalBatchSampler:
     return GlobalBatchSampler(n, G, m, rank, W, seed, T, start)
 
 
@@ -95,7 +101,7 @@ def test_resume_at_same_world_size_continues_exactly() -> None:
     full = list(make(W=2, rank=1, T=20))
     a = make(W=2).accumulation
     for k in (0, 1, 7, 19, 20):
-        assert list(make(W=2, rank=1, T=20, start=k)) == full[k * a:]
+        assert list(make(W=2, rank=1, T=20, start=k)) == full[k * a :]
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])
@@ -106,13 +112,14 @@ def test_step_union_is_identical_for_any_world_size(m: int) -> None:
             assert per_step(n=37, G=16, m=m, W=W, seed=3, T=12) == reference
             # resuming at another world size continues with the same data
             assert per_step(n=37, G=16, m=m, W=W, seed=3, T=12, start=5) == {
-                k: v for k, v in reference.items() if k >= 5}
+                k: v for k, v in reference.items() if k >= 5
+            }
 
 
 def test_ranks_are_disjoint_within_a_step() -> None:
     batches = [list(make(n=1000, G=16, m=2, rank=r, W=4, T=3)) for r in range(4)]
     for step in range(3):
-        seen = [i for r in range(4) for b in batches[r][step * 2:(step + 1) * 2] for i in b]
+        seen = [i for r in range(4) for b in batches[r][step * 2 : (step + 1) * 2] for i in b]
         assert len(seen) == len(set(seen)) == 16
 
 
@@ -121,7 +128,7 @@ def test_indices_in_range_and_epochs_wrap_as_fresh_permutations() -> None:
     sampler = make(n=n, G=G, m=2, T=15)  # 60 samples = 6 epochs of 10
     stream = [i for batch in sampler for i in batch]
     assert all(0 <= i < n for i in stream)
-    epochs = [stream[e * n:(e + 1) * n] for e in range(6)]
+    epochs = [stream[e * n : (e + 1) * n] for e in range(6)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(n))  # each pass sees every sample once
     assert len({tuple(e) for e in epochs}) > 1  # and reshuffles
@@ -170,7 +177,9 @@ def test_val_set_is_the_same_at_every_world_size(W: int) -> None:
 
 
 def test_val_sampler_shrinks_or_refuses_a_small_split() -> None:
-    assert len(ValBatchSampler(10, 2, 0, 2, batches=20)) == 2  # 5 micro-batches fit, rounded to 4 = 2 per rank
+    assert (
+        len(ValBatchSampler(10, 2, 0, 2, batches=20)) == 2
+    )  # 5 micro-batches fit, rounded to 4 = 2 per rank
     assert ValBatchSampler(100, 2, 0, 4, batches=6).total_batches == 4  # rounded down to a multiple of W
     with pytest.raises(DataError, match="val split has 3 samples, fewer than"):
         ValBatchSampler(3, 2, 0, 2, batches=1)

@@ -113,8 +113,9 @@ def test_stdlib_corpus_excludes_tests_and_site_packages() -> None:
     assert any(f.name == "os.py" for f in corpus.files)
 
 
-def test_unreachable_index_falls_back_to_stdlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_index_falls_back_to_stdlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # Point pip at a closed local port and ignore every pip config/find-links, as offline.
     for key in [k for k in os.environ if k.startswith("PIP_")]:
         monkeypatch.delenv(key)

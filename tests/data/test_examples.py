@@ -49,9 +49,11 @@ def records(root: Path, task: str, split: str) -> list[dict[str, Any]]:
 
 
 def test_parse_speeches_drops_tags_directions_and_front_matter() -> None:
-    text = ("HAMLET\n\nPERSONS REPRESENTED.\n\nClaudius, King of Denmark.\n\nACT I.\n\nScene I. Elsinore.\n\n"
-            "[Enter Bernardo.]\n\nBer.\nWho's there?\n\nFran.\nNay, answer me: stand, [Aside] and unfold yourself.\n"
-            "Long live the king!\n\n[Exit.]\n\nCHORUS.\n\nO for a Muse of fire\n\nTHESEUS\n    Either to die the death\n")
+    text = (
+        "HAMLET\n\nPERSONS REPRESENTED.\n\nClaudius, King of Denmark.\n\nACT I.\n\nScene I. Elsinore.\n\n"
+        "[Enter Bernardo.]\n\nBer.\nWho's there?\n\nFran.\nNay, answer me: stand, [Aside] and unfold yourself.\n"
+        "Long live the king!\n\n[Exit.]\n\nCHORUS.\n\nO for a Muse of fire\n\nTHESEUS\n    Either to die the death\n"
+    )
     speeches = ex.parse_speeches(text)
     assert [(s.speaker, s.lines) for s in speeches] == [
         ("Ber", ("Who's there?",)),
@@ -64,15 +66,38 @@ def test_parse_speeches_drops_tags_directions_and_front_matter() -> None:
 def test_genre_map_follows_the_folio() -> None:
     # Transcribed independently of the module: the Folio's histories and tragedies (Troilus with
     # the tragedies); every other play, the romances included, is a comedy.
-    histories = {"john", "richard_ii", "henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1",
-                 "henry_vi_part_2", "henry_vi_part_3", "richard_iii", "henry_viii"}
-    tragedies = {"troilus_and_cressida", "coriolanus", "tragedy_of_titus_andronicus", "romeo_and_juliet",
-                 "timon_of_athens", "julius_caesar", "macbeth", "hamlet", "lear", "othello", "antony_and_cleopatra"}
+    histories = {
+        "john",
+        "richard_ii",
+        "henry_iv_part_1",
+        "henry_iv_part_2",
+        "henry_v",
+        "henry_vi_part_1",
+        "henry_vi_part_2",
+        "henry_vi_part_3",
+        "richard_iii",
+        "henry_viii",
+    }
+    tragedies = {
+        "troilus_and_cressida",
+        "coriolanus",
+        "tragedy_of_titus_andronicus",
+        "romeo_and_juliet",
+        "timon_of_athens",
+        "julius_caesar",
+        "macbeth",
+        "hamlet",
+        "lear",
+        "othello",
+        "antony_and_cleopatra",
+    }
     genres = {work: genre for work, (_, genre) in ex.PLAYS.items()}
     assert {w for w, g in genres.items() if g == "history"} == histories
     assert {w for w, g in genres.items() if g == "tragedy"} == tragedies
     assert Counter(genres.values()) == {"comedy": 16, "history": 10, "tragedy": 11}
-    assert genres["tempest"] == genres["pericles"] == genres["cymbeline"] == genres["winters_tale"] == "comedy"
+    assert (
+        genres["tempest"] == genres["pericles"] == genres["cymbeline"] == genres["winters_tale"] == "comedy"
+    )
     assert not ex.POEMS & set(ex.PLAYS)
 
 
@@ -92,7 +117,9 @@ def test_counts_sizes_and_manifest(built: Path, corpus: Corpus) -> None:
     assert sorted(p.name for p in built.iterdir()) == ["classification", "dpo", "manifest.json", "sft"]
 
 
-def test_two_builds_are_byte_identical_and_the_seed_matters(built: Path, corpus: Corpus, tmp_path: Path) -> None:
+def test_two_builds_are_byte_identical_and_the_seed_matters(
+    built: Path, corpus: Corpus, tmp_path: Path
+) -> None:
     again = ex.build_examples(tmp_path / "again", corpus)
     other = ex.build_examples(tmp_path / "other", corpus, seed=7)
     for task in ex.TASKS:
@@ -152,8 +179,9 @@ def test_the_stdlib_fallback_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_ensure_examples_builds_once(shakespeare_cache: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ensure_examples_builds_once(
+    shakespeare_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(shakespeare_cache / "_sources", cache / "_sources")  # the corpus, not the examples
     builds: list[Path] = []
@@ -177,24 +205,42 @@ def test_ensure_examples_builds_once(shakespeare_cache: Path, tmp_path: Path,
     train, val = ex.example_paths(cache, "dpo")
     assert train == results[0] / "dpo" / "train.jsonl" and val.is_file() and len(builds) == 1
     assert resolve_task_paths(TaskConfig(name=TaskName.sft), cache) == ex.example_paths(cache, "sft")
-    assert ex.ensure_examples(cache, seed=7) == cache / f"examples-v{ex.EXAMPLES_VERSION}-shakespeare0.6-seed7"
+    assert (
+        ex.ensure_examples(cache, seed=7) == cache / f"examples-v{ex.EXAMPLES_VERSION}-shakespeare0.6-seed7"
+    )
     assert len(builds) == 2
     with pytest.raises(DataError, match="no bundled examples for 'pretrain'"):
         ex.example_paths(cache, "pretrain")
 
 
-def test_cli_in_a_fresh_interpreter_writes_the_same_bytes(shakespeare_cache: Path, built: Path,
-                                                            tmp_path: Path) -> None:
+def test_cli_in_a_fresh_interpreter_writes_the_same_bytes(
+    shakespeare_cache: Path, built: Path, tmp_path: Path
+) -> None:
     """Another process (another str hash seed) must draw the same examples."""
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "orchestra.data.examples", "--out", str(out), "--cache-dir",
-                           str(shakespeare_cache)], capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "PYTHONHASHSEED": "random"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestra.data.examples",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(shakespeare_cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONHASHSEED": "random"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "classification/train.jsonl" in proc.stdout
     for task in ex.TASKS:
         for split in ex.SPLITS:
-            assert (out / task / f"{split}.jsonl").read_bytes() == (built / task / f"{split}.jsonl").read_bytes()
+            assert (out / task / f"{split}.jsonl").read_bytes() == (
+                built / task / f"{split}.jsonl"
+            ).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +251,20 @@ def tokenizer(corpus: Corpus) -> Tokenizer:
 @pytest.mark.parametrize("task", ["sft", "classification", "dpo"])
 def test_the_bundled_examples_load_in_the_datamodule(built: Path, tokenizer: Tokenizer, task: str) -> None:
     _, eos_id = find_eos(tokenizer)
-    dm = TaskDataModule(TaskConfig(name=TaskName(task)), built / task / "train.jsonl", built / task / "val.jsonl",
-                        tokenizer.to_str(), eos_id, seq_len=128, micro_batch_size=4, global_batch_size=8, seed=1,
-                        max_steps=2, val_batches=2, loader_workers=0)
+    dm = TaskDataModule(
+        TaskConfig(name=TaskName(task)),
+        built / task / "train.jsonl",
+        built / task / "val.jsonl",
+        tokenizer.to_str(),
+        eos_id,
+        seq_len=128,
+        micro_batch_size=4,
+        global_batch_size=8,
+        seed=1,
+        max_steps=2,
+        val_batches=2,
+        loader_workers=0,
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["tokens"].shape[0] == (8 if task == "dpo" else 4)
     if task == "classification":

@@ -33,8 +33,30 @@ from orchestra.data.tasks import (
 )
 from orchestra.data.tokenizer import EOS_TOKEN, train_bpe
 
-WORDS = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind",
-         "suffer", "slings", "arrows", "outrageous", "fortune", "sea", "troubles", "Hamlet", "Ophelia"]
+WORDS = [
+    "to",
+    "be",
+    "or",
+    "not",
+    "that",
+    "is",
+    "the",
+    "question",
+    "whether",
+    "tis",
+    "nobler",
+    "in",
+    "mind",
+    "suffer",
+    "slings",
+    "arrows",
+    "outrageous",
+    "fortune",
+    "sea",
+    "troubles",
+    "Hamlet",
+    "Ophelia",
+]
 EOS_ID = 0
 
 # A small ChatML-like template in the Hugging Face style (trim_blocks / lstrip_blocks apply).
@@ -77,46 +99,73 @@ def test_sft_mask_covers_exactly_the_response(tokenizer: Tokenizer) -> None:
     full = tokenizer.decode(ids, skip_special_tokens=False)
     assert full == f"<|user|>\n{example['prompt']}\n<|assistant|>\n{example['response']}\n{EOS_TOKEN}"
     # The prompt form is the two-message conversation.
-    assert encode_sft([{"role": "user", "content": example["prompt"]},
-                       {"role": "assistant", "content": example["response"]}], tokenizer, EOS_ID) == (ids, labels)
+    assert encode_sft(
+        [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["response"]},
+        ],
+        tokenizer,
+        EOS_ID,
+    ) == (ids, labels)
 
 
 def test_multi_turn_plain_template_trains_every_assistant_turn(tokenizer: Tokenizer) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "to be"},
-                {"role": "assistant", "content": "or not"}, {"role": "user", "content": "the question"},
-                {"role": "assistant", "content": "tis nobler"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "to be"},
+        {"role": "assistant", "content": "or not"},
+        {"role": "user", "content": "the question"},
+        {"role": "assistant", "content": "tis nobler"},
+    ]
     segments = render_chat(messages)
-    assert [text for text, trained in segments if trained] == ["or not\n", EOS_TOKEN, "tis nobler\n", EOS_TOKEN]
+    assert [text for text, trained in segments if trained] == [
+        "or not\n",
+        EOS_TOKEN,
+        "tis nobler\n",
+        EOS_TOKEN,
+    ]
     ids, labels = encode_sft({"messages": messages}, tokenizer, EOS_ID)
     assert trained_text(tokenizer, ids, labels) == f"or not\n{EOS_TOKEN}tis nobler\n{EOS_TOKEN}"
     assert tokenizer.decode(ids, skip_special_tokens=False) == "".join(text for text, _ in segments)
 
 
 def test_user_jinja_template_masks_exactly_the_assistant_spans(tokenizer: Tokenizer) -> None:
-    messages = [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "to be?"},
-                {"role": "assistant", "content": "or not to be"}, {"role": "user", "content": "and then?"},
-                {"role": "assistant", "content": "that is the question"}]
+    messages = [
+        {"role": "system", "content": "Answer in verse."},
+        {"role": "user", "content": "to be?"},
+        {"role": "assistant", "content": "or not to be"},
+        {"role": "user", "content": "and then?"},
+        {"role": "assistant", "content": "that is the question"},
+    ]
     segments = render_chat(messages, CHATML)
     full = "".join(text for text, _ in segments)
-    assert full == ("<|im_start|>system\nAnswer in verse.<|im_end|>\n<|im_start|>user\nto be?<|im_end|>\n"
-                    "<|im_start|>assistant\nor not to be<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n"
-                    "<|im_start|>assistant\nthat is the question<|im_end|>\n")
-    assert [text for text, trained in segments if trained] == ["or not to be<|im_end|>\n",
-                                                              "that is the question<|im_end|>\n"]
+    assert full == (
+        "<|im_start|>system\nAnswer in verse.<|im_end|>\n<|im_start|>user\nto be?<|im_end|>\n"
+        "<|im_start|>assistant\nor not to be<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n"
+        "<|im_start|>assistant\nthat is the question<|im_end|>\n"
+    )
+    assert [text for text, trained in segments if trained] == [
+        "or not to be<|im_end|>\n",
+        "that is the question<|im_end|>\n",
+    ]
     ids, labels = encode_sft({"messages": messages}, tokenizer, EOS_ID, CHATML)
     # The template has no EOS of its own: one trained EOS is added after the last response.
     assert trained_text(tokenizer, ids, labels) == (
-        "or not to be<|im_end|>\nthat is the question<|im_end|>\n" + EOS_TOKEN)
+        "or not to be<|im_end|>\nthat is the question<|im_end|>\n" + EOS_TOKEN
+    )
     assert tokenizer.decode(ids, skip_special_tokens=False) == full + EOS_TOKEN
-    untrained = tokenizer.decode([i for i, y in zip(ids, labels, strict=True) if y == IGNORE_INDEX],
-                                 skip_special_tokens=False)
+    untrained = tokenizer.decode(
+        [i for i, y in zip(ids, labels, strict=True) if y == IGNORE_INDEX], skip_special_tokens=False
+    )
     assert "or not" not in untrained and "question" not in untrained and "and then?" in untrained
 
 
 def test_template_with_its_own_eos_gets_no_second_one(tokenizer: Tokenizer) -> None:
-    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}\n{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}assistant: {% endif %}")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     ids, labels = encode_sft({"prompt": "to be", "response": "or not"}, tokenizer, EOS_ID, template)
     assert ids.count(EOS_ID) == 1 and ids[-1] == EOS_ID
     assert trained_text(tokenizer, ids, labels) == "or not" + EOS_TOKEN
@@ -128,7 +177,9 @@ def test_bad_templates_are_refused(tokenizer: Tokenizer) -> None:
         encode_sft(example, tokenizer, EOS_ID, "{% for m in messages %}")
     with pytest.raises(DataError, match=r"task\.chat_template: .*cannot be located"):
         # Renders the conversation newest first: a prefix render is not a prefix of the whole.
-        encode_sft(example, tokenizer, EOS_ID, "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}")
+        encode_sft(
+            example, tokenizer, EOS_ID, "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"
+        )
     with pytest.raises(DataError, match=r"task\.chat_template: rendering failed \(no system\)"):
         encode_sft(example, tokenizer, EOS_ID, "{{ raise_exception('no system') }}")
 
@@ -161,7 +212,7 @@ def test_packed_rows_keep_targets_inside_their_example() -> None:
         # 1, 1, ..., 2, 2, ..., 0, 0: contiguous, increasing from 1, padding only at the end
         nonzero = seg[seg > 0].tolist()
         assert nonzero == sorted(nonzero) and set(nonzero) == set(range(1, n_seg + 1))
-        assert (seg[len(nonzero):] == 0).all()
+        assert (seg[len(nonzero) :] == 0).all()
         assert (tokens[seg == 0] == EOS_ID).all() and (labels[seg == 0] == IGNORE_INDEX).all()
         for s in range(1, n_seg + 1):
             recovered.append((tokens[seg == s].tolist(), labels[seg == s].tolist()))
@@ -225,15 +276,22 @@ def test_dpo_collate_stacks_chosen_then_rejected_with_a_shared_prompt_mask() -> 
     assert set(ds[0]) == {"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels"}
     batch = collate_dpo([ds[0], ds[1]], pad_id=EOS_ID)
     assert batch["tokens"].shape == batch["labels"].shape == (4, 7)  # longest: 3 + 4 + EOS - 1
-    assert batch["tokens"][0, :4].tolist() == [1, 2, 3, 4] and batch["tokens"][2, :6].tolist() == [1, 2, 3, 6, 7, 8]
+    assert batch["tokens"][0, :4].tolist() == [1, 2, 3, 4] and batch["tokens"][2, :6].tolist() == [
+        1,
+        2,
+        3,
+        6,
+        7,
+        8,
+    ]
     for i, (prompt, chosen, rejected) in enumerate(triples):
         chosen_labels, rejected_labels = batch["labels"][i], batch["labels"][2 + i]
         p = len(prompt) - 1
         assert (chosen_labels[:p] == IGNORE_INDEX).all() and (rejected_labels[:p] == IGNORE_INDEX).all()
-        assert chosen_labels[p:].tolist()[:len(chosen) + 1] == [*chosen, EOS_ID]
-        assert rejected_labels[p:].tolist()[:len(rejected) + 1] == [*rejected, EOS_ID]
-        assert (chosen_labels[p + len(chosen) + 1:] == IGNORE_INDEX).all()
-        assert torch.equal(batch["tokens"][i, :p + 1], batch["tokens"][2 + i, :p + 1])  # the same prompt
+        assert chosen_labels[p:].tolist()[: len(chosen) + 1] == [*chosen, EOS_ID]
+        assert rejected_labels[p:].tolist()[: len(rejected) + 1] == [*rejected, EOS_ID]
+        assert (chosen_labels[p + len(chosen) + 1 :] == IGNORE_INDEX).all()
+        assert torch.equal(batch["tokens"][i, : p + 1], batch["tokens"][2 + i, : p + 1])  # the same prompt
 
 
 # --------------------------------------------------------------------------- bad records
@@ -257,9 +315,16 @@ BAD = [
     ("sft", json.dumps({"prompt": "to be", "response": 3}), "field 'response' is int, expected a string"),
     ("sft", json.dumps({"prompt": "  ", "response": "or not"}), "field 'prompt' is empty"),
     ("sft", json.dumps({"prompt": "to be", "response": ""}), "field 'response' is empty"),
-    ("sft", json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}),
-     r"messages\[1\]: unknown role 'bot'"),
-    ("sft", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "must end with an assistant message"),
+    (
+        "sft",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}),
+        r"messages\[1\]: unknown role 'bot'",
+    ),
+    (
+        "sft",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        "must end with an assistant message",
+    ),
     ("sft", json.dumps({"messages": []}), "non-empty list"),
     ("classification", json.dumps({"text": "to be"}), "missing field 'label'"),
     ("classification", json.dumps({"text": ["to be"], "label": "a"}), "field 'text' is list"),
@@ -274,7 +339,9 @@ READERS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize(("task", "line", "message"), BAD, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("task", "line", "message"), BAD, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(BAD)]
+)
 def test_a_bad_record_names_file_and_line(tmp_path: Path, task: str, line: str, message: str) -> None:
     path = write_lines(tmp_path / "bad.jsonl", [GOOD[task], "", line, GOOD[task]])  # blank line 2
     before = sorted(tmp_path.iterdir())
@@ -294,7 +361,9 @@ def test_empty_and_missing_files_are_refused(tmp_path: Path, task: str) -> None:
 
 def test_invalid_utf8_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(GOOD["sft"].encode() + b"\n" + '{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
+    path.write_bytes(
+        GOOD["sft"].encode() + b"\n" + '{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1")
+    )
     with pytest.raises(DataError, match=rf"{re.escape(str(path))}: invalid UTF-8"):
         read_sft(path)
 
@@ -311,15 +380,28 @@ def write_task_files(root: Path, n_train: int = 48, n_val: int = 16) -> dict[str
             records: list[dict[str, Any]] = []
             for i in range(n):
                 if task == "sft":
-                    record: dict[str, Any] = {"prompt": sentence(rng, rng.randint(2, 8)),
-                                              "response": sentence(rng, rng.randint(1, 6))}
+                    record: dict[str, Any] = {
+                        "prompt": sentence(rng, rng.randint(2, 8)),
+                        "response": sentence(rng, rng.randint(1, 6)),
+                    }
                     if i % 5 == 0:
-                        record = {"messages": [{"role": "user", "content": record["prompt"]},
-                                               {"role": "assistant", "content": record["response"]}]}
+                        record = {
+                            "messages": [
+                                {"role": "user", "content": record["prompt"]},
+                                {"role": "assistant", "content": record["response"]},
+                            ]
+                        }
                 elif task == "classification":
-                    record = {"text": sentence(rng, rng.randint(1, 12)), "label": ["sea", "mind", "fortune"][i % 3]}
+                    record = {
+                        "text": sentence(rng, rng.randint(1, 12)),
+                        "label": ["sea", "mind", "fortune"][i % 3],
+                    }
                 else:
-                    record = {"prompt": sentence(rng, 4), "chosen": sentence(rng, 3), "rejected": sentence(rng, 5)}
+                    record = {
+                        "prompt": sentence(rng, 4),
+                        "chosen": sentence(rng, 3),
+                        "rejected": sentence(rng, 5),
+                    }
                 records.append(record)
             path = root / f"{task}-{split}.jsonl"
             write_lines(path, [json.dumps(r) for r in records])
@@ -334,8 +416,15 @@ def task_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
 
 
 def datamodule(tokenizer: Tokenizer, task: str, train: Path, val: Path | None, **kw: Any) -> TaskDataModule:
-    args: dict[str, Any] = dict(seq_len=32, micro_batch_size=2, global_batch_size=8, seed=5, max_steps=6,
-                                val_batches=4, loader_workers=0)
+    args: dict[str, Any] = dict(
+        seq_len=32,
+        micro_batch_size=2,
+        global_batch_size=8,
+        seed=5,
+        max_steps=6,
+        val_batches=4,
+        loader_workers=0,
+    )
     task_cfg = TaskConfig(name=TaskName(task), **kw.pop("cfg", {}))
     args.update(kw)
     return TaskDataModule(task_cfg, train, val, tokenizer.to_str(), EOS_ID, **args)
@@ -348,8 +437,9 @@ def batches_at(dm: TaskDataModule, rank: int, world: int, split: str) -> list[di
 
 
 def same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("task", ["sft", "classification", "dpo"])
@@ -362,7 +452,9 @@ def test_val_batches_do_not_depend_on_world_size(tokenizer: Tokenizer, task_file
 
 
 @pytest.mark.parametrize("task", ["sft", "classification", "dpo"])
-def test_train_order_is_deterministic_and_sharded_by_rank(tokenizer: Tokenizer, task_files: Any, task: str) -> None:
+def test_train_order_is_deterministic_and_sharded_by_rank(
+    tokenizer: Tokenizer, task_files: Any, task: str
+) -> None:
     train, val = task_files[task]
     first = batches_at(datamodule(tokenizer, task, train, val), 0, 1, "train")
     assert len(first) == 6 * 4  # max_steps x accumulation
@@ -375,7 +467,11 @@ def test_train_order_is_deterministic_and_sharded_by_rank(tokenizer: Tokenizer, 
 
 def test_batch_formats(tokenizer: Tokenizer, task_files: Any) -> None:
     sft = next(iter(datamodule(tokenizer, "sft", *task_files["sft"]).train_dataloader()))
-    assert {k: tuple(v.shape) for k, v in sft.items()} == {"tokens": (2, 32), "labels": (2, 32), "segment_ids": (2, 32)}
+    assert {k: tuple(v.shape) for k, v in sft.items()} == {
+        "tokens": (2, 32),
+        "labels": (2, 32),
+        "segment_ids": (2, 32),
+    }
     packed = datamodule(tokenizer, "sft", *task_files["sft"], seq_len=64).dataset("train")
     assert (packed.segment_ids.max(axis=1) > 1).all() and len(packed) < 48  # several examples per row
     cls_dm = datamodule(tokenizer, "classification", *task_files["classification"])
@@ -384,7 +480,9 @@ def test_batch_formats(tokenizer: Tokenizer, task_files: Any) -> None:
     assert cls["labels"].max() < 3 and (cls["last_index"] == cls["last_index"].max()).any()
     dpo = next(iter(datamodule(tokenizer, "dpo", *task_files["dpo"]).train_dataloader()))
     assert set(dpo) == {"tokens", "labels"} and dpo["tokens"].shape[0] == 4
-    unpacked = datamodule(tokenizer, "sft", *task_files["sft"], seq_len=64, cfg={"pack": False}).dataset("train")
+    unpacked = datamodule(tokenizer, "sft", *task_files["sft"], seq_len=64, cfg={"pack": False}).dataset(
+        "train"
+    )
     assert len(unpacked) == 48 and unpacked.segment_ids.max() == 1
 
 
@@ -396,8 +494,10 @@ def test_labels_and_class_counts(tokenizer: Tokenizer, task_files: Any, tmp_path
     dm = datamodule(tokenizer, "classification", train, val, cfg={"labels": ["sea", "mind", "fortune"]})
     assert dm.label_names == ["sea", "mind", "fortune"]
     assert [dm.dataset("train")[i]["label"] for i in range(3)] == [0, 1, 2]  # config order is class order
-    bad_val = write_lines(tmp_path / "val.jsonl", [json.dumps({"text": "to be", "label": "sea"}),
-                                                   json.dumps({"text": "or not", "label": "storm"})])
+    bad_val = write_lines(
+        tmp_path / "val.jsonl",
+        [json.dumps({"text": "to be", "label": "sea"}), json.dumps({"text": "or not", "label": "storm"})],
+    )
     with pytest.raises(DataError, match=rf"{re.escape(str(bad_val))}:2: unknown label 'storm'"):
         datamodule(tokenizer, "classification", train, bad_val)
 
@@ -418,12 +518,17 @@ def test_val_held_out_of_train_when_no_val_file(tokenizer: Tokenizer, task_files
 
 def test_resolve_task_paths_names_the_missing_key(tmp_path: Path) -> None:
     present = write_lines(tmp_path / "train.jsonl", [GOOD["sft"]])
-    assert resolve_task_paths(TaskConfig(name=TaskName.sft, train_path=str(present)), tmp_path) == (present, None)
+    assert resolve_task_paths(TaskConfig(name=TaskName.sft, train_path=str(present)), tmp_path) == (
+        present,
+        None,
+    )
     with pytest.raises(DataError, match=r"task\.train_path: .*nope\.jsonl does not exist"):
         resolve_task_paths(TaskConfig(name=TaskName.sft, train_path=str(tmp_path / "nope.jsonl")), tmp_path)
     with pytest.raises(DataError, match=r"task\.val_path: .*nope\.jsonl does not exist"):
-        resolve_task_paths(TaskConfig(name=TaskName.sft, train_path=str(present),
-                                      val_path=str(tmp_path / "nope.jsonl")), tmp_path)
+        resolve_task_paths(
+            TaskConfig(name=TaskName.sft, train_path=str(present), val_path=str(tmp_path / "nope.jsonl")),
+            tmp_path,
+        )
     with pytest.raises(DataError, match=r"task\.val_path: set .* without task\.train_path"):
         resolve_task_paths(TaskConfig(name=TaskName.sft, val_path=str(present)), tmp_path)
 
@@ -438,7 +543,8 @@ def test_dpo_pairs_are_rendered_like_sft(tokenizer: Tokenizer, task_files: Any) 
     item = dm.dataset("val")[0]
     sft_ids, sft_labels = encode_sft({"prompt": prompt, "response": chosen}, tokenizer, EOS_ID)
     assert item["chosen_tokens"].tolist() == sft_ids[:-1] and item["chosen_labels"].tolist() == sft_labels[1:]
-    assert trained_text(tokenizer, [*item["rejected_tokens"].tolist()[1:], EOS_ID],
-                        item["rejected_labels"].tolist()).startswith(rejected)
+    assert trained_text(
+        tokenizer, [*item["rejected_tokens"].tolist()[1:], EOS_ID], item["rejected_labels"].tolist()
+    ).startswith(rejected)
     decoded = tokenizer.decode(item["chosen_tokens"].tolist(), skip_special_tokens=False)
     assert decoded.startswith("<|user|>\n" + prompt)

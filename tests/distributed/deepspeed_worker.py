@@ -41,14 +41,16 @@ def main(stage: str, out_dir: str, method: str = "full") -> None:
 
         apply_lora(model, LoraConfig(rank=4, alpha=8.0, target_modules=["all-linear"]))
     ds_config = deepspeed_config(cfg, "32-true", world_size=world)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_config
+    )
 
     data = torch.randint(0, 256, (5 * 8, 33), generator=torch.Generator().manual_seed(1))
     accumulation = ds_config["gradient_accumulation_steps"]
     per_rank = 8 // world
     losses = []
     for step in range(5):
-        batch = data[step * 8 + rank * per_rank: step * 8 + (rank + 1) * per_rank]
+        batch = data[step * 8 + rank * per_rank : step * 8 + (rank + 1) * per_rank]
         step_loss = torch.zeros(())
         for micro in batch.split(cfg.trainer.micro_batch_size):
             loss = engine(micro[:, :-1], micro[:, 1:])
@@ -68,10 +70,15 @@ def main(stage: str, out_dir: str, method: str = "full") -> None:
             Path(out_dir, "losses.json").write_text(json.dumps(losses))
         dist.barrier()
         return
-    meta = {"format": 1, "model_config": to_plain(cfg.model), "vocab_size": 256,
-            "tokenizer_json": Path(out_dir, "tokenizer.json").read_text()}
-    engine.save_checkpoint(str(Path(out_dir) / "ckpt"), tag="checkpoint",
-                           client_state={"orchestra": meta, "global_step": 5})
+    meta = {
+        "format": 1,
+        "model_config": to_plain(cfg.model),
+        "vocab_size": 256,
+        "tokenizer_json": Path(out_dir, "tokenizer.json").read_text(),
+    }
+    engine.save_checkpoint(
+        str(Path(out_dir) / "ckpt"), tag="checkpoint", client_state={"orchestra": meta, "global_step": 5}
+    )
     probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = engine(probe)  # ZeRO-3 gathers partitioned weights: every rank takes part

@@ -21,7 +21,9 @@ WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 def reference_run(lora: bool = False) -> tuple[list[float], Transformer]:
     """The same 5 steps in one process with plain torch: accumulation over the global batch."""
-    cfg = TrainConfig(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32))
+    cfg = TrainConfig(
+        model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    )
     cfg.optim.lr = 3e-3
     torch.manual_seed(0)
     model = Transformer(cfg.model, 256)
@@ -34,7 +36,7 @@ def reference_run(lora: bool = False) -> tuple[list[float], Transformer]:
     losses = []
     for step in range(5):
         total = 0.0
-        for micro in data[step * 8: (step + 1) * 8].split(2):
+        for micro in data[step * 8 : (step + 1) * 8].split(2):
             loss = model(micro[:, :-1], micro[:, 1:]) / 4
             loss.backward()
             total += loss.item()
@@ -50,10 +52,16 @@ def reference_losses() -> list[float]:
 
 
 def test_generated_config_derives_every_batch_knob() -> None:
-    cfg = TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=64, grad_clip=0.5, devices=4))
+    cfg = TrainConfig(
+        trainer=TrainerConfig(micro_batch_size=4, global_batch_size=64, grad_clip=0.5, devices=4)
+    )
     cfg.strategy.name = StrategyName.deepspeed_zero3_offload
     ds = deepspeed_config(cfg, "bf16-mixed")
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 4)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (64, 4, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -69,12 +77,27 @@ def test_zero_trains_saves_and_exports(stage: str, tmp_path: Path, trained_run: 
     from orchestra.train.export import export_hf
 
     # Reuse a real tokenizer so the exported folder is complete.
-    tokenizer_json = load_checkpoint_file(trained_run / "checkpoints" / "last.ckpt")["orchestra"]["tokenizer_json"]
+    tokenizer_json = load_checkpoint_file(trained_run / "checkpoints" / "last.ckpt")["orchestra"][
+        "tokenizer_json"
+    ]
     (tmp_path / "tokenizer.json").write_text(tokenizer_json)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-         stage, str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            stage,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
 
     losses = json.loads((tmp_path / "losses.json").read_text())
@@ -98,8 +121,22 @@ def test_zero_trains_saves_and_exports(stage: str, tmp_path: Path, trained_run: 
 def test_lora_under_zero_matches_one_process_and_keeps_the_base_frozen(stage: str, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-         stage, str(tmp_path), "lora"], capture_output=True, text=True, env=env, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            stage,
+            str(tmp_path),
+            "lora",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     ref_losses, ref_model = reference_run(lora=True)
     assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(ref_losses, rel=1e-4)

@@ -12,11 +12,26 @@ from tests.distributed.test_strategies import job, losses, run
 pytestmark = pytest.mark.slow
 
 
-def lora_job(corpus_dir: Path, data_cache: Path, run_dir: Path, world: int, strategy: str, base: Path) -> list[str]:
-    return job(corpus_dir, data_cache, run_dir, world, strategy, **{
-        "finetune": "lora", "finetune.init_from": base, "finetune.lora_targets": "[all-linear]",
-        "trainer.max_steps": 6, "trainer.val_every_n_steps": 3, "trainer.ckpt_every_n_steps": 3,
-        "scheduler": "constant", "scheduler.warmup_steps": 0})
+def lora_job(
+    corpus_dir: Path, data_cache: Path, run_dir: Path, world: int, strategy: str, base: Path
+) -> list[str]:
+    return job(
+        corpus_dir,
+        data_cache,
+        run_dir,
+        world,
+        strategy,
+        **{
+            "finetune": "lora",
+            "finetune.init_from": base,
+            "finetune.lora_targets": "[all-linear]",
+            "trainer.max_steps": 6,
+            "trainer.val_every_n_steps": 3,
+            "trainer.ckpt_every_n_steps": 3,
+            "scheduler": "constant",
+            "scheduler.warmup_steps": 0,
+        },
+    )
 
 
 def test_lora_under_fsdp_matches_one_process_and_checkpoints_only_lora(
@@ -47,13 +62,17 @@ def test_lora_under_fsdp_matches_one_process_and_checkpoints_only_lora(
     # The merged exports of the sharded and the single-process run give the same logits.
     probe = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = [AutoModelForCausalLM.from_pretrained(export_hf(c, tmp_path / name)).eval()(probe).logits
-                  for c, name in ((ckpt, "hf-fsdp"), (single / "checkpoints" / "last.ckpt", "hf-single"))]
+        logits = [
+            AutoModelForCausalLM.from_pretrained(export_hf(c, tmp_path / name)).eval()(probe).logits
+            for c, name in ((ckpt, "hf-fsdp"), (single / "checkpoints" / "last.ckpt", "hf-single"))
+        ]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
     # orchestra-generate reads the sharded PEFT directory as it reads the single-file checkpoint.
     from orchestra.cli.generate import sample
     from orchestra.config import GenerateConfig
 
-    texts = [sample(GenerateConfig(ckpt=str(c), prompt="def ", max_new_tokens=8, temperature=0.0, top_k=None))
-             for c in (ckpt, single / "checkpoints" / "last.ckpt")]
+    texts = [
+        sample(GenerateConfig(ckpt=str(c), prompt="def ", max_new_tokens=8, temperature=0.0, top_k=None))
+        for c in (ckpt, single / "checkpoints" / "last.ckpt")
+    ]
     assert texts[0] == texts[1]

@@ -24,10 +24,19 @@ def run(overrides: list[str], nproc: int, log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = [sys.executable, "-m", "orchestra.cli.train"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "orchestra.cli.train"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "orchestra.cli.train",
+        ]
     with open(log, "wb") as out:
-        proc = subprocess.run([*launcher, *overrides], stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600)
+        proc = subprocess.run(
+            [*launcher, *overrides], stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600
+        )
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
@@ -36,11 +45,25 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
-def job(corpus_dir: Path, data_cache: Path, run_dir: Path, world: int, strategy: str, **extra: object) -> list[str]:
-    return cli_overrides(corpus_dir, data_cache, run_dir, **{
-        "trainer.max_steps": STEPS, "trainer.ckpt_every_n_steps": 5, "trainer.val_every_n_steps": 5,
-        "trainer.micro_batch_size": 2, "trainer.global_batch_size": 8, "trainer.devices": world,
-        "trainer.accelerator": "cpu", "strategy": strategy, **extra})
+def job(
+    corpus_dir: Path, data_cache: Path, run_dir: Path, world: int, strategy: str, **extra: object
+) -> list[str]:
+    return cli_overrides(
+        corpus_dir,
+        data_cache,
+        run_dir,
+        **{
+            "trainer.max_steps": STEPS,
+            "trainer.ckpt_every_n_steps": 5,
+            "trainer.val_every_n_steps": 5,
+            "trainer.micro_batch_size": 2,
+            "trainer.global_batch_size": 8,
+            "trainer.devices": world,
+            "trainer.accelerator": "cpu",
+            "strategy": strategy,
+            **extra,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +75,22 @@ def reference(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def two_rank_runs(
+    corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     out = {}
     variants: dict[str, tuple[str, dict[str, object]]] = {
         "ddp": ("ddp", {}),
         "fsdp": ("fsdp", {}),
         # The three outside-the-model options together under sharding.
-        "fsdp-ac-compile": ("fsdp", {"strategy.activation_checkpointing": "every_k", "strategy.ac_every_k": 1,
-                                     "strategy.compile": True}),
+        "fsdp-ac-compile": (
+            "fsdp",
+            {
+                "strategy.activation_checkpointing": "every_k",
+                "strategy.ac_every_k": 1,
+                "strategy.compile": True,
+            },
+        ),
         "ddp-ac": ("ddp", {"strategy.activation_checkpointing": "full"}),
         # HSDP on a (1 node x 2 ranks) mesh, the root kept unsharded between forward and backward.
         "hsdp-noreshard": ("fsdp", {"strategy.hybrid_shard": True, "strategy.reshard_after_forward": False}),
@@ -74,14 +105,18 @@ def two_rank_runs(corpus_dir: Path, data_cache: Path, tmp_path_factory: pytest.T
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ac-compile", "ddp-ac", "hsdp-noreshard", "fsdp-triton"])
+@pytest.mark.parametrize(
+    "strategy", ["ddp", "fsdp", "fsdp-ac-compile", "ddp-ac", "hsdp-noreshard", "fsdp-triton"]
+)
 def test_two_ranks_match_one_process(reference: Path, two_rank_runs: dict[str, Path], strategy: str) -> None:
     ref, got = losses(reference), losses(two_rank_runs[strategy])
     assert sorted(got) == sorted(ref) == list(range(STEPS))
     # compile may fuse float ops differently; everything else is exact up to reduction order
     tol = 1e-4 if "compile" in strategy else 1e-5
     assert got == pytest.approx(ref, rel=tol, abs=1e-6)
-    assert losses(two_rank_runs[strategy], "val/loss") == pytest.approx(losses(reference, "val/loss"), rel=tol)
+    assert losses(two_rank_runs[strategy], "val/loss") == pytest.approx(
+        losses(reference, "val/loss"), rel=tol
+    )
 
 
 def test_fsdp_checkpoint_is_sharded(two_rank_runs: dict[str, Path]) -> None:
@@ -96,8 +131,16 @@ def test_fsdp_checkpoint_is_sharded(two_rank_runs: dict[str, Path]) -> None:
     [("fsdp", 1, "fsdp"), ("ddp", 1, "single"), ("single", 2, "ddp"), ("fsdp", 4, "fsdp")],
     ids=["fsdp-2to1", "ddp-2to1", "single-1to2", "fsdp-2to4"],
 )
-def test_resume_at_another_world_size(reference: Path, two_rank_runs: dict[str, Path], corpus_dir: Path,
-                                      data_cache: Path, tmp_path: Path, source: str, world: int, strategy: str) -> None:
+def test_resume_at_another_world_size(
+    reference: Path,
+    two_rank_runs: dict[str, Path],
+    corpus_dir: Path,
+    data_cache: Path,
+    tmp_path: Path,
+    source: str,
+    world: int,
+    strategy: str,
+) -> None:
     origin = reference if source == "single" else two_rank_runs[source]
     ckpt = origin / "checkpoints" / "step0000005.ckpt"
     run_dir = tmp_path / "resumed"
@@ -108,7 +151,9 @@ def test_resume_at_another_world_size(reference: Path, two_rank_runs: dict[str, 
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_export_of_distributed_checkpoints(two_rank_runs: dict[str, Path], tmp_path: Path, strategy: str) -> None:
+def test_export_of_distributed_checkpoints(
+    two_rank_runs: dict[str, Path], tmp_path: Path, strategy: str
+) -> None:
     from orchestra.train.export import export_hf
     from tests.train.test_export import assert_transformers_matches
 

@@ -51,10 +51,12 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
 
 def test_sampling_is_reproducible_with_a_generator(model):
     prompt = torch.randint(0, V, (2, 3))
-    a = generate(model, prompt, 10, temperature=1.5, top_k=20, top_p=0.9,
-                 generator=torch.Generator().manual_seed(1))
-    b = generate(model, prompt, 10, temperature=1.5, top_k=20, top_p=0.9,
-                 generator=torch.Generator().manual_seed(1))
+    a = generate(
+        model, prompt, 10, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1)
+    )
+    b = generate(
+        model, prompt, 10, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(a, b)
     assert ((a >= 0) & (a < V)).all()
 
@@ -96,7 +98,9 @@ def test_eval_mode_is_restored(model):
 
 
 def test_errors(model):
-    with pytest.raises(ValueError, match=r"prompt length 30 \+ max_new_tokens 5 = 35 exceeds model.max_seq_len=32"):
+    with pytest.raises(
+        ValueError, match=r"prompt length 30 \+ max_new_tokens 5 = 35 exceeds model.max_seq_len=32"
+    ):
         generate(model, torch.zeros(1, 30, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 5)

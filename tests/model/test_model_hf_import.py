@@ -67,7 +67,11 @@ CASES: dict[str, dict[str, Any]] = {
     "mistral_window_covers_context": dict(arch="mistral", num_key_value_heads=2, sliding_window=64),
     "llama_sharded": dict(arch="llama", num_key_value_heads=2, max_shard_size="20KB"),
     "mistral_sharded_tied": dict(
-        arch="mistral", num_key_value_heads=2, sliding_window=None, tie_word_embeddings=True, max_shard_size="20KB"
+        arch="mistral",
+        num_key_value_heads=2,
+        sliding_window=None,
+        tie_word_embeddings=True,
+        max_shard_size="20KB",
     ),
 }
 
@@ -116,7 +120,9 @@ def test_sharded_state_dict_equals_single_file(tmp_path):
 
 def test_qwen2_with_biases_is_refused(tmp_path):
     _save(tmp_path, arch="qwen2")
-    with pytest.raises(HFImportError, match=r"Qwen2ForCausalLM.*attention_bias.*q,k,v\}_proj\.bias.*no biases"):
+    with pytest.raises(
+        HFImportError, match=r"Qwen2ForCausalLM.*attention_bias.*q,k,v\}_proj\.bias.*no biases"
+    ):
         load_hf_pretrained(tmp_path)
 
 
@@ -161,7 +167,10 @@ def _config(**overrides: Any) -> dict[str, Any]:
     [
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"rope_scaling\.rope_type='linear'"),
         (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), r"rope_parameters\.rope_type='yarn'"),
-        (dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}), r"partial_rotary_factor"),
+        (
+            dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
+            r"partial_rotary_factor",
+        ),
         (dict(max_position_embeddings=-1), r"max_position_embeddings=-1"),
         (dict(hidden_act="gelu"), r"hidden_act='gelu'"),
         (dict(attention_bias=True), r"attention_bias=true"),
@@ -171,7 +180,10 @@ def _config(**overrides: Any) -> dict[str, Any]:
         (dict(hidden_size=66), r"hidden_size=66 is not divisible by num_attention_heads=4"),
         (dict(vocab_size=None), r"vocab_size=None"),
         (dict(quantization_config={"quant_method": "gptq"}), r"quantization_config"),
-        (dict(architectures=["GPT2LMHeadModel"]), r"'GPT2LMHeadModel' is not supported; supported: .*LlamaForCausalLM.*Mistral"),
+        (
+            dict(architectures=["GPT2LMHeadModel"]),
+            r"'GPT2LMHeadModel' is not supported; supported: .*LlamaForCausalLM.*Mistral",
+        ),
         (dict(architectures=None, model_type="gpt2"), r"model_type='gpt2'"),
         (dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types"),
     ],
@@ -190,7 +202,9 @@ def test_config_defaults_and_legacy_keys():
     assert cfg.n_kv_heads == cfg.n_heads == 4 and cfg.rope_theta == 250000.0
     assert cfg.tie_embeddings is False and cfg.norm_eps == 1e-6
     # rope_parameters wins over the top-level key, as in transformers 5; model_type alone suffices.
-    config = _config(rope_theta=1.0, rope_parameters={"rope_type": "default", "rope_theta": 5.0}, architectures=None)
+    config = _config(
+        rope_theta=1.0, rope_parameters={"rope_type": "default", "rope_theta": 5.0}, architectures=None
+    )
     assert model_config_from_hf(config)[0].rope_theta == 5.0
 
 
@@ -198,7 +212,16 @@ def test_our_exported_config_round_trips(make_cfg):
     cfg = make_cfg(rope_theta=1234.0, norm_eps=1e-6, tie_embeddings=True, n_kv_heads=1)
     back, vocab = model_config_from_hf(json.loads(json.dumps(hf_config_dict(cfg, 97))))
     assert vocab == 97
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "rope_theta", "norm_eps"):
+    for key in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_dim",
+        "max_seq_len",
+        "rope_theta",
+        "norm_eps",
+    ):
         assert getattr(back, key) == getattr(cfg, key), key
     assert back.tie_embeddings is True
 
@@ -238,7 +261,9 @@ def _train_tokenizer(folder: Path):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<|endoftext|>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["<unk>", "<|endoftext|>"], show_progress=False
+    )
     lines = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"] * 4
     tok.train_from_iterator(lines, trainer=trainer)
     assert tok.get_vocab_size() <= VOCAB

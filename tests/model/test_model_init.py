@@ -19,8 +19,16 @@ def _std(t: torch.Tensor) -> float:
 
 
 def _build(make_cfg, scheme: InitScheme, tie: bool = False) -> Transformer:
-    cfg = make_cfg(dim=D, n_layers=L, n_heads=4, n_kv_heads=2, ffn_dim=FFN, init=scheme,
-                   init_std=0.02, tie_embeddings=tie)
+    cfg = make_cfg(
+        dim=D,
+        n_layers=L,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=FFN,
+        init=scheme,
+        init_std=0.02,
+        tie_embeddings=tie,
+    )
     return Transformer(cfg, V)
 
 
@@ -43,8 +51,12 @@ def test_normal(make_cfg):
 def test_xavier_uniform(make_cfg):
     m = _build(make_cfg, InitScheme.xavier_uniform)
     layer = m.layers[0]
-    for name, w in [("gate_proj", layer.mlp.gate_proj.weight), ("down_proj", layer.mlp.down_proj.weight),
-                    ("q_proj", layer.attention.q_proj.weight), ("lm_head", m.lm_head.weight)]:
+    for name, w in [
+        ("gate_proj", layer.mlp.gate_proj.weight),
+        ("down_proj", layer.mlp.down_proj.weight),
+        ("q_proj", layer.attention.q_proj.weight),
+        ("lm_head", m.lm_head.weight),
+    ]:
         fan_out, fan_in = w.shape
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         assert w.abs().max().item() <= bound, name

@@ -49,8 +49,9 @@ def test_unknown_backend_lists_the_choices():
 
 
 def test_triton_picks_the_kernels_table_when_present(monkeypatch):
-    fake = Ops("fake", TORCH_OPS.rms_norm, TORCH_OPS.apply_rope, TORCH_OPS.swiglu,
-               TORCH_OPS.linear_cross_entropy)
+    fake = Ops(
+        "fake", TORCH_OPS.rms_norm, TORCH_OPS.apply_rope, TORCH_OPS.swiglu, TORCH_OPS.linear_cross_entropy
+    )
 
     class FakeKernels:
         TRITON_OPS = fake

@@ -180,9 +180,9 @@ def test_per_sequence_loss_is_each_rows_summed_nll(make_cfg):
     targets[2, :] = -100
     per_row = model(tokens, targets, per_sequence=True)
     logits = model(tokens)
-    expected = torch.stack([
-        F.cross_entropy(logits[i], targets[i], ignore_index=-100, reduction="sum") for i in range(3)
-    ])
+    expected = torch.stack(
+        [F.cross_entropy(logits[i], targets[i], ignore_index=-100, reduction="sum") for i in range(3)]
+    )
     assert per_row.shape == (3,)
     torch.testing.assert_close(per_row, expected, rtol=1e-5, atol=1e-5)
     assert per_row[2].item() == 0.0

@@ -65,12 +65,31 @@ def test_sweep_jobs_share_a_wandb_group(corpus_dir: Path, data_cache: Path, tmp_
 
     from tests.helpers import cli_overrides
 
-    args = [a for a in cli_overrides(corpus_dir, data_cache, tmp_path / "unused", **{
-        "trainer.max_steps": 6, "trainer.val_every_n_steps": 6, "trainer.ckpt_every_n_steps": 6,
-        "scheduler.warmup_steps": 1, "logger": "wandb", "optim.lr": "1e-3,3e-3"}) if not a.startswith("hydra.run")]
+    args = [
+        a
+        for a in cli_overrides(
+            corpus_dir,
+            data_cache,
+            tmp_path / "unused",
+            **{
+                "trainer.max_steps": 6,
+                "trainer.val_every_n_steps": 6,
+                "trainer.ckpt_every_n_steps": 6,
+                "scheduler.warmup_steps": 1,
+                "logger": "wandb",
+                "optim.lr": "1e-3,3e-3",
+            },
+        )
+        if not a.startswith("hydra.run")
+    ]
     env = {**os.environ, "ORCHESTRA_RUNS": str(tmp_path / "runs"), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "orchestra.cli.train", "-m", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestra.cli.train", "-m", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sweep = next((tmp_path / "runs" / "tiny").glob("multirun-*"))
     groups, ids = set(), set()

@@ -31,14 +31,22 @@ def assert_transformers_matches(ckpt: Path, folder: Path) -> None:
     text = "def f(x):\n    return x + 1"
     from tokenizers import Tokenizer
 
-    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == Tokenizer.from_str(meta["tokenizer_json"]).encode(text).ids
+    assert (
+        AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+        == Tokenizer.from_str(meta["tokenizer_json"]).encode(text).ids
+    )
 
 
 def test_single_device_checkpoint_round_trips_through_transformers(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     out = export_hf(ckpt, tmp_path / "hf")
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                                "tokenizer_config.json", "generation_config.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    }
     assert_transformers_matches(ckpt, out)
 
 
@@ -66,8 +74,12 @@ def test_cli_export_and_refusals(trained_run: Path, tmp_path: Path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "overwrite=true" in again.stdout + again.stderr
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before  # nothing damaged
-    missing = subprocess.run([*cmd[:3], f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'x'}"],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [*cmd[:3], f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'x'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode != 0 and "nope.ckpt" in missing.stdout + missing.stderr
     assert "Traceback" not in missing.stdout + missing.stderr
 

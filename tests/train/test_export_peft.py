@@ -35,8 +35,12 @@ def tiny_tokenizer_json() -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TEXT], trainer=trainer)
     return tok.to_str()
 
@@ -47,27 +51,51 @@ def write_base_checkpoint(path: Path, seed: int = 0) -> Path:
 
     tokenizer_json = tiny_tokenizer_json()
     vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
-    cfg = ModelConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
-                      vocab_size=vocab, kernels=KernelBackend.torch)
+    cfg = ModelConfig(
+        name="tiny",
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=128,
+        max_seq_len=64,
+        vocab_size=vocab,
+        kernels=KernelBackend.torch,
+    )
     torch.manual_seed(seed)
     model = Transformer(cfg, vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "global_step": 30,
-        "orchestra": {"format": 1, "model_config": to_plain(cfg), "vocab_size": vocab, "tokenizer_json": tokenizer_json},
-    }, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "global_step": 30,
+            "orchestra": {
+                "format": 1,
+                "model_config": to_plain(cfg),
+                "vocab_size": vocab,
+                "tokenizer_json": tokenizer_json,
+            },
+        },
+        path,
+    )
     return path
 
 
-def write_peft_checkpoint(base: Path, method: str, path: Path, seed: int = 1, **finetune: object) -> nn.Module:
+def write_peft_checkpoint(
+    base: Path, method: str, path: Path, seed: int = 1, **finetune: object
+) -> nn.Module:
     """A PEFT checkpoint in training's layout; returns the (unmerged, eval-mode) model it holds.
 
     Trainable tensors get a random push (LoRA's B and the adapters' up projection start at zero),
     so the fine-tuned model differs from its base the way a trained one does.
     """
-    settings: dict[str, object] = {"lora_rank": 4, "lora_alpha": 8.0, "adapter_bottleneck": 8,
-                                   "prompt_tokens": VIRTUAL, **finetune}
+    settings: dict[str, object] = {
+        "lora_rank": 4,
+        "lora_alpha": 8.0,
+        "adapter_bottleneck": 8,
+        "prompt_tokens": VIRTUAL,
+        **finetune,
+    }
     ft = FinetuneConfig(method=FinetuneMethod(method), init_from=str(base), **settings)  # type: ignore[arg-type]
     b = load_base(base)
     cfg = replace(b.model_config, vocab_size=b.vocab_size)
@@ -80,12 +108,20 @@ def write_peft_checkpoint(base: Path, method: str, path: Path, seed: int = 1, **
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     trainable = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({
-        "state_dict": trainable,
-        "global_step": 5,
-        "orchestra": {"format": 1, "model_config": to_plain(cfg), "vocab_size": b.vocab_size,
-                      "tokenizer_json": b.tokenizer_json, "peft": peft_metadata(ft, b.reference)},
-    }, path)
+    torch.save(
+        {
+            "state_dict": trainable,
+            "global_step": 5,
+            "orchestra": {
+                "format": 1,
+                "model_config": to_plain(cfg),
+                "vocab_size": b.vocab_size,
+                "tokenizer_json": b.tokenizer_json,
+                "peft": peft_metadata(ft, b.reference),
+            },
+        },
+        path,
+    )
     return model.eval()
 
 
@@ -127,15 +163,21 @@ def test_lora_export_loads_in_peft_with_our_logits(
 
     ours = write_peft_checkpoint(base, "lora", tmp_path / "lora.ckpt", lora_targets=targets)
     out = export_peft(tmp_path / "lora.ckpt", tmp_path / "adapter")
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                                 "orchestra_peft.json", "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "orchestra_peft.json",
+        "tokenizer.json",
+    }
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["bias"]) == (4, 8, 0.0, "none")
     assert config["base_model_name_or_path"] == str(base.resolve())
     if peft_targets == "regex":
-        assert config["target_modules"] == r"^(?:model\.layers\.0\.mlp\.up_proj|model\.layers\.1\.mlp\.up_proj|" \
-                                           r"model\.layers\.1\.self_attn\.q_proj)$"
+        assert (
+            config["target_modules"] == r"^(?:model\.layers\.0\.mlp\.up_proj|model\.layers\.1\.mlp\.up_proj|"
+            r"model\.layers\.1\.self_attn\.q_proj)$"
+        )
     else:
         assert config["target_modules"] == peft_targets
     keys = set(load_file(out / "adapter_model.safetensors"))
@@ -160,7 +202,11 @@ def test_prompt_export_loads_in_peft_with_our_logits(base: Path, hf_base: Path, 
     out = export_peft(tmp_path / "prompt.ckpt", tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "CAUSAL_LM"
-    assert (config["num_virtual_tokens"], config["token_dim"], config["num_transformer_submodules"]) == (VIRTUAL, 64, 1)
+    assert (config["num_virtual_tokens"], config["token_dim"], config["num_transformer_submodules"]) == (
+        VIRTUAL,
+        64,
+        1,
+    )
     assert (config["num_attention_heads"], config["num_layers"]) == (4, 2)
     saved = load_file(out / "adapter_model.safetensors")
     assert set(saved) == {"prompt_embeddings"}
@@ -238,11 +284,18 @@ def test_refusals_name_the_fix_and_damage_nothing(base: Path, tmp_path: Path) ->
     assert not (out / "adapter_config.json").exists()
 
 
-def test_cli_peft_only(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_peft_only(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_peft_checkpoint(base, "lora", tmp_path / "lora.ckpt")
-    cmd = [sys.executable, "-m", "orchestra.cli.export", f"ckpt={tmp_path / 'lora.ckpt'}",
-           f"out={tmp_path / 'adapter'}", "peft_only=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestra.cli.export",
+        f"ckpt={tmp_path / 'lora.ckpt'}",
+        f"out={tmp_path / 'adapter'}",
+        "peft_only=true",
+    ]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "lora" in ok.stdout and "adapter_model.safetensors" in ok.stdout and "peft.PeftModel" in ok.stdout
@@ -250,10 +303,17 @@ def test_cli_peft_only(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # The refusal in-process (a second interpreter would spend seconds importing Lightning again).
     from orchestra.cli import export as cli
 
-    monkeypatch.setattr(sys, "argv", ["orchestra-export", f"ckpt={base}", f"out={tmp_path / 'x'}", "peft_only=true"])
+    monkeypatch.setattr(
+        sys, "argv", ["orchestra-export", f"ckpt={base}", f"out={tmp_path / 'x'}", "peft_only=true"]
+    )
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     said = capsys.readouterr().out
-    assert exit_info.value.code != 0 and "merged export" in said and str(base) in said and "Traceback" not in said
+    assert (
+        exit_info.value.code != 0
+        and "merged export" in said
+        and str(base) in said
+        and "Traceback" not in said
+    )
     assert len(said.strip().splitlines()) <= 3  # one message (rich may wrap it)
     assert not (tmp_path / "x").exists()

@@ -27,8 +27,9 @@ from tests.helpers import tiny_config
 from tests.train.test_run import column, read_metrics
 
 
-def ft_config(corpus_dir: Path, data_cache: Path, run_dir: Path, method: str, init_from: Path,
-              **trainer: object) -> TrainConfig:
+def ft_config(
+    corpus_dir: Path, data_cache: Path, run_dir: Path, method: str, init_from: Path, **trainer: object
+) -> TrainConfig:
     """The tiny job as a fine-tune: constant lr, so a run can be extended by raising max_steps.
 
     Validation runs at the last step: Lightning defers the last step's checkpoint to a validation.
@@ -76,7 +77,10 @@ def test_lora_trains_only_lora_saves_only_it_and_exports_merged(
     assert set(ckpt["state_dict"]) == {f"model.{n}" for n in trainable}
     peft = ckpt["orchestra"]["peft"]
     assert peft["method"] == "lora" and peft["config"]["lora_rank"] == 8
-    assert peft["base"] == {"path": str(base.resolve()), "sha256": hashlib.sha256(base.read_bytes()).hexdigest()}
+    assert peft["base"] == {
+        "path": str(base.resolve()),
+        "sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
+    }
 
     out = export_hf(ckpt_path, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
@@ -91,14 +95,18 @@ def test_lora_trains_only_lora_saves_only_it_and_exports_merged(
         assert torch.allclose(model.eval()(tokens), unmerged_logits, atol=1e-5, rtol=0)
 
 
-def test_lora_resume_continues_exactly(corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path) -> None:
+def test_lora_resume_continues_exactly(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
     """Resume from a mid-run PEFT checkpoint (as after a kill at step 3): same losses as straight through."""
     base = base_ckpt(trained_run)
     straight, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     train(ft_config(corpus_dir, data_cache, straight, "lora", base, max_steps=6, ckpt_every_n_steps=3))
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "checkpoints" / "step0000003.ckpt", resumed_dir / "checkpoints")
-    resumed = train(ft_config(corpus_dir, data_cache, resumed_dir, "lora", base, max_steps=6, ckpt_every_n_steps=3))
+    resumed = train(
+        ft_config(corpus_dir, data_cache, resumed_dir, "lora", base, max_steps=6, ckpt_every_n_steps=3)
+    )
     assert resumed.summary["resumed_from"] is not None and resumed.summary["steps"] == 6
     ref, res = column(read_metrics(straight), "train/loss"), column(read_metrics(resumed_dir), "train/loss")
     assert sorted(ref) == list(range(6)) and sorted(res) == [3, 4, 5]
@@ -120,7 +128,10 @@ def test_full_finetune_starts_at_base_loss_with_l2sp_and_layer_decay(
     assert abs(loss0 - base_val_loss(trained_run)) < 0.5
     l2sp = column(rows, "train/l2sp")
     assert float(l2sp[0]) == 0.0 and float(l2sp[2]) > 0.0  # zero at the base, grows as weights move
-    lr_top, lr_bottom = float(column(rows, "train/lr_layer1.decay")[0]), float(column(rows, "train/lr_layer0.decay")[0])
+    lr_top, lr_bottom = (
+        float(column(rows, "train/lr_layer1.decay")[0]),
+        float(column(rows, "train/lr_layer0.decay")[0]),
+    )
     assert lr_bottom == pytest.approx(lr_top * 0.5)
 
 
@@ -148,10 +159,19 @@ def test_hf_folder_base_finetunes_and_adapters_refuse_export(
 @pytest.mark.parametrize(
     ("finetune", "expected"),
     [
-        (FinetuneConfig(method=FinetuneMethod.lora), r"finetune.init_from: finetune.method=lora needs a base model"),
+        (
+            FinetuneConfig(method=FinetuneMethod.lora),
+            r"finetune.init_from: finetune.method=lora needs a base model",
+        ),
         (FinetuneConfig(init_from="x.ckpt"), r"finetune.init_from: .*choose finetune=full"),
-        (FinetuneConfig(method=FinetuneMethod.full, init_from="x", l2sp=-1.0), r"finetune.l2sp: must be >= 0"),
-        (FinetuneConfig(method=FinetuneMethod.full, init_from="x", layer_lr_decay=0.0), r"finetune.layer_lr_decay"),
+        (
+            FinetuneConfig(method=FinetuneMethod.full, init_from="x", l2sp=-1.0),
+            r"finetune.l2sp: must be >= 0",
+        ),
+        (
+            FinetuneConfig(method=FinetuneMethod.full, init_from="x", layer_lr_decay=0.0),
+            r"finetune.layer_lr_decay",
+        ),
         (FinetuneConfig(method=FinetuneMethod.lora, init_from="x", l2sp=0.1), r"finetune.l2sp: applies to"),
     ],
 )

@@ -30,9 +30,15 @@ def base_name(name: str) -> str:
     return name.replace(".base.", ".").replace(".inner.", ".")
 
 
-def run_method(corpus_dir: Path, data_cache: Path, trained_run: Path, run_dir: Path, method: str,
-               steps: int = 3, **finetune: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                                            set[str]]:
+def run_method(
+    corpus_dir: Path,
+    data_cache: Path,
+    trained_run: Path,
+    run_dir: Path,
+    method: str,
+    steps: int = 3,
+    **finetune: object,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
     """(base state, trained parameters by base name or own name, names of trainable parameters)."""
     cfg = ft_config(corpus_dir, data_cache, run_dir, method, base_ckpt(trained_run), max_steps=steps)
     for key, value in finetune.items():
@@ -50,7 +56,9 @@ def test_frozen_base_methods_change_only_their_own_weights(
     corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path, method: str
 ) -> None:
     extra = {"prompt_tokens": 8} if method == "prompt" else {}
-    base, params, trainable = run_method(corpus_dir, data_cache, trained_run, tmp_path / "run", method, **extra)
+    base, params, trainable = run_method(
+        corpus_dir, data_cache, trained_run, tmp_path / "run", method, **extra
+    )
     markers = {"lora": ("lora_A", "lora_B"), "adapter": (".adapter.",), "prompt": ("soft_prompt",)}[method]
     assert trainable and all(any(m in n for m in markers) for n in trainable)
     for name, tensor in base.items():
@@ -59,8 +67,9 @@ def test_frozen_base_methods_change_only_their_own_weights(
     assert set(new) == trainable
     moved = [n for n in trainable if "lora_A" not in n and ".down." not in n]
     if method == "prompt":
-        assert not torch.equal(new["soft_prompt.weight"],
-                               base["tok_embeddings.weight"][result_init_ids(8, base)]), "soft prompt did not train"
+        assert not torch.equal(
+            new["soft_prompt.weight"], base["tok_embeddings.weight"][result_init_ids(8, base)]
+        ), "soft prompt did not train"
     else:  # zero-initialised halves (LoRA B, adapter up) must have left zero
         assert any(new[n].abs().max() > 0 for n in moved if "lora_B" in n or ".up." in n)
 
@@ -75,8 +84,9 @@ def test_gradual_unfreezing_keeps_waiting_blocks_bit_for_bit(
     corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
 ) -> None:
     # Two blocks, one more every 3 steps: steps 0-2 train block 1 (+ norm, head) only.
-    base, params, _ = run_method(corpus_dir, data_cache, trained_run, tmp_path / "run", "unfreeze", steps=3,
-                                 unfreeze_every_n_steps=3)
+    base, params, _ = run_method(
+        corpus_dir, data_cache, trained_run, tmp_path / "run", "unfreeze", steps=3, unfreeze_every_n_steps=3
+    )
     waiting = [n for n in base if n.startswith("layers.0.") or n == "tok_embeddings.weight"]
     training = [n for n in base if n.startswith("layers.1.") or n in ("norm.weight", "lm_head.weight")]
     assert waiting and training
@@ -88,28 +98,46 @@ def test_gradual_unfreezing_keeps_waiting_blocks_bit_for_bit(
     assert [float(unfrozen[s]) for s in sorted(unfrozen)] == [1.0, 1.0, 1.0]
 
 
-def test_lora_with_layerwise_lr_decay(corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path) -> None:
-    _, _, trainable = run_method(corpus_dir, data_cache, trained_run, tmp_path / "run", "lora", steps=2,
-                                 layer_lr_decay=0.5)
+def test_lora_with_layerwise_lr_decay(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    _, _, trainable = run_method(
+        corpus_dir, data_cache, trained_run, tmp_path / "run", "lora", steps=2, layer_lr_decay=0.5
+    )
     assert all("lora_" in n for n in trainable)
     rows = read_metrics(tmp_path / "run")
-    top, bottom = float(column(rows, "train/lr_layer1.decay")[0]), float(column(rows, "train/lr_layer0.decay")[0])
+    top, bottom = (
+        float(column(rows, "train/lr_layer1.decay")[0]),
+        float(column(rows, "train/lr_layer0.decay")[0]),
+    )
     assert bottom == pytest.approx(top * 0.5)
 
 
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"method": "prompt", "layer_lr_decay": 0.5}, r"finetune.layer_lr_decay: does not apply to finetune=prompt"),
+        (
+            {"method": "prompt", "layer_lr_decay": 0.5},
+            r"finetune.layer_lr_decay: does not apply to finetune=prompt",
+        ),
         ({"method": "adapter", "l2sp": 0.1}, r"finetune.l2sp: applies to full-weight methods"),
-        ({"method": "unfreeze", "unfreeze_every_n_steps": 0}, r"finetune.unfreeze_every_n_steps: must be a positive"),
+        (
+            {"method": "unfreeze", "unfreeze_every_n_steps": 0},
+            r"finetune.unfreeze_every_n_steps: must be a positive",
+        ),
         ({"method": "prompt", "prompt_tokens": 0}, r"finetune.prompt_tokens: must be a positive"),
         ({"method": "full", "task": "sft", "strategy": "deepspeed_zero2"}, None),
         ({"method": "unfreeze", "strategy": "deepspeed_zero2"}, r"strategy: finetune=unfreeze needs"),
-        ({"method": "prompt", "strategy": "fsdp"}, r"strategy: finetune=prompt runs under strategy=single or ddp"),
+        (
+            {"method": "prompt", "strategy": "fsdp"},
+            r"strategy: finetune=prompt runs under strategy=single or ddp",
+        ),
         ({"method": "prompt", "task": "classification"}, r"finetune: finetune=prompt conditions generation"),
         ({"method": "prompt", "task": "sft"}, r"task.pack: finetune=prompt prepends"),
-        ({"method": "full", "task": "dpo", "strategy": "deepspeed_zero3"}, r"strategy: task=dpo with finetune=full"),
+        (
+            {"method": "full", "task": "dpo", "strategy": "deepspeed_zero3"},
+            r"strategy: task=dpo with finetune=full",
+        ),
         ({"method": "none", "task": "sft"}, r"task: task=sft adapts a pretrained model"),
         ({"method": "full", "task": "dpo", "beta": 0.0}, r"task.beta: must be positive"),
     ],
@@ -117,11 +145,15 @@ def test_lora_with_layerwise_lr_decay(corpus_dir: Path, data_cache: Path, traine
 def test_method_task_strategy_combinations(changes: dict[str, object], expected: str | None) -> None:
     cfg = TrainConfig()
     method = FinetuneMethod(changes.pop("method"))
-    cfg.finetune = FinetuneConfig(method=method, init_from=None if method == FinetuneMethod.none else "base.ckpt")
+    cfg.finetune = FinetuneConfig(
+        method=method, init_from=None if method == FinetuneMethod.none else "base.ckpt"
+    )
     for key in ("layer_lr_decay", "l2sp", "unfreeze_every_n_steps", "prompt_tokens"):
         if key in changes:
             setattr(cfg.finetune, key, changes.pop(key))
-    cfg.task = TaskConfig(name=TaskName(changes.pop("task", "pretrain")), beta=float(changes.pop("beta", 0.1)))
+    cfg.task = TaskConfig(
+        name=TaskName(changes.pop("task", "pretrain")), beta=float(changes.pop("beta", 0.1))
+    )
     if "strategy" in changes:
         cfg.strategy.name = StrategyName(changes.pop("strategy"))
         cfg.trainer.devices, cfg.trainer.global_batch_size = 2, 16
@@ -145,8 +177,9 @@ def test_model_hf_preset_sets_the_base() -> None:
         validate(composed("model=hf", "model.path=/models/llama", "finetune=full", "finetune.init_from=x"))
 
 
-def test_peft_resume_on_another_base_is_refused(corpus_dir: Path, data_cache: Path, trained_run: Path,
-                                                tmp_path: Path) -> None:
+def test_peft_resume_on_another_base_is_refused(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
     from orchestra.train.checkpoint import CheckpointError
     from orchestra.train.export import export_hf
 
@@ -159,8 +192,9 @@ def test_peft_resume_on_another_base_is_refused(corpus_dir: Path, data_cache: Pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing written
 
 
-def test_finetune_seq_len_cuts_rows_not_the_model(corpus_dir: Path, data_cache: Path, trained_run: Path,
-                                                  tmp_path: Path) -> None:
+def test_finetune_seq_len_cuts_rows_not_the_model(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
     cfg = ft_config(corpus_dir, data_cache, tmp_path / "run", "lora", base_ckpt(trained_run), max_steps=2)
     cfg.finetune.seq_len = 32
     result = train(cfg)

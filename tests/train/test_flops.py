@@ -15,8 +15,9 @@ from tests.helpers import tiny_config
 
 
 def test_llama_8b_flops_per_token_by_hand() -> None:
-    m = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                    max_seq_len=8192)
+    m = ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256, max_seq_len=8192
+    )
     # Per layer: q 4096x4096, k and v 4096x1024 each, o 4096x4096, gate/up/down 3 x 4096x14336.
     per_layer = 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 14336  # 218,103,808
     n_matmul = 32 * per_layer + 128256 * 4096  # + lm head = 7,504,658,432 (Llama-3-8B: 8.03B with embeddings)
@@ -26,7 +27,9 @@ def test_llama_8b_flops_per_token_by_hand() -> None:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_formula_counts_exactly_the_model_matmul_weights(tied: bool) -> None:
-    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32, tie_embeddings=tied)
+    cfg = ModelConfig(
+        dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32, tie_embeddings=tied
+    )
     model = Transformer(cfg, 320)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     embedding = 320 * 64
@@ -63,8 +66,9 @@ def test_frozen_base_and_classifier_terms_against_torch_flop_counter() -> None:
     from orchestra.config import KernelBackend
     from orchestra.model.peft import LoraConfig, apply_lora
 
-    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32,
-                      kernels=KernelBackend.torch)
+    cfg = ModelConfig(
+        dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32, kernels=KernelBackend.torch
+    )
     attention = 12 * 3 * 64 * 32  # SDPA's matmuls: not seen by the counter on CPU
     measured = {}
     for lora in (False, True):
@@ -79,4 +83,6 @@ def test_frozen_base_and_classifier_terms_against_torch_flop_counter() -> None:
     frozen = model_flops_per_token(cfg, 320, 32, weight_grads=False) - attention
     assert measured[True] == pytest.approx(frozen, rel=0.05)  # block 0 needs no input gradient
     head = 320 * 64
-    assert model_flops_per_token(cfg, 320, 32, lm_head=False) == model_flops_per_token(cfg, 320, 32) - 6 * head
+    assert (
+        model_flops_per_token(cfg, 320, 32, lm_head=False) == model_flops_per_token(cfg, 320, 32) - 6 * head
+    )

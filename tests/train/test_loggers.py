@@ -51,15 +51,18 @@ def test_wandb_run_id_is_created_once_per_run_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_continues_after_resume(corpus_dir: Path, data_cache: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_offline_run_continues_after_resume(
+    corpus_dir: Path, data_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from orchestra.train.run import train
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
     run_dir = tmp_path / "run"
-    cfg = tiny_config(corpus_dir, data_cache, run_dir, max_steps=10, ckpt_every_n_steps=5, val_every_n_steps=5)
+    cfg = tiny_config(
+        corpus_dir, data_cache, run_dir, max_steps=10, ckpt_every_n_steps=5, val_every_n_steps=5
+    )
     cfg.logger = LoggerConfig(name=LoggerName.wandb)
     train(cfg)
     run_id = (run_dir / "wandb_run_id").read_text()
@@ -67,7 +70,9 @@ def test_wandb_offline_run_continues_after_resume(corpus_dir: Path, data_cache: 
     train(cfg)
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     # W&B names each attempt offline-run-<time>-<id>, adding -N when two start in the same second.
-    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in runs), runs
+    assert len(runs) == 2 and all(
+        re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in runs
+    ), runs
     assert os.listdir(run_dir / "wandb" / runs[-1])
 
 

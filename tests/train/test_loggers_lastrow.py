@@ -16,7 +16,9 @@ def test_row_of_the_checkpointed_step_comes_back_from_the_checkpoint(
     corpus_dir: Path, data_cache: Path, tmp_path: Path
 ) -> None:
     straight = tmp_path / "straight"
-    train(tiny_config(corpus_dir, data_cache, straight, max_steps=12, ckpt_every_n_steps=6, val_every_n_steps=6))
+    train(
+        tiny_config(corpus_dir, data_cache, straight, max_steps=12, ckpt_every_n_steps=6, val_every_n_steps=6)
+    )
     ckpt = straight / "checkpoints" / "step0000006.ckpt"
     assert load_checkpoint_file(ckpt)["orchestra"]["last_row"]["step"] == 5
 
@@ -34,7 +36,9 @@ def test_row_of_the_checkpointed_step_comes_back_from_the_checkpoint(
         writer.writeheader()
         writer.writerows(rows)
 
-    train(tiny_config(corpus_dir, data_cache, killed, max_steps=12, ckpt_every_n_steps=6, val_every_n_steps=6))
+    train(
+        tiny_config(corpus_dir, data_cache, killed, max_steps=12, ckpt_every_n_steps=6, val_every_n_steps=6)
+    )
     ref, got = column(read_metrics(straight), "train/loss"), column(read_metrics(killed), "train/loss")
     assert sorted(got) == list(range(12))
     assert got == ref

@@ -14,15 +14,20 @@ def test_classification_metrics_equal_sklearn() -> None:
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     gen = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (200,), generator=gen)
-    preds = torch.where(torch.rand(200, generator=gen) < 0.6, target, torch.randint(0, 4, (200,), generator=gen))
+    preds = torch.where(
+        torch.rand(200, generator=gen) < 0.6, target, torch.randint(0, 4, (200,), generator=gen)
+    )
     preds[preds == 3] = 2  # class 3 is never predicted: precision 0 by convention, not NaN
     labels = ["comedy", "history", "tragedy", "poem"]
     metrics, confusion = classification_metrics(preds, target, labels)
 
     y, p = target.numpy(), preds.numpy()
     assert metrics["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, p))
-    for name, fn in (("precision", sklearn_metrics.precision_score), ("recall", sklearn_metrics.recall_score),
-                     ("f1", sklearn_metrics.f1_score)):
+    for name, fn in (
+        ("precision", sklearn_metrics.precision_score),
+        ("recall", sklearn_metrics.recall_score),
+        ("f1", sklearn_metrics.f1_score),
+    ):
         per_class = fn(y, p, labels=range(4), average=None, zero_division=0)
         for label, value in zip(labels, per_class, strict=True):
             assert metrics[f"{name}/{label}"] == pytest.approx(value, abs=1e-6), (name, label)

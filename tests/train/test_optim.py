@@ -57,7 +57,9 @@ def test_constant_after_warmup() -> None:
 def test_scheduler_drives_optimizer_lr() -> None:
     model = torch.nn.Linear(4, 4)
     opt = build_optimizer(model, OptimConfig(lr=1e-3))
-    sched = build_scheduler(opt, SchedulerConfig(name=ScheduleName.cosine, warmup_steps=2, min_lr_ratio=0.0), 10)
+    sched = build_scheduler(
+        opt, SchedulerConfig(name=ScheduleName.cosine, warmup_steps=2, min_lr_ratio=0.0), 10
+    )
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -70,7 +72,9 @@ def test_scheduler_drives_optimizer_lr() -> None:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_no_weight_decay_on_norms_and_embeddings(tied: bool) -> None:
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16, tie_embeddings=tied)
+    cfg = ModelConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16, tie_embeddings=tied
+    )
     model = Transformer(cfg, 128)
     groups = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}

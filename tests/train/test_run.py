@@ -19,8 +19,19 @@ from orchestra.train.checkpoint import find_resume_checkpoint, load_checkpoint_f
 from orchestra.train.run import train
 from tests.helpers import cli_overrides, tiny_config
 
-SUMMARY_KEYS = {"steps", "tokens", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "mfu",
-                "energy_kwh", "co2_kg", "j_per_token", "checkpoint"}
+SUMMARY_KEYS = {
+    "steps",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "tokens_per_s",
+    "mfu",
+    "energy_kwh",
+    "co2_kg",
+    "j_per_token",
+    "checkpoint",
+}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -33,7 +44,9 @@ def column(rows: list[dict[str, str]], key: str) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_thirty_steps_val_loss_falls_and_summary_is_complete(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+def test_thirty_steps_val_loss_falls_and_summary_is_complete(
+    corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
     cfg = tiny_config(corpus_dir, data_cache, tmp_path / "run")
     cfg.energy.enabled = True
     cfg.energy.measure_power_secs = 1.0
@@ -72,12 +85,18 @@ def logged_steps(run_dir: Path) -> int:
 
 def launch(overrides: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "orchestra.cli.train", *overrides],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestra.cli.train", *overrides],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(
+    corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ref = launch(cli_overrides(corpus_dir, data_cache, straight), tmp_path / "straight.log")
     assert ref.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()
@@ -124,10 +143,14 @@ def test_bad_resume_path_is_named(corpus_dir: Path, data_cache: Path, tmp_path: 
     assert bogus.read_bytes() == b"not a checkpoint"
 
 
-def test_final_step_is_checkpointed_when_not_a_validation_step(corpus_dir: Path, data_cache: Path, tmp_path: Path) -> None:
+def test_final_step_is_checkpointed_when_not_a_validation_step(
+    corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
     from orchestra.train.checkpoint import checkpoint_step
 
-    cfg = tiny_config(corpus_dir, data_cache, tmp_path / "run", max_steps=7, ckpt_every_n_steps=2, val_every_n_steps=5)
+    cfg = tiny_config(
+        corpus_dir, data_cache, tmp_path / "run", max_steps=7, ckpt_every_n_steps=2, val_every_n_steps=5
+    )
     summary = train(cfg).summary
     newest = find_resume_checkpoint(tmp_path / "run")
     assert newest is not None and checkpoint_step(newest) == 7

@@ -14,7 +14,9 @@ from orchestra.train.strategy import parallelize, recompute_factor
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
 
 
-def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: torch.nn.Module, tokens: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -40,7 +42,9 @@ def test_activation_checkpointing_is_exact_and_keeps_state_dict_keys(mode: str, 
 
 def test_recompute_factor_counts_recomputed_forwards() -> None:
     assert recompute_factor(StrategyConfig(), 8) == 1.0
-    assert recompute_factor(StrategyConfig(activation_checkpointing=ActivationCheckpointing.full), 8) == pytest.approx(4 / 3)
+    assert recompute_factor(
+        StrategyConfig(activation_checkpointing=ActivationCheckpointing.full), 8
+    ) == pytest.approx(4 / 3)
     every_2 = StrategyConfig(activation_checkpointing=ActivationCheckpointing.every_k, ac_every_k=2)
     assert recompute_factor(every_2, 8) == pytest.approx((3 + 0.5) / 3)
 
@@ -55,7 +59,11 @@ def test_compiled_blocks_match_eager() -> None:
     torch.manual_seed(0)
     eager = Transformer(CFG, 128)
     compiled = copy.deepcopy(eager)
-    parallelize(compiled, StrategyConfig(compile=True, activation_checkpointing=ActivationCheckpointing.full), "32-true")
+    parallelize(
+        compiled,
+        StrategyConfig(compile=True, activation_checkpointing=ActivationCheckpointing.full),
+        "32-true",
+    )
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
     ref_loss, ref_grads = loss_and_grads(eager, tokens)

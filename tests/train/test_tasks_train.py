@@ -19,8 +19,15 @@ from tests.train.test_finetune import base_ckpt, ft_config
 from tests.train.test_run import column, read_metrics
 
 
-def task_config(corpus_dir: Path, data_cache: Path, trained_run: Path, run_dir: Path, task: str, method: str,
-                **trainer: object) -> TrainConfig:
+def task_config(
+    corpus_dir: Path,
+    data_cache: Path,
+    trained_run: Path,
+    run_dir: Path,
+    task: str,
+    method: str,
+    **trainer: object,
+) -> TrainConfig:
     cfg = ft_config(corpus_dir, data_cache, run_dir, method, base_ckpt(trained_run), **trainer)
     cfg.task = TaskConfig(name=TaskName(task))
     return cfg
@@ -36,8 +43,9 @@ def test_sft_lora_export_generates_like_orchestra_generate(
     from orchestra.train.export import export_hf
 
     run = tmp_path / "sft"
-    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "sft", "lora", max_steps=12,
-                      val_every_n_steps=6)
+    cfg = task_config(
+        corpus_dir, examples_cache, trained_run, run, "sft", "lora", max_steps=12, val_every_n_steps=6
+    )
     cfg.optim.lr = 1e-2
     result = train(cfg)
     rows = read_metrics(run)
@@ -48,13 +56,20 @@ def test_sft_lora_export_generates_like_orchestra_generate(
     ckpt = run / "checkpoints" / "last.ckpt"
     folder = export_hf(ckpt, tmp_path / "hf")
     prompt = "<|user|>\nWhich play are these lines from?\nTo be, or not to be\n<|assistant|>\n"
-    ours = sample(GenerateConfig(ckpt=str(ckpt), prompt=prompt, max_new_tokens=12, temperature=0.0, top_k=None))
+    ours = sample(
+        GenerateConfig(ckpt=str(ckpt), prompt=prompt, max_new_tokens=12, temperature=0.0, top_k=None)
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.eos_token_id)
+        out = hf.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
     assert tokenizer.decode(out[0]) == ours
 
 
@@ -62,8 +77,19 @@ def test_classification_beats_the_majority_class(
     corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "cls"
-    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "classification", "full", max_steps=200,
-                      val_every_n_steps=100, micro_batch_size=8, global_batch_size=16, val_batches=37)
+    cfg = task_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        run,
+        "classification",
+        "full",
+        max_steps=200,
+        val_every_n_steps=100,
+        micro_batch_size=8,
+        global_batch_size=16,
+        val_batches=37,
+    )
     cfg.optim.lr = 1e-3
     result = train(cfg)
     metrics = result.summary["val_metrics"]
@@ -91,8 +117,17 @@ def test_dpo_starts_at_log2_and_learns_the_preferences(
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(example_paths(examples_cache, "dpo")[0].read_text().splitlines(True)[:8]))
     run = tmp_path / "dpo"
-    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "dpo", method, max_steps=60,
-                      val_every_n_steps=30, val_batches=2)
+    cfg = task_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        run,
+        "dpo",
+        method,
+        max_steps=60,
+        val_every_n_steps=30,
+        val_batches=2,
+    )
     cfg.task.train_path = cfg.task.val_path = str(pairs)
     cfg.optim.lr = 1e-2 if method == "lora" else 3e-3
     cfg.finetune.lora_targets = ["all-linear"]
@@ -117,8 +152,16 @@ def test_classifier_exports_as_llama_for_sequence_classification(
     from orchestra.train.export import export_hf, export_peft
 
     run = tmp_path / "cls"
-    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "classification", method, max_steps=4,
-                      val_every_n_steps=4)
+    cfg = task_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        run,
+        "classification",
+        method,
+        max_steps=4,
+        val_every_n_steps=4,
+    )
     cfg.finetune.lora_targets = ["all-linear"]
     result = train(cfg)
     assert result.module is not None
@@ -153,12 +196,23 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
 
     hf_base = export_hf(base_ckpt(trained_run), tmp_path / "hf-base")
     run = tmp_path / "run"
-    args = cli_overrides(corpus_dir, examples_cache, run, **{
-        "task": "sft", "finetune": "lora", "model": "hf", "model.path": hf_base, "trainer.max_steps": 3,
-        "scheduler.warmup_steps": 1,
-        "trainer.val_every_n_steps": 3})
-    proc = subprocess.run([sys.executable, "-m", "orchestra.cli.train", *args], capture_output=True, text=True,
-                          timeout=600)
+    args = cli_overrides(
+        corpus_dir,
+        examples_cache,
+        run,
+        **{
+            "task": "sft",
+            "finetune": "lora",
+            "model": "hf",
+            "model.path": hf_base,
+            "trainer.max_steps": 3,
+            "scheduler.warmup_steps": 1,
+            "trainer.val_every_n_steps": 3,
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestra.cli.train", *args], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["task"], summary["finetune"], summary["steps"]) == ("sft", "lora", 3)
@@ -167,22 +221,46 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
     assert "Orchestra run summary" in proc.stdout and "trainable_parameters" in proc.stdout
     assert f"report:  orchestra-report {run}" in proc.stdout
 
-    missing = subprocess.run([sys.executable, "-m", "orchestra.cli.train", "task=sft", "finetune=lora", "model=hf",
-                              f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestra.cli.train",
+            "task=sft",
+            "finetune=lora",
+            "model=hf",
+            f"hydra.run.dir={tmp_path / 'bad'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode != 0 and "model.path" in missing.stdout + missing.stderr
 
 
-@pytest.mark.parametrize(("task", "method"), [("sft", "lora"), ("dpo", "full"), ("classification", "unfreeze")])
-def test_task_resume_continues_exactly(corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path,
-                                       task: str, method: str) -> None:
+@pytest.mark.parametrize(
+    ("task", "method"), [("sft", "lora"), ("dpo", "full"), ("classification", "unfreeze")]
+)
+def test_task_resume_continues_exactly(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path, task: str, method: str
+) -> None:
     """Killed after step 3, resumed: the task runs log the uninterrupted run's losses, bit for bit on CPU."""
     import shutil
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
     def cfg(run: Path) -> TrainConfig:
-        c = task_config(corpus_dir, examples_cache, trained_run, run, task, method, max_steps=6,
-                        ckpt_every_n_steps=3, val_every_n_steps=3)
+        c = task_config(
+            corpus_dir,
+            examples_cache,
+            trained_run,
+            run,
+            task,
+            method,
+            max_steps=6,
+            ckpt_every_n_steps=3,
+            val_every_n_steps=3,
+        )
         c.finetune.unfreeze_every_n_steps = 2  # block 0 joins at step 2, before the restart
         return c
 
@@ -196,8 +274,9 @@ def test_task_resume_continues_exactly(corpus_dir: Path, examples_cache: Path, t
     assert res == {step: ref[step] for step in res}
 
 
-def test_a_classifier_is_not_a_base(corpus_dir: Path, examples_cache: Path, trained_run: Path,
-                                    tmp_path: Path) -> None:
+def test_a_classifier_is_not_a_base(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
     from orchestra.config import ConfigError
 
     run = tmp_path / "cls"
@@ -216,20 +295,46 @@ def test_finetune_throughput_counts_the_padded_batches_it_ran(
 
     rng = random.Random(0)
     words = ["ay", "no", "sweet", "lord", "good", "night", "fair", "king", "death", "love"]
-    lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
-                         "label": rng.choice(["a", "b"])}) for _ in range(64)]
+    lines = [
+        json.dumps(
+            {
+                "text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
+                "label": rng.choice(["a", "b"]),
+            }
+        )
+        for _ in range(64)
+    ]
     data = tmp_path / "short.jsonl"
     data.write_text("\n".join(lines) + "\n")
     run = tmp_path / "cls"
-    cfg = task_config(corpus_dir, examples_cache, trained_run, run, "classification", "lora", max_steps=4,
-                      val_every_n_steps=4, log_every_n_steps=2)
+    cfg = task_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        run,
+        "classification",
+        "lora",
+        max_steps=4,
+        val_every_n_steps=4,
+        log_every_n_steps=2,
+    )
     cfg.task.train_path, cfg.task.val_fraction = str(data), 0.25
     result = train(cfg)
     assert result.module is not None
     from orchestra.data.tasks import TaskDataModule, resolve_task_paths
 
-    dm = TaskDataModule(cfg.task, *resolve_task_paths(cfg.task, cfg.data.cache_dir), result.module.tokenizer_json,
-                        result.module.eos_id, seq_len=64, micro_batch_size=4, global_batch_size=8, seed=cfg.seed,
-                        max_steps=4, val_batches=1, loader_workers=0)
+    dm = TaskDataModule(
+        cfg.task,
+        *resolve_task_paths(cfg.task, cfg.data.cache_dir),
+        result.module.tokenizer_json,
+        result.module.eos_id,
+        seq_len=64,
+        micro_batch_size=4,
+        global_batch_size=8,
+        seed=cfg.seed,
+        max_steps=4,
+        val_batches=1,
+        loader_workers=0,
+    )
     expected = sum(batch["tokens"].numel() for batch in dm.train_dataloader())
     assert 0 < result.summary["tokens"] == expected < 4 * 8 * 64  # padded to the batch, not to the context

@@ -106,8 +106,12 @@ def test_window_flushes_on_lightning_logging_steps_after_an_odd_resume() -> None
 
 def test_unknown_device_warns_once_and_reports_no_mfu() -> None:
     """No peak in the table and no trainer.peak_flops: a warning that says how to fix it, and no MFU."""
-    trainer = SimpleNamespace(world_size=1, global_step=0, precision="32-true",
-                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(
+        world_size=1,
+        global_step=0,
+        precision="32-true",
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
     module = FakeModule()
     cb = ThroughputCallback(TOKENS_PER_STEP, FLOPS_PER_TOKEN, 1)
     with pytest.warns(UserWarning, match=r"trainer\.peak_flops"):
@@ -121,8 +125,12 @@ def test_unknown_device_warns_once_and_reports_no_mfu() -> None:
 
 def test_counted_mode_sums_the_batches_of_every_step() -> None:
     """tokens_per_step=None (fine-tuning): the positions of the batches actually run."""
-    trainer = SimpleNamespace(world_size=1, global_step=0, precision="32-true",
-                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(
+        world_size=1,
+        global_step=0,
+        precision="32-true",
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
     module = FakeModule()
     cb = ThroughputCallback(None, FLOPS_PER_TOKEN, 2, peak_flops=PEAK)
     cb.on_fit_start(trainer, module)  # type: ignore[arg-type]

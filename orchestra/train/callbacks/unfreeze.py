@@ -34,18 +34,27 @@ class GradualUnfreezing(Callback):
         """Parameters that must not change at optimizer step ``step`` (0-based)."""
         decoder = decoder_of(model)
         training = self.schedule(step)
-        waiting = [p for i, block in enumerate(decoder.layers) if i not in training for p in block.parameters()]
+        waiting = [
+            p for i, block in enumerate(decoder.layers) if i not in training for p in block.parameters()
+        ]
         tied = decoder.cfg.tie_embeddings  # a tied embedding is the head, which always trains
         if 0 not in training and not tied:
             waiting.extend(decoder.tok_embeddings.parameters())
         return waiting
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
         for p in self.waiting_parameters(pl_module.model, trainer.global_step):
             p.grad = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:
-            pl_module.log("train/unfrozen_blocks", float(len(self.schedule(trainer.global_step))), on_step=True,
-                          on_epoch=False)
+            pl_module.log(
+                "train/unfrozen_blocks",
+                float(len(self.schedule(trainer.global_step))),
+                on_step=True,
+                on_epoch=False,
+            )
