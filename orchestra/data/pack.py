@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -56,6 +55,7 @@ from orchestra.data.tokenizer import (
     train_bpe,
     vocab_size_of,
 )
+from orchestra.io import atomic_write_text, remove_stale, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +175,9 @@ def prepare_dataset(cfg: DataConfig, seed: int, force: bool = False) -> Path:
                 f"{dataset_dir} exists but holds no complete dataset (no valid {MANIFEST_FILE}); "
                 "remove it, choose another data.name, or pass force=true to replace it"
             )
-        for stale in cache_dir.glob(f".{cfg.name}.tmp-*"):  # left by a crashed build
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".{cfg.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        remove_stale(dataset_dir)  # left by a crashed build
+        with staged_dir(dataset_dir) as tmp:
             _build(cfg, seed, fingerprint, tmp)
-            swap_into_place(tmp, dataset_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     finally:
         lock.release()
     return dataset_dir
@@ -235,25 +229,6 @@ def _reusable(dataset_dir: Path, fingerprint: dict[str, Any], seed: int) -> bool
             seed,
         )
     return True
-
-
-def swap_into_place(tmp: Path, final: Path) -> None:
-    """Make the finished directory ``tmp`` appear as ``final`` (replacing an existing one) by renames.
-
-    An existing ``final`` is moved aside first and deleted only once the new one is in place; if
-    the second rename fails the old one is put back, so a reader sees the old or the new, never a mix.
-    """
-    if final.exists():  # force=true (or an empty dir): move the old one aside first
-        old = final.with_name(f".{final.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # --------------------------------------------------------------------------- the build
@@ -386,9 +361,8 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         "prepare_seconds": round(time.time() - started, 3),
     }
     _fsync_dir_files(out)
-    tmp_manifest = out / (MANIFEST_FILE + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, out / MANIFEST_FILE)  # the manifest is written last: it marks completion
+    # The manifest is written last: it marks completion.
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n", durable=True)
 
 
 def choose_val_documents(lengths: list[int], val_fraction: float, seed: int) -> set[int] | None:

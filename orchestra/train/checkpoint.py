@@ -8,8 +8,6 @@ name. Loading uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,32 +16,13 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from orchestra.io import TMP_MARK, atomic_torch_save
+
 CHECKPOINT_DIRNAME = "checkpoints"
-_TMP_MARK = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
@@ -145,7 +124,7 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     best: tuple[int, int, Path] | None = None
     for path in ckpt_dir.glob("*.ckpt"):
-        if _TMP_MARK in path.name:
+        if TMP_MARK in path.name:
             continue
         try:
             step = checkpoint_step(path)

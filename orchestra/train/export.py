@@ -16,18 +16,15 @@ and ``tokenizer.json``, which is what :func:`load_peft_export` reads back.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from orchestra.config import ModelConfig, model_config_from_dict
+from orchestra.io import staged_dir
 from orchestra.train.checkpoint import (
     CheckpointError,
     is_deepspeed_checkpoint,
@@ -166,27 +163,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A temp folder beside ``out`` to write into; on success it replaces ``out`` in one rename.
-
-    An existing ``out`` is moved aside first and deleted only once the new folder is in place,
-    so a failure leaves the old folder or the new one, never a mix (a kill between the two
-    renames leaves the old one as ``.<out>.tmp-old-*``); the temp folder is removed on failure.
-    """
-    from orchestra.data.pack import swap_into_place
-
-    out = Path(os.path.abspath(out))
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write a Hugging Face Llama folder for ``ckpt`` into ``out`` (atomically); returns ``out``."""
     from safetensors.torch import save_file
@@ -218,7 +194,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
     tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
     eos_id = int(meta["eos_id"]) if meta.get("eos_id") is not None else tokenizer.token_to_id(EOS_TOKEN)
     eos_token = tokenizer.id_to_token(eos_id) if eos_id is not None else EOS_TOKEN
-    with _staged(out) as tmp:
+    with staged_dir(out) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config_dict(cfg, vocab_size, bos_id=eos_id, eos_id=eos_id, torch_dtype=dtype)
         if labels:
@@ -459,7 +435,7 @@ def export_peft(ckpt: str | Path, out: str | Path, dtype: str = "float32", overw
         if names == "peft"
         else "Orchestra only",
     }
-    with _staged(out) as tmp:
+    with staged_dir(out) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         if adapter_config is not None:
             (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")

@@ -29,6 +29,7 @@ from orchestra.config import (
     to_plain,
 )
 from orchestra.data.datamodule import realign_loop_progress
+from orchestra.io import atomic_write_text
 from orchestra.model import Transformer
 from orchestra.model.heads import SequenceClassifier
 from orchestra.model.peft import L2SP, layerwise_lr_groups
@@ -312,10 +313,7 @@ class ClassificationModule(CausalLMModule):
         }
         if self.trainer.is_global_zero and self.cfg.run_dir:
             path = Path(self.cfg.run_dir) / "classification.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.last_report, indent=2) + "\n")
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps(self.last_report, indent=2) + "\n")
 
 
 class DPOModule(CausalLMModule):

@@ -31,6 +31,7 @@ from orchestra.config import (
     to_plain,
     validate,
 )
+from orchestra.io import atomic_write_text
 from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
 from orchestra.train.callbacks.preemption import MARKER_NAME, PREEMPTED_EXIT_CODE, PreemptionCallback
 from orchestra.train.callbacks.unfreeze import GradualUnfreezing
@@ -111,16 +112,6 @@ def check_checkpoint_matches(
     return int(ckpt["global_step"]), meta.get("last_row")
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    """Atomic, and safe when every rank writes the same text at once (per-process temp name)."""
-    if path.is_file() and path.read_text() == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def use_base(cfg: TrainConfig, run_dir: Path) -> BaseModel:
     """Load finetune.init_from and make the run use its shape and tokenizer (cfg is changed in place).
 
@@ -142,7 +133,7 @@ def use_base(cfg: TrainConfig, run_dir: Path) -> BaseModel:
                 f"data.tokenizer_path: {given} is not the tokenizer of finetune.init_from={cfg.finetune.init_from}; "
                 "leave data.tokenizer_path unset, fine-tuning uses the base model's tokenizer"
             )
-    _write_if_changed(tokenizer_file, base.tokenizer_json)
+    atomic_write_text(tokenizer_file, base.tokenizer_json, only_if_changed=True)
     digest = hashlib.sha256(base.tokenizer_json.encode()).hexdigest()[:12]
     cfg.data.tokenizer_path = str(tokenizer_file)
     if not cfg.data.name.endswith(f"-tok{digest}"):
@@ -159,12 +150,6 @@ class _LastValidation(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.step = trainer.global_step
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
@@ -427,5 +412,5 @@ def train(cfg: TrainConfig) -> RunResult:
             "run_dir": str(run_dir),
         }
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(summary=summary, sample=sample, run_dir=run_dir, module=module)

@@ -174,19 +174,16 @@ class _AtomicDirectorySave:
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        import shutil
         from pathlib import Path
+
+        from orchestra.io import swap_into_place
 
         final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
         tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")  # type: ignore[attr-defined]
         super().save_checkpoint(checkpoint, tmp, storage_options)  # type: ignore[misc]
         self.barrier("orchestra_checkpoint_written")  # type: ignore[attr-defined]
         if self.is_global_zero:  # type: ignore[attr-defined]
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_into_place(tmp, final)
         self.barrier("orchestra_checkpoint_renamed")  # type: ignore[attr-defined]
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from orchestra.io import atomic_link, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 # Distinct from 0 (done), 1 (Hydra/unhandled error) and 2 (orchestra's clear config/data errors).
@@ -145,16 +147,8 @@ class PreemptionCallback(Callback):
         trainer.save_checkpoint(path)  # collective; atomic through AtomicCheckpointIO
         if trainer.is_global_zero and path.is_file():
             # last.ckpt follows the newest checkpoint; a hard link is instant and atomic by rename.
-            last = self.checkpoint_dir / "last.ckpt"
-            tmp = last.with_name(f"{last.name}.tmp-{os.getpid()}")
             with contextlib.suppress(OSError):
-                tmp.unlink()
-            try:
-                os.link(path, tmp)
-                os.replace(tmp, last)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+                atomic_link(path, self.checkpoint_dir / "last.ckpt")
         self.saved_path = path
         if trainer.is_global_zero:
             signame = self.requested.name if self.requested is not None else "another rank"
@@ -182,7 +176,4 @@ class PreemptionCallback(Callback):
         if os.environ.get(MARKER_ENV):
             paths.add(Path(os.environ[MARKER_ENV]))
         for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(record) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(record) + "\n")
