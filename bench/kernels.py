@@ -91,12 +91,13 @@ def providers_for(op: str) -> dict[str, Callable[..., Any]]:
     import torch
     from orchestra.kernels import linear_cross_entropy, rms_norm, rope, swiglu
 
+    from orchestra.model import ops
+
     refs = {
-        "rms_norm": (rms_norm.rms_norm_reference, rms_norm.rms_norm),
-        "rope": (rope.apply_rope_reference, rope.apply_rope),
-        "swiglu": (swiglu.swiglu_reference, swiglu.swiglu),
-        "linear_cross_entropy": (linear_cross_entropy.linear_cross_entropy_reference,
-                                 linear_cross_entropy.linear_cross_entropy),
+        "rms_norm": (ops.torch_rms_norm, rms_norm.rms_norm),
+        "rope": (ops.torch_apply_rope, rope.apply_rope),
+        "swiglu": (ops.torch_swiglu, swiglu.swiglu),
+        "linear_cross_entropy": (ops.torch_linear_cross_entropy, linear_cross_entropy.linear_cross_entropy),
     }  # fmt: skip
     ref, ours = refs[op]
     table: dict[str, Callable[..., Any]] = {

@@ -1,10 +1,12 @@
-"""Fused Triton kernels, imported as ``orchestra.kernels``.
+"""Fused Triton kernels, imported as ``orchestra.kernels``; they depend on torch and triton only.
 
-Each op lives in its own file (reference, Triton kernels, autograd.Function, public function):
-rms_norm, rope, swiglu and linear_cross_entropy fill the model's ops table; add_rms_norm (fused
-residual add + RMSNorm) is available but not in the table yet.
-The model reaches them only through ``orchestra.model.ops``, which imports this package inside
-``get_ops`` (never at module import time), so there is no import cycle.
+Each op lives in its own file (Triton kernels, autograd.Function, public function), and the
+package exports those plain functions through its submodules: ``rms_norm.rms_norm``,
+``rope.apply_rope``, ``swiglu.swiglu``, ``linear_cross_entropy.linear_cross_entropy`` and
+``add_rms_norm.add_rms_norm`` (fused residual add + RMSNorm, not used by the model yet).
+The model builds its ops table from them (orchestra.model.ops, inside ``get_ops``), and the
+PyTorch reference each one reproduces, "the torch op" in these files, is that table's torch
+side (``orchestra.model.ops.torch_*``): one reference serves the model and the kernel tests.
 
 :data:`INTERPRET` is True when the kernels were built for Triton's CPU interpreter
 (``TRITON_INTERPRET=1`` set before triton was first imported): they then run on CPU tensors,
@@ -13,21 +15,11 @@ The model reaches them only through ``orchestra.model.ops``, which imports this 
 
 from __future__ import annotations
 
-from orchestra.model.ops import Ops
-
 # Submodules, not their functions, are bound here, so ``orchestra.kernels.rms_norm`` stays the
 # module (its launch wrappers and constants) and is not shadowed by the function of that name.
 from . import add_rms_norm, linear_cross_entropy, rms_norm, rope, swiglu
 from ._utils import is_interpreted
 
-TRITON_OPS = Ops(
-    name="triton",
-    rms_norm=rms_norm.rms_norm,
-    apply_rope=rope.apply_rope,
-    swiglu=swiglu.swiglu,
-    linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
-)
-
 INTERPRET: bool = is_interpreted(rms_norm._rms_norm_fwd_kernel)
 
-__all__ = ["INTERPRET", "TRITON_OPS", "add_rms_norm", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = ["INTERPRET", "add_rms_norm", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]

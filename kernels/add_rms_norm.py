@@ -7,22 +7,14 @@ from the residual stream, and writes one gradient for both inputs (d x = d resid
 
 The Triton kernels are rms_norm.py's, compiled with their residual flags (HAS_RESIDUAL in the
 forward, HAS_DH in the backward), so both ops share one tested code path. Not in the model's ops
-table yet: wiring it into the Block changes ops.Ops and transformer.py.
+table yet: wiring it into the Block changes the model's ops table and transformer.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .rms_norm import _rows, rms_norm_backward, rms_norm_forward, rms_norm_reference
-
-
-def add_rms_norm_reference(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch reference: (rms_norm(x + residual), x + residual)."""
-    h = x + residual
-    return rms_norm_reference(h, weight, eps), h
+from .rms_norm import _rows, rms_norm_backward, rms_norm_forward
 
 
 class AddRMSNormFunction(torch.autograd.Function):

@@ -38,28 +38,6 @@ MAX_BLOCK_V = 16384
 MAX_TILE = 16384
 
 
-def linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    z_loss: float = 0.0,
-) -> torch.Tensor:
-    """The PyTorch reference: full logits in the input dtype, softmax in (at least) fp32.
-
-    With the defaults it is ops.TORCH_OPS.linear_cross_entropy; float64 inputs stay float64.
-    """
-    logits = torch.nn.functional.linear(hidden, weight)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-    if z_loss:
-        keep = targets != ignore_index
-        z = (torch.logsumexp(logits, dim=-1).square() * keep).sum()
-        loss = loss + z_loss * (z / keep.sum() if reduction == "mean" else z)
-    return loss
-
-
 @triton.jit
 def _ce_rows_kernel(
     LOGITS,
@@ -255,7 +233,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden [N, D] @ weight [V, D].T`` against targets [N], never holding [N, V].
 
-    Same signature as the reference plus ``chunk_size`` (tokens per chunk; default from
+    Same signature as the torch op plus ``chunk_size`` (tokens per chunk; default from
     :func:`default_chunk_size`). Returns an fp32 scalar.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

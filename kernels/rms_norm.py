@@ -1,7 +1,7 @@
 """Fused RMSNorm: one read of x, one write of y forward; one read of x and dy backward.
 
-Numerics follow the model's reference (HF LlamaRMSNorm): statistics in fp32, the normalised
-row cast back to x's dtype, then multiplied by the weight. The backward recomputes the
+Numerics follow the PyTorch reference (HF LlamaRMSNorm): statistics in fp32, the normalised row
+cast back to x's dtype, then multiplied by the weight. The backward recomputes the
 normalised row from x and the saved per-row 1/rms instead of storing it, and the weight
 gradient is summed over rows in two passes: each program of a persistent grid accumulates a
 partial sum over its rows in fp32, and the [programs, D] partials are reduced afterwards, so no
@@ -21,14 +21,6 @@ from ._utils import empty, num_sms, num_warps_for
 MAX_TILE = 4096
 # Backward grid: programs per SM (each keeps one fp32 partial row of the weight gradient). Untuned.
 PROGRAMS_PER_SM = 2
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The PyTorch reference (same as ops.TORCH_OPS.rms_norm; float64 inputs stay float64)."""
-    input_dtype = x.dtype
-    h = x.to(torch.promote_types(input_dtype, torch.float32))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(input_dtype)
 
 
 @triton.jit
@@ -223,7 +215,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x [..., D] with gain weight [D]; same signature and numerics as the reference."""
+    """RMSNorm of x [..., D] with gain weight [D]; same signature and numerics as the torch op."""
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
     return RMSNormFunction.apply(x, weight, eps)

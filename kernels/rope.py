@@ -24,20 +24,6 @@ from ._utils import empty, num_warps_for
 MAX_TILE = 4096
 
 
-def apply_rope_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch reference (same as ops.TORCH_OPS.apply_rope): cos/sin cast to q's dtype first."""
-
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    cos = cos.to(q.dtype)
-    sin = sin.to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 @triton.jit
 def _rotate_heads(
     X,
@@ -213,7 +199,7 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [B, H, T, hd] and k [B, Hkv, T, hd] by cos/sin [T, hd] (rotate_half).
 
-    Same signature and numerics as the reference; cos/sin are treated as constants.
+    Same signature and numerics as the torch op; cos/sin are treated as constants.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T, hd]")

@@ -20,11 +20,6 @@ from ._utils import empty, num_warps_for
 BLOCK = 2048
 
 
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The PyTorch reference (same as ops.TORCH_OPS.swiglu)."""
-    return torch.nn.functional.silu(gate) * up
-
-
 @triton.jit
 def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -92,7 +87,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for same-shape, same-dtype tensors; same signature as the reference."""
+    """silu(gate) * up for same-shape, same-dtype tensors; same signature as the torch op."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(
             f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match"

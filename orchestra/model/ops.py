@@ -1,14 +1,18 @@
 """The small table of ops the model goes through, so fused kernels can replace them in one place.
 
-The model never calls a Triton kernel directly: it asks :func:`get_ops` once for a table and
-calls ``ops.rms_norm``, ``ops.apply_rope``, ``ops.swiglu`` and ``ops.linear_cross_entropy``.
-:data:`TORCH_OPS` is the plain-PyTorch reference every kernel is tested against; its numerics
-follow Hugging Face's Llama so exported checkpoints give the same logits.
+The model never calls a Triton kernel directly: it calls ``ops.rms_norm``, ``ops.apply_rope``,
+``ops.swiglu`` and ``ops.linear_cross_entropy`` on a :class:`DeviceOps`, which hands each call to
+the table for the device its tensors are on (:func:`get_ops` picks a table per device type).
+
+The ``torch_*`` functions below are the one PyTorch reference of each op: :data:`TORCH_OPS` is
+made of them, and the Triton kernels (``orchestra.kernels``) are tested against them, upcast to
+float64. Their numerics follow Hugging Face's Llama so exported checkpoints give the same logits;
+every training dtype (fp32, bf16, fp16) computes in fp32 where HF does, and only float64 inputs,
+which the kernel tests use, keep float64 instead.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,8 +35,13 @@ class Ops:
     ]
     # (gate, up) -> silu(gate) * up
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    # (hidden [N, D], weight [V, D], targets [N], ignore_index, reduction=mean|sum) -> scalar loss
+    # (hidden [N, D], weight [V, D], targets [N], ignore_index, reduction=mean|sum, z_loss) -> scalar loss
     linear_cross_entropy: Callable[..., torch.Tensor]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every training dtype; float64 stays float64 (the kernel tests' references)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,7 +51,7 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     (not before) is what makes our logits match transformers bit for bit in fp32.
     """
     input_dtype = x.dtype
-    h = x.to(torch.float32)
+    h = x.to(_compute_dtype(input_dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(input_dtype)
 
@@ -79,15 +88,24 @@ def torch_linear_cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Mean (or sum) cross-entropy of ``hidden @ weight.T`` over targets != ignore_index.
 
     The reference materialises the [N, V] logits (projection in the input dtype, then fp32 for
     the softmax, like ``forward()``'s logits); a fused kernel computes the same number without
     ever holding them. With every target ignored the mean is NaN, as in F.cross_entropy.
+    ``z_loss`` adds PaLM's ``z_loss * logsumexp**2`` per kept row (the fused kernel supports it;
+    the model does not use it).
     """
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    logits = F.linear(hidden, weight)
+    logits = logits.to(_compute_dtype(logits.dtype))
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    if z_loss:
+        keep = targets != ignore_index
+        z = (torch.logsumexp(logits, dim=-1).square() * keep).sum()
+        loss = loss + z_loss * (z / keep.sum() if reduction == "mean" else z)
+    return loss
 
 
 TORCH_OPS = Ops(
@@ -100,13 +118,31 @@ TORCH_OPS = Ops(
 
 
 def _triton_ops() -> tuple[Ops, bool]:
-    """(orchestra.kernels.TRITON_OPS, whether those kernels run in Triton's CPU interpreter).
+    """(the Triton table, whether those kernels run in Triton's CPU interpreter).
 
-    ImportError when this build has no kernels (e.g. no triton installed). importlib looks the
-    module up in sys.modules, so tests can stand a fake in for it.
+    The table is built here, from orchestra.kernels' public functions, because it belongs to the
+    model; the import is deferred so the model imports without Triton. ImportError when this
+    build has no kernels (e.g. no triton installed).
     """
-    kernels = importlib.import_module("orchestra.kernels")
-    return kernels.TRITON_OPS, bool(getattr(kernels, "INTERPRET", False))
+    from orchestra.kernels import INTERPRET, linear_cross_entropy, rms_norm, rope, swiglu
+
+    ops = Ops(
+        name="triton",
+        rms_norm=rms_norm.rms_norm,
+        apply_rope=rope.apply_rope,
+        swiglu=swiglu.swiglu,
+        linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
+    )
+    return ops, bool(INTERPRET)
+
+
+def _needs_cuda(device_type: str) -> ConfigError:
+    """The error for model.kernels=triton on a device the Triton kernels cannot run on."""
+    return ConfigError(
+        f"model.kernels=triton: Triton kernels need a CUDA device, not {device_type!r}; use "
+        f"model.kernels=torch or model.kernels=auto (or, for testing, set TRITON_INTERPRET=1 before "
+        f"triton is imported to run them in Triton's slow CPU interpreter)"
+    )
 
 
 def get_ops(backend: KernelBackend | str, device_type: str) -> Ops:
@@ -139,13 +175,80 @@ def get_ops(backend: KernelBackend | str, device_type: str) -> Ops:
         ops, interpret = _triton_ops()
     except ImportError as e:
         raise ConfigError(
-            f"model.kernels=triton: the Triton kernels (orchestra.kernels.TRITON_OPS) are not "
-            f"available in this build ({e}); use model.kernels=torch or model.kernels=auto"
+            f"model.kernels=triton: the Triton kernels (orchestra.kernels) are not available in this "
+            f"build ({e}); use model.kernels=torch or model.kernels=auto"
         ) from e
     if device_type != "cuda" and not interpret:
-        raise ConfigError(
-            f"model.kernels=triton: Triton kernels need a CUDA device, but this process sees "
-            f"{device_type!r}; use model.kernels=torch or model.kernels=auto (or, for testing, set "
-            f"TRITON_INTERPRET=1 before triton is imported to run them in Triton's slow CPU interpreter)"
-        )
+        raise _needs_cuda(device_type)
     return ops
+
+
+class DeviceOps:
+    """The model's ops: each call goes to the table for the device its tensors are on.
+
+    Ops follow the tensors, so a model built on a GPU machine and run on CPU (generation with
+    device=cpu, a logits check) computes with the CPU table, and one moved to the GPU with the
+    CUDA table. The choice is made per call from ``x.is_cuda`` rather than re-made when the
+    module moves (an ``_apply``/``to`` override), because parameters also move without
+    Module._apply (FSDP2's fully_shard assigns ``param.data``) and what matters is where an op's
+    inputs are, not where the model was last sent. The test is cheap and torch.compile sees it
+    as a constant: a tensor's device is part of its guards, so the branch is resolved while
+    tracing and costs nothing in the compiled graph.
+    """
+
+    def __init__(self, cuda: Ops, off_cuda: Ops | None) -> None:
+        # off_cuda is None for model.kernels=triton when Triton cannot run off CUDA: such calls
+        # raise instead of falling back.
+        self.cuda = cuda
+        self.off_cuda = off_cuda
+
+    def table(self, x: torch.Tensor) -> Ops:
+        """The table for tensors on x's device."""
+        if x.is_cuda:
+            return self.cuda
+        if self.off_cuda is None:
+            raise _needs_cuda(x.device.type)
+        return self.off_cuda
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.table(x).rms_norm(x, weight, eps)
+
+    def apply_rope(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.table(q).apply_rope(q, k, cos, sin)
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.table(gate).swiglu(gate, up)
+
+    def linear_cross_entropy(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        return self.table(hidden).linear_cross_entropy(
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction
+        )
+
+
+def device_ops(backend: KernelBackend | str) -> DeviceOps:
+    """Both tables for ``model.kernels``, resolved once, when the model is built.
+
+    CUDA tensors get ``get_ops(backend, "cuda")``, tensors on any other device
+    ``get_ops(backend, "cpu")``. So kernels=triton fails here when Triton can run on no device of
+    this process (kernels missing from the build, or no CUDA and no interpreter), and otherwise at
+    the first forward on a device it cannot run on, never falling back to torch.
+    """
+    if not torch.cuda.is_available():
+        # No tensor can be on CUDA, and auto need not import Triton: one table serves every call.
+        ops = get_ops(backend, "cpu")
+        return DeviceOps(cuda=ops, off_cuda=ops)
+    cuda = get_ops(backend, "cuda")
+    try:
+        off_cuda: Ops | None = get_ops(backend, "cpu")
+    except ConfigError:  # kernels=triton without the interpreter: refused per call, off the GPU
+        off_cuda = None
+    return DeviceOps(cuda=cuda, off_cuda=off_cuda)

@@ -7,8 +7,8 @@ plain rename, and the numerics follow it so exported checkpoints give the same l
 
 The model knows nothing of parallelism: no torch.distributed, no Lightning. FSDP, activation
 checkpointing and compile are applied from outside (orchestra/train/strategy.py); the Block
-modules are the natural wrapping unit. Fusable ops go through one table chosen by
-``model.kernels`` (see ops.py).
+modules are the natural wrapping unit. Fusable ops go through one handle built from
+``model.kernels``, which picks the table for the device the tensors are on (see ops.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestra.config import ModelConfig
-from orchestra.model.ops import Ops, get_ops
+from orchestra.model.ops import DeviceOps, device_ops
 
 
 class KVCache:
@@ -56,7 +56,7 @@ class KVCache:
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
 
-    def __init__(self, dim: int, eps: float, ops: Ops) -> None:
+    def __init__(self, dim: int, eps: float, ops: DeviceOps) -> None:
         super().__init__()
         self.eps = eps
         self.ops = ops
@@ -69,7 +69,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Causal grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: Ops) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: DeviceOps) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = cfg.n_heads
@@ -134,7 +134,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops) -> None:
+    def __init__(self, cfg: ModelConfig, ops: DeviceOps) -> None:
         super().__init__()
         self.ops = ops
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
@@ -148,7 +148,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm decoder layer; the unit that FSDP wrapping and activation checkpointing use."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: Ops) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: DeviceOps) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.attention = Attention(cfg, layer_idx, ops)
@@ -189,9 +189,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        # One ops table for the whole model, chosen once (not per call) so compile sees constants.
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.ops = get_ops(cfg.kernels, device_type)
+        # One ops handle for the whole model; each op runs the table for its tensors' device.
+        self.ops = device_ops(cfg.kernels)
 
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i, self.ops) for i in range(cfg.n_layers))

@@ -1,83 +1,200 @@
-"""The ops table: selection by model.kernels and the reference numerics."""
+"""The ops table: selection by model.kernels, ops that follow the tensors' device, the reference numerics."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestra.config import ConfigError, KernelBackend
+from orchestra.config import ConfigError, KernelBackend, ModelConfig
 from orchestra.model import Transformer
 from orchestra.model.ops import TORCH_OPS, Ops, get_ops
 
 
+class FakeKernels(SimpleNamespace):
+    """Stands in for orchestra.kernels: its public functions, PyTorch's math, each call counted."""
+
+    def __init__(self, interpret: bool) -> None:
+        calls: list[str] = []
+
+        def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                calls.append(name)
+                return fn(*args, **kwargs)
+
+            return call
+
+        super().__init__(
+            INTERPRET=interpret,
+            calls=calls,
+            rms_norm=SimpleNamespace(rms_norm=counted("rms_norm", TORCH_OPS.rms_norm)),
+            rope=SimpleNamespace(apply_rope=counted("apply_rope", TORCH_OPS.apply_rope)),
+            swiglu=SimpleNamespace(swiglu=counted("swiglu", TORCH_OPS.swiglu)),
+            linear_cross_entropy=SimpleNamespace(
+                linear_cross_entropy=counted("linear_cross_entropy", TORCH_OPS.linear_cross_entropy)
+            ),
+        )
+
+    def table(self) -> Ops:
+        """The Triton table ops.py should build from these functions."""
+        return Ops(
+            "triton",
+            self.rms_norm.rms_norm,
+            self.rope.apply_rope,
+            self.swiglu.swiglu,
+            self.linear_cross_entropy.linear_cross_entropy,
+        )
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA (propagated through every op), to fake a GPU input."""
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
 @pytest.fixture
-def no_triton_kernels(monkeypatch):
-    """Make `from orchestra.kernels import TRITON_OPS` fail, whatever this build contains."""
+def no_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `from orchestra.kernels import ...` fail, whatever this build contains."""
     monkeypatch.setitem(sys.modules, "orchestra.kernels", None)
 
 
-def test_torch_and_auto_on_cpu_are_the_reference():
+@pytest.fixture
+def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeKernels]:
+    """Install a FakeKernels as orchestra.kernels; ``cuda`` fakes whether this process has a GPU."""
+
+    def install(interpret: bool = False, cuda: bool | None = None) -> FakeKernels:
+        fake = FakeKernels(interpret)
+        monkeypatch.setitem(sys.modules, "orchestra.kernels", fake)
+        if cuda is not None:
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        return fake
+
+    return install
+
+
+def _twins(make_cfg: Callable[..., ModelConfig], kernels: KernelBackend) -> tuple[Transformer, Transformer]:
+    """A model with ``kernels`` and a kernels=torch one with the same weights."""
+    torch.manual_seed(0)
+    model = Transformer(make_cfg(kernels=kernels), 64)
+    torch.manual_seed(0)
+    return model, Transformer(make_cfg(kernels=KernelBackend.torch), 64)
+
+
+def test_torch_and_auto_on_cpu_are_the_reference(make_cfg: Callable[..., ModelConfig]) -> None:
     assert get_ops(KernelBackend.torch, "cpu") is TORCH_OPS
     assert get_ops("torch", "cuda") is TORCH_OPS
     assert get_ops(KernelBackend.auto, "cpu") is TORCH_OPS
-    assert isinstance(TORCH_OPS, Ops)
+    # On any machine (with a GPU too), an auto model fed CPU tensors computes exactly the reference.
+    model, ref = _twins(make_cfg, KernelBackend.auto)
+    tokens = torch.randint(0, 64, (2, 9))
+    assert model.ops.table(tokens) is TORCH_OPS
+    assert torch.equal(model(tokens), ref(tokens))
+    assert torch.equal(model(tokens, tokens), ref(tokens, tokens))
 
 
-def test_auto_on_cuda_falls_back_without_kernels(no_triton_kernels):
+def test_auto_on_cuda_falls_back_without_kernels(no_triton_kernels: None) -> None:
     assert get_ops("auto", "cuda") is TORCH_OPS
 
 
-def test_triton_without_kernels_is_a_config_error(no_triton_kernels):
+def test_triton_without_kernels_is_a_config_error(no_triton_kernels: None) -> None:
     with pytest.raises(ConfigError, match=r"model.kernels=triton.*not available in this build.*torch or"):
         get_ops(KernelBackend.triton, "cuda")
 
 
-def test_triton_without_kernels_on_cpu_is_a_config_error(no_triton_kernels, make_cfg):
+@pytest.mark.parametrize("cuda", [False, True])
+def test_triton_without_kernels_on_cpu_is_a_config_error(
+    no_triton_kernels: None,
+    monkeypatch: pytest.MonkeyPatch,
+    make_cfg: Callable[..., ModelConfig],
+    cuda: bool,
+) -> None:
     with pytest.raises(ConfigError, match=r"model.kernels=triton.*not available in this build"):
         get_ops("triton", "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"model.kernels=triton"):
-            Transformer(make_cfg(kernels=KernelBackend.triton), 64)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with pytest.raises(ConfigError, match=r"model.kernels=triton.*not available in this build"):
+        Transformer(make_cfg(kernels=KernelBackend.triton), 64)
 
 
-def test_unknown_backend_lists_the_choices():
+def test_unknown_backend_lists_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"'cuda'.*\['auto', 'torch', 'triton'\]"):
         get_ops("cuda", "cpu")
 
 
-def test_triton_picks_the_kernels_table_when_present(monkeypatch):
-    fake = Ops(
-        "fake", TORCH_OPS.rms_norm, TORCH_OPS.apply_rope, TORCH_OPS.swiglu, TORCH_OPS.linear_cross_entropy
-    )
-
-    class FakeKernels:
-        TRITON_OPS = fake
-
-    monkeypatch.setitem(sys.modules, "orchestra.kernels", FakeKernels)
-    assert get_ops("triton", "cuda") is fake
-    assert get_ops("auto", "cuda") is fake
+def test_triton_picks_the_kernels_table_when_present(fake_kernels: Callable[..., FakeKernels]) -> None:
+    fake = fake_kernels(interpret=False)
+    assert get_ops("triton", "cuda") == fake.table()
+    assert get_ops("auto", "cuda") == fake.table()
     assert get_ops("auto", "cpu") is TORCH_OPS
     with pytest.raises(ConfigError, match=r"model.kernels=triton.*CUDA.*'cpu'.*torch.*TRITON_INTERPRET=1"):
         get_ops("triton", "cpu")
 
 
-def test_triton_on_cpu_in_interpreter_mode(monkeypatch):
+def test_triton_on_cpu_in_interpreter_mode(fake_kernels: Callable[..., FakeKernels]) -> None:
     """Kernels built for Triton's CPU interpreter are accepted off CUDA, but only when asked for."""
-    fake = Ops(
-        "fake", TORCH_OPS.rms_norm, TORCH_OPS.apply_rope, TORCH_OPS.swiglu, TORCH_OPS.linear_cross_entropy
-    )
-
-    class InterpretedKernels:
-        TRITON_OPS = fake
-        INTERPRET = True
-
-    monkeypatch.setitem(sys.modules, "orchestra.kernels", InterpretedKernels)
-    assert get_ops("triton", "cpu") is fake
+    fake = fake_kernels(interpret=True)
+    assert get_ops("triton", "cpu") == fake.table()
     assert get_ops("auto", "cpu") is TORCH_OPS  # auto never picks the ~2000x slower interpreter
-    assert get_ops("auto", "cuda") is fake
+    assert get_ops("auto", "cuda") == fake.table()
+
+
+def test_model_built_on_a_gpu_machine_follows_the_tensors(
+    fake_kernels: Callable[..., FakeKernels], make_cfg: Callable[..., ModelConfig]
+) -> None:
+    """kernels=auto built where CUDA is available: CPU tensors take torch's ops, CUDA tensors Triton's."""
+    fake = fake_kernels(interpret=False, cuda=True)
+    model, ref = _twins(make_cfg, KernelBackend.auto)
+    tokens = torch.randint(0, 64, (2, 9))
+    assert model.ops.table(tokens) is TORCH_OPS
+    assert torch.equal(model(tokens, tokens), ref(tokens, tokens))
+    assert fake.calls == []  # a CPU forward never entered the (fake) Triton kernels
+
+    on_cuda = tokens.as_subclass(OnCuda)
+    assert model.ops.table(on_cuda) == fake.table()
+    assert torch.equal(model(on_cuda, on_cuda), ref(tokens, tokens))  # the fakes compute torch's math
+    per_layer = ["rms_norm", "apply_rope", "rms_norm", "swiglu"]
+    assert fake.calls == per_layer * 2 + ["rms_norm", "linear_cross_entropy"]
+
+
+def test_triton_model_built_on_a_gpu_machine_refuses_cpu_tensors(
+    fake_kernels: Callable[..., FakeKernels], make_cfg: Callable[..., ModelConfig]
+) -> None:
+    """kernels=triton never falls back: a CPU forward is a ConfigError, a CUDA one runs Triton."""
+    fake = fake_kernels(interpret=False, cuda=True)
+    model = Transformer(make_cfg(kernels=KernelBackend.triton), 64)
+    tokens = torch.randint(0, 64, (2, 9))
+    with pytest.raises(ConfigError, match=r"model.kernels=triton.*CUDA.*'cpu'.*torch.*TRITON_INTERPRET=1"):
+        model(tokens)
+    assert fake.calls == []
+    model(tokens.as_subclass(OnCuda))
+    assert fake.calls[:2] == ["rms_norm", "apply_rope"]
+
+
+def test_triton_model_without_cuda_or_interpreter_is_refused_when_built(
+    fake_kernels: Callable[..., FakeKernels], make_cfg: Callable[..., ModelConfig]
+) -> None:
+    fake_kernels(interpret=False, cuda=False)
+    with pytest.raises(ConfigError, match=r"model.kernels=triton.*CUDA.*'cpu'"):
+        Transformer(make_cfg(kernels=KernelBackend.triton), 64)
+
+
+def test_triton_model_in_interpreter_mode_runs_cpu_tensors_in_triton(
+    fake_kernels: Callable[..., FakeKernels], make_cfg: Callable[..., ModelConfig]
+) -> None:
+    fake = fake_kernels(interpret=True, cuda=False)
+    model, ref = _twins(make_cfg, KernelBackend.triton)
+    tokens = torch.randint(0, 64, (2, 9))
+    assert model.ops.table(tokens) == fake.table()
+    assert torch.equal(model(tokens, tokens), ref(tokens, tokens))
+    assert fake.calls[-1] == "linear_cross_entropy"
+    auto = Transformer(make_cfg(kernels=KernelBackend.auto), 64)
+    assert auto.ops.table(tokens) is TORCH_OPS  # auto never picks the interpreter
 
 
 def test_rms_norm_fp32_math_and_dtype():
