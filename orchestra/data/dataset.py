@@ -1,4 +1,6 @@
-"""Reading a prepared dataset: manifest, shard checks, fixed-length windows, and the batch samplers.
+"""Fixed-length windows over a prepared dataset, and the batch samplers that order them.
+
+The files underneath (manifest, shards and their checks) are :mod:`orchestra.data.shards`.
 
 The samplers are keyed on a *global sample index* (as in Megatron-LM and MosaicML streaming):
 the order of samples is a function of (seed, position in the stream) only, and each optimizer
@@ -10,7 +12,6 @@ the samples the uninterrupted run would have used.
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,70 +23,9 @@ from torch.utils.data import Dataset, Sampler
 
 from orchestra.config import ConfigError
 from orchestra.data.errors import DataError
-from orchestra.data.pack import FORMAT_VERSION, MANIFEST_FILE, SPLITS
-from orchestra.data.tokenizer import file_sha256
 
-_REQUIRED_KEYS = ("format_version", "dtype", "vocab_size", "eos_id", "tokenizer", "splits")
-
-
-def load_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The dataset's manifest.json, checked for the keys and format this code reads."""
-    path = Path(dataset_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(
-            f"{path}: missing; {dataset_dir} is not a prepared dataset (run `orchestra-prepare` "
-            "with the same data.* settings first)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err}); re-run orchestra-prepare with force=true") from None
-    missing = (
-        [k for k in _REQUIRED_KEYS if k not in manifest]
-        if isinstance(manifest, dict)
-        else list(_REQUIRED_KEYS)
-    )
-    if missing:
-        raise DataError(f"{path}: missing keys {missing}; re-run orchestra-prepare with force=true")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise DataError(
-            f"{path}: format_version {manifest['format_version']!r}, this Orchestra reads {FORMAT_VERSION}; "
-            "re-run orchestra-prepare with force=true"
-        )
-    for split in SPLITS:
-        if split not in manifest["splits"]:
-            raise DataError(f"{path}: no {split!r} split (has {sorted(manifest['splits'])})")
-    return manifest
-
-
-def verify_shards(dataset_dir: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS) -> None:
-    """Refuse a dataset whose shards (or tokenizer) are missing, truncated or altered."""
-    root = Path(dataset_dir)
-    manifest = load_manifest(root)
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    tok = manifest["tokenizer"]
-    tok_path = root / tok["file"]
-    if not tok_path.is_file() or file_sha256(tok_path) != tok["sha256"]:
-        raise DataError(
-            f"{tok_path}: missing or does not match the sha256 in {MANIFEST_FILE}; re-prepare with force=true"
-        )
-    for split in splits:
-        for shard in manifest["splits"][split]["shards"]:
-            path = root / shard["file"]
-            if not path.is_file():
-                raise DataError(
-                    f"{path}: shard listed in {MANIFEST_FILE} is missing; re-prepare with force=true"
-                )
-            size = path.stat().st_size
-            if size != shard["tokens"] * itemsize:
-                raise DataError(
-                    f"{path}: {size} bytes, expected {shard['tokens'] * itemsize} "
-                    f"({shard['tokens']} tokens); the shard is truncated or corrupt, re-prepare with force=true"
-                )
-            if file_sha256(path) != shard["sha256"]:
-                raise DataError(
-                    f"{path}: sha256 does not match {MANIFEST_FILE}; the shard is corrupt, re-prepare with force=true"
-                )
+# load_manifest and verify_shards are also imported from here (orchestra.train.run, orchestra.cli.prepare).
+from orchestra.data.shards import SPLITS, load_manifest, split_shards, stored_dtype, verify_shards
 
 
 class PackedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -108,10 +48,10 @@ class PackedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.manifest = load_manifest(self.dataset_dir)
         if verify:
             verify_shards(self.dataset_dir, splits=(split,))
-        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
-        shards = self.manifest["splits"][split]["shards"]
-        self._files = [self.dataset_dir / s["file"] for s in shards]
-        self._sizes = [int(s["tokens"]) for s in shards]
+        self.dtype = stored_dtype(self.manifest)
+        shards = split_shards(self.dataset_dir, self.manifest, split)
+        self._files = [file for file, _ in shards]
+        self._sizes = [tokens for _, tokens in shards]
         self._starts = np.cumsum([0, *self._sizes]).tolist()  # shard s holds [starts[s], starts[s+1])
         self.total_tokens = int(self._starts[-1])
         if self.total_tokens < seq_len + 1:
@@ -294,6 +234,8 @@ class ValBatchSampler(Sampler[list[int]]):
     loss (reduced as a token-weighted sum, see CausalLMModule) does not depend on how many ranks
     share it. Every rank must run the same number of batches (a sharded forward is a collective),
     so ``batches`` is rounded down to a multiple of W; a split too small for ``batches`` uses fewer.
+    A split too small for one batch per rank is a :class:`DataError` about the numbers only; the
+    data module that built the split adds which setting to change.
     """
 
     def __init__(
@@ -303,7 +245,7 @@ class ValBatchSampler(Sampler[list[int]]):
         if num_samples < per_round:
             raise DataError(
                 f"the val split has {num_samples} samples, fewer than micro_batch_size x world_size = "
-                f"{per_round} needed for one validation batch per rank; raise data.val_fraction (task.val_fraction, or a larger task.val_path, when fine-tuning) or lower the batch size"
+                f"{per_round} needed for one validation batch per rank"
             )
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")

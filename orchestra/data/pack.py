@@ -1,12 +1,6 @@
 """Corpus -> tokenizer -> packed token shards + manifest.json, once per data config.
 
-Layout of a prepared dataset, ``<cache_dir>/<name>/``::
-
-    manifest.json        format, dtype, vocab, EOS, tokenizer sha256, data config, shards, counts
-    tokenizer.json       the tokenizer every shard was encoded with
-    train-00000.bin ...  raw little-endian uint16 (uint32 when ids exceed 65535) token ids
-    val-00000.bin ...
-
+The dataset lands in ``<cache_dir>/<name>/``, in the format of :mod:`orchestra.data.shards`.
 Every document's tokens are followed by EOS and documents are concatenated, so a training window
 may span documents (and shards). The validation split is chosen deterministically from the seed:
 
@@ -24,7 +18,6 @@ that looks complete.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import math
@@ -37,15 +30,23 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from orchestra.config import ConfigError, DataConfig, DataSource, TrainConfig, to_plain, validate
+from orchestra.config import ConfigError, DataConfig, DataSource, to_plain
 from orchestra.data.errors import DataError
+from orchestra.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SPLITS,
+    ShardWriter,
+    token_dtype,
+    write_manifest,
+)
 from orchestra.data.sources import Corpus, open_corpus
 from orchestra.data.tokenizer import (
     TOKENIZER_FILE,
@@ -55,13 +56,10 @@ from orchestra.data.tokenizer import (
     train_bpe,
     vocab_size_of,
 )
-from orchestra.io import atomic_write_text, remove_stale, staged_dir
+from orchestra.io import remove_stale, staged_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "val")
 # Block split: at most this many validation blocks, each at least this many tokens when possible.
 MAX_VAL_BLOCKS = 8
 MIN_VAL_BLOCK_TOKENS = 1024
@@ -72,13 +70,6 @@ _BATCH_DOCS = 512
 _MAX_LABELS = 100_000
 # Separates the split's random stream from the sampler's, which is also keyed on the seed.
 _SPLIT_STREAM = 0x5B117
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Little-endian uint16 while every id (0..vocab_size-1) fits in 16 bits, else uint32."""
-    if vocab_size <= 0:
-        raise DataError(f"vocab size must be positive, got {vocab_size}")
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
 def as_data_config(cfg: Any) -> DataConfig:
@@ -94,10 +85,8 @@ def as_data_config(cfg: Any) -> DataConfig:
 
 
 def check_data_config(cfg: DataConfig) -> None:
-    """The data rules of :func:`orchestra.config.validate`, plus what a dataset dir name needs."""
-    # validate() is the single source of the data rules; the other sections are left at their
-    # (valid) defaults so only data.* can fail here.
-    validate(TrainConfig(data=cfg), world_size=1)
+    """The data section's own rules (:meth:`DataConfig.validate`), plus what a dataset dir name needs."""
+    cfg.validate("data")
     name = str(cfg.name)
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ConfigError(
@@ -330,20 +319,7 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
     for split, info in splits.items():
         if info["tokens"] == 0:
             raise DataError(f"{corpus.description}: the {split} split came out empty; raise the corpus size")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dtype": dtype.name,
-        "byte_order": "little",
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "eos_token": eos_token,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "sha256": file_sha256(out / TOKENIZER_FILE),
-            "trained": trained,
-            "source": None if trained else str(cfg.tokenizer_path),
-        },
+    provenance = {
         "data_config": to_plain(cfg),
         "fingerprint": fingerprint,
         "corpus": {
@@ -355,14 +331,19 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
             "characters": int(sum(lengths)),
         },
         "split": split_info,
-        "splits": splits,
-        "total_tokens": sum(info["tokens"] for info in splits.values()),
-        "documents": len(lengths),
-        "prepare_seconds": round(time.time() - started, 3),
     }
-    _fsync_dir_files(out)
-    # The manifest is written last: it marks completion.
-    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n", durable=True)
+    stats = {"documents": len(lengths), "prepare_seconds": round(time.time() - started, 3)}
+    write_manifest(
+        out,
+        dtype=dtype,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        eos_token=eos_token,
+        tokenizer={"trained": trained, "source": None if trained else str(cfg.tokenizer_path)},
+        splits=splits,
+        provenance=provenance,
+        stats=stats,
+    )
 
 
 def choose_val_documents(lengths: list[int], val_fraction: float, seed: int) -> set[int] | None:
@@ -419,63 +400,6 @@ def _split_stream_into_blocks(
         "val_blocks": sorted(held),
         "note": "documents per split = EOS tokens in it; documents may straddle a block edge",
     }
-
-
-class ShardWriter:
-    """Appends token ids to ``<split>-NNNNN.bin`` files of at most ``shard_tokens`` ids each."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        if shard_tokens <= 0:
-            raise ConfigError(f"data.shard_tokens: must be positive, got {shard_tokens}")
-        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self.tokens = 0
-        self.documents = 0
-        self._fh: BinaryIO | None = None
-        self._hash: Any = None
-        self._in_shard = 0
-
-    def write(self, ids: np.ndarray, documents: int = 0) -> None:
-        ids = np.asarray(ids)
-        self.documents += documents
-        while ids.size:
-            if self._fh is None or self._in_shard == self.shard_tokens:
-                self._roll()
-            assert self._fh is not None
-            take = min(ids.size, self.shard_tokens - self._in_shard)
-            data = ids[:take].astype(self.dtype, copy=False).tobytes()
-            self._fh.write(data)
-            self._hash.update(data)
-            self._in_shard += take
-            self.tokens += take
-            ids = ids[take:]
-
-    def _roll(self) -> None:
-        self._finish_shard()
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._fh = open(self.directory / name, "wb")  # noqa: SIM115 -- closed in _finish_shard
-        self._hash = hashlib.sha256()
-        self._in_shard = 0
-        self.shards.append({"file": name, "tokens": 0, "sha256": ""})
-
-    def _finish_shard(self) -> None:
-        if self._fh is None:
-            return
-        self._fh.close()
-        self.shards[-1].update(tokens=self._in_shard, sha256=self._hash.hexdigest())
-        self._fh = None
-
-    def close(self) -> dict[str, Any]:
-        self._finish_shard()
-        return {"tokens": self.tokens, "documents": self.documents, "shards": list(self.shards)}
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    """Flush shard data to disk before the rename publishes the dataset."""
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 # --------------------------------------------------------------------------- worker processes

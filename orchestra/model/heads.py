@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orchestra.config import ModelConfig
+from orchestra.model.config import ModelConfig
 from orchestra.model.transformer import Transformer
 
 

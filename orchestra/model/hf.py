@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestra.config import KernelBackend, ModelConfig
+from orchestra.model.build import build_model
+from orchestra.model.config import KernelBackend, ModelConfig
+from orchestra.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-
-    from orchestra.model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def hf_config_dict(
     }
 
 
-def _name_map(cfg: ModelConfig) -> dict[str, str]:
+def name_map(cfg: ModelConfig) -> dict[str, str]:
     """Our parameter name -> HF name, for every tensor HF stores (lm_head only when untied)."""
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     for i in range(cfg.n_layers):
@@ -146,7 +146,7 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     ours = _expected_shapes(cfg, vocab)
     ignore = {"lm_head.weight"} if cfg.tie_embeddings else set()
     _check(state_dict, ours, "Orchestra", ignore)
-    return {theirs: state_dict[name] for name, theirs in _name_map(cfg).items()}
+    return {theirs: state_dict[name] for name, theirs in name_map(cfg).items()}
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -157,13 +157,14 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     embedding under both ``tok_embeddings.weight`` and ``lm_head.weight``, as our own
     state_dict() does.
     """
-    names = _name_map(cfg)
+    names = name_map(cfg)
     vocab = _vocab_size(hf_sd, "model.embed_tokens.weight", "Hugging Face")
     expected = {names[k]: shape for k, shape in _expected_shapes(cfg, vocab).items()}
     ignore = {k for k in hf_sd if k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings and "lm_head.weight" in hf_sd:
         head, emb = hf_sd["lm_head.weight"], hf_sd["model.embed_tokens.weight"]
-        if head.shape != emb.shape or not torch.equal(head, emb):
+        # Meta tensors (a header-only check) carry no values to compare; the real load compares them.
+        if head.shape != emb.shape or (not head.is_meta and not torch.equal(head, emb)):
             raise ValueError(
                 "Hugging Face tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', "
                 "but model.tie_embeddings=true; set tie_embeddings=false to load an untied head"
@@ -364,14 +365,28 @@ def _folder(folder: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_hf_state_dict(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def _header_tensors(file: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors of the right shape and dtype (reads the header only)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 -- safe_open handles have keys(), not iteration
+            piece = f.get_slice(key)
+            out[key] = torch.empty(piece.get_shape(), device="meta")
+    return out
+
+
+def load_hf_state_dict(folder: str | os.PathLike[str], meta_only: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors weights, single-file or sharded (with its index).
 
-    pytorch_model.bin is refused: it is a pickle, and loading pickles can run code (the design
-    allows weights_only checkpoints or safetensors only).
+    ``meta_only`` reads the headers only and returns meta tensors: enough to check names and
+    shapes before anything is loaded. pytorch_model.bin is refused: it is a pickle, and loading
+    pickles can run code (the design allows weights_only checkpoints or safetensors only).
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as load_tensors
 
+    load_file = _header_tensors if meta_only else load_tensors
     path = _folder(folder)
     single, index = path / "model.safetensors", path / _INDEX
     if single.is_file():
@@ -407,6 +422,15 @@ def load_hf_state_dict(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor
     raise FileNotFoundError(f"{path} has no model.safetensors nor {_INDEX}{hint}")
 
 
+def hf_weight_names(folder: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, str]:
+    """Check a folder's safetensors headers against ``cfg`` without loading; our name -> HF name.
+
+    Raises what the real load would (HFImportError / FileNotFoundError naming the tensor or file).
+    """
+    from_hf_state_dict(load_hf_state_dict(folder, meta_only=True), cfg)
+    return name_map(cfg)
+
+
 def load_hf_tokenizer(folder: str | os.PathLike[str]) -> tuple[Tokenizer | None, str | None]:
     """(tokenizers.Tokenizer, None) from tokenizer.json, or (None, the reason there is none)."""
     path = _folder(folder)
@@ -433,14 +457,14 @@ def load_hf_pretrained(
     dtype: torch.dtype = torch.float32,
     kernels: KernelBackend = KernelBackend.auto,
 ) -> tuple[Transformer, Tokenizer | None]:
-    """(our Transformer with the folder's weights, its tokenizers.Tokenizer or None).
+    """(our Transformer with the folder's weights in ``dtype``, in eval mode; its tokenizers.Tokenizer or None).
 
-    The model is built on the meta device and materialised once, so a large checkpoint is not
-    randomly initialised first. A missing tokenizer.json is not an error (the weights are still
-    useful); the reason is logged and also available from ``load_hf_tokenizer``.
+    The public way to use a Hugging Face Llama/Mistral folder directly: the config is checked
+    (:func:`model_config_from_hf`), the weights are checked and renamed (:func:`from_hf_state_dict`)
+    and loaded strictly into a model from ``build_model(init=False)``, so a large checkpoint is
+    never randomly initialised first. A missing tokenizer.json is not an error (the weights are
+    still useful); the reason is logged and also available from :func:`load_hf_tokenizer`.
     """
-    from orchestra.model.transformer import Transformer
-
     path = _folder(folder)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -453,11 +477,7 @@ def load_hf_pretrained(
     cfg = replace(cfg, kernels=kernels)
 
     state = from_hf_state_dict(load_hf_state_dict(path), cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg, vocab)
-    model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty may give each module its own copy of a shared meta parameter
-        model.lm_head.weight = model.tok_embeddings.weight
+    model = build_model(cfg, vocab, device="cpu", init=False)
     model.to(dtype)
     model.load_state_dict(state, strict=True)
     model.reset_rope_cache()  # fp32 tables, as in a model built directly

@@ -1,7 +1,7 @@
 """Weight initialisation schemes, selected by ``model.init``.
 
 Kept apart from the model so that a meta-device build can materialise its parameters
-(``to_empty``) and then call :func:`init_weights` once, on the real device.
+(``to_empty``) and then call :func:`init_weights` once, on the real device (build.py does).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from orchestra.config import InitScheme, ModelConfig
+from orchestra.model.config import InitScheme, ModelConfig
 from orchestra.model.transformer import RMSNorm, Transformer
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orchestra.config import ConfigError, KernelBackend
+from orchestra.model.config import ConfigError, KernelBackend
 
 
 @dataclass(frozen=True)

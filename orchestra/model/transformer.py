@@ -9,6 +9,10 @@ The model knows nothing of parallelism: no torch.distributed, no Lightning. FSDP
 checkpointing and compile are applied from outside (orchestra/train/strategy.py); the Block
 modules are the natural wrapping unit. Fusable ops go through one handle built from
 ``model.kernels``, which picks the table for the device the tensors are on (see ops.py).
+
+Constructing a :class:`Transformer` only builds its modules (with PyTorch's default init);
+:func:`orchestra.model.build.build_model` builds it on the meta device, materialises it and
+applies the configured initialisation (init.py), or leaves that out when weights will be loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestra.config import ModelConfig
+from orchestra.model.config import ModelConfig
 from orchestra.model.ops import DeviceOps, device_ops
+
+IGNORE_INDEX = -100
+"""Target value that takes no loss (PyTorch's cross-entropy default): prompts, padding, soft prompts."""
 
 
 class KVCache:
@@ -183,7 +190,11 @@ def rope_cache(
 
 
 class Transformer(nn.Module):
-    """Llama-style decoder. ``vocab_size`` is the already padded embedding row count."""
+    """Llama-style decoder. ``vocab_size`` is the already padded embedding row count.
+
+    The constructor builds the modules only; use :func:`~orchestra.model.build.build_model` for
+    a model with the configured initialisation, or for one whose weights are about to be loaded.
+    """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -208,10 +219,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_rope_cache()
 
-        from orchestra.model.init import init_weights  # init.py imports this module
-
-        init_weights(self, cfg)
-
     def reset_rope_cache(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the fp32 cos/sin buffers, e.g. after ``to_empty`` from the meta device."""
         if device is None:
@@ -229,16 +236,25 @@ class Transformer(nn.Module):
         per_sequence: bool = False,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] in fp32, or with ``targets`` the mean cross-entropy (ignore_index=-100).
+        """Logits [B, T, V] in fp32, or with ``targets`` the mean cross-entropy (ignoring IGNORE_INDEX).
 
         The loss is computed here, from the final hidden states and lm_head.weight through
         ops.linear_cross_entropy, so a fused kernel never materialises the [B*T, V] logits and a
         sharding wrapper sees the weight used inside this module's forward. ``per_sequence``
         returns each row's summed loss [B] instead (negative log-likelihood of its targets, as
-        DPO needs). ``segment_ids`` [B, T] marks packed examples (see :meth:`hidden_states`).
+        DPO needs). ``segment_ids`` [B, T] marks packed examples and ``prefix_embeds`` are input
+        embeddings placed before the tokens (see :meth:`hidden_states`); logits and targets cover
+        the tokens only.
         """
-        h = self.hidden_states(tokens, segment_ids=segment_ids, kv_cache=kv_cache, start_pos=start_pos)
+        h = self.hidden_states(
+            tokens,
+            segment_ids=segment_ids,
+            kv_cache=kv_cache,
+            start_pos=start_pos,
+            prefix_embeds=prefix_embeds,
+        )
         if targets is None:
             return self.lm_head(h).float()
         B, T = tokens.shape
@@ -246,13 +262,13 @@ class Transformer(nn.Module):
             return torch.stack(
                 [
                     self.ops.linear_cross_entropy(
-                        h[b], self.lm_head.weight, targets[b], ignore_index=-100, reduction="sum"
+                        h[b], self.lm_head.weight, targets[b], ignore_index=IGNORE_INDEX, reduction="sum"
                     )
                     for b in range(B)
                 ]
             )
         return self.ops.linear_cross_entropy(
-            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-100
+            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=IGNORE_INDEX
         )
 
     def hidden_states(
@@ -262,41 +278,57 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, T, dim] (the input of lm_head or of a task head).
+        """Final-norm hidden states [B, T, dim] of the tokens (the input of lm_head or of a task head).
 
         ``segment_ids`` [B, T] lets several examples share one row (packed fine-tuning data): a
         token attends only to earlier tokens of its own segment. Positions are not reset per
         segment, and need not be: RoPE makes attention scores depend on relative offsets only, so
         an example packed at offset 100 gets the same outputs as on its own (up to rounding).
+
+        ``prefix_embeds`` [B, P, dim] are input embeddings placed before the tokens' own (a soft
+        prompt, for one): they take positions start_pos .. start_pos + P - 1, are written to a KV
+        cache like tokens, and get no hidden states back, since nothing predicts them.
         """
         B, T = tokens.shape
-        if T + start_pos > self.cfg.max_seq_len:
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+        n = P + T  # positions this call fills
+        if n + start_pos > self.cfg.max_seq_len:
+            what = f"{T} tokens" if P == 0 else f"{P} prefix embeddings + {T} tokens"
             raise ValueError(
-                f"sequence of {T} tokens starting at position {start_pos} needs {T + start_pos} positions, "
+                f"sequence of {what} starting at position {start_pos} needs {n + start_pos} positions, "
                 f"but model.max_seq_len={self.cfg.max_seq_len}"
             )
-        if kv_cache is not None and (T + start_pos > kv_cache.max_len or kv_cache.batch_size != B):
+        if kv_cache is not None and (n + start_pos > kv_cache.max_len or kv_cache.batch_size != B):
             raise ValueError(
                 f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions; "
-                f"got batch {B} at positions {start_pos}..{start_pos + T - 1}"
+                f"got batch {B} at positions {start_pos}..{start_pos + n - 1}"
             )
         attn_mask = None
         if segment_ids is not None:
-            if kv_cache is not None or segment_ids.shape != tokens.shape:
+            if kv_cache is not None or prefix_embeds is not None or segment_ids.shape != tokens.shape:
                 raise ValueError(
-                    f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache"
+                    f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache "
+                    "or prefix_embeds"
                 )
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             attn_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # [B, T, T]
             attn_mask = attn_mask[:, None]  # broadcast over heads
 
         h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[start_pos : start_pos + T]
-        sin = self.rope_sin[start_pos : start_pos + T]
+        if prefix_embeds is not None:
+            if prefix_embeds.shape[0] != B or prefix_embeds.shape[2] != self.cfg.dim:
+                raise ValueError(
+                    f"prefix_embeds must be [B, P, dim] with B={B}, dim={self.cfg.dim}; "
+                    f"got {tuple(prefix_embeds.shape)}"
+                )
+            h = torch.cat([prefix_embeds.to(h.dtype), h], dim=1)
+        cos = self.rope_cos[start_pos : start_pos + n]
+        sin = self.rope_sin[start_pos : start_pos + n]
         for layer in self.layers:
             h = layer(h, cos, sin, kv_cache, start_pos, attn_mask)
-        return self.norm(h)
+        return self.norm(h)[:, P:]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, a tied matrix counted once.
@@ -309,16 +341,3 @@ class Transformer(nn.Module):
         if exclude_embeddings and not self.cfg.tie_embeddings:
             n -= self.tok_embeddings.weight.numel()
         return n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward) at a given sequence length.
-
-        Convention of Kaplan et al. / PaLM (appendix B): 6 * N_matmul + 12 * n_layers * dim *
-        seq_len, where N_matmul is every parameter except the input embedding (the lm_head
-        counts, a tied one too; the few norm gains are included for simplicity) and the second
-        term is the attention score and value matmuls (QK^T and AV, 2 * 2 * dim * seq_len
-        forward per layer, x3 with backward), counted without the causal-mask halving. This is
-        the "model FLOPs" numerator of MFU.
-        """
-        n_matmul = self.num_parameters(exclude_embeddings=True)
-        return 6.0 * n_matmul + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len

@@ -19,32 +19,42 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestra.config import (
-    ConfigError,
-    FinetuneConfig,
-    FinetuneMethod,
-    ModelConfig,
-    model_config_from_dict,
-    to_plain,
-)
+from orchestra.config import ConfigError, FinetuneConfig, FinetuneMethod, ModelConfig, to_plain
 from orchestra.model.heads import SequenceClassifier
+from orchestra.train.checkpoint.io import consolidated_state_dict, read_meta
+from orchestra.train.checkpoint.meta import (
+    BaseRef,
+    CheckpointError,
+    CheckpointMeta,
+    PeftRecord,
+    check_tensors,
+)
+from orchestra.train.methods import method_spec
 
-# Methods whose checkpoints hold only the trainable tensors plus a reference to the base.
-PEFT_METHODS = (FinetuneMethod.lora, FinetuneMethod.adapter, FinetuneMethod.prompt)
 _CHUNK = 1 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class BaseModel:
-    """What a fine-tuning run takes from its base: shape, vocabulary, tokenizer, weights, identity."""
+    """What a fine-tuning run takes from its base: shape, vocabulary, tokenizer, identity -- and,
+    on demand, its weights.
+
+    The weights are read from disk each time :attr:`state_dict` is asked for, never kept here: a
+    run plan holds this record for the whole run, and an 8B base would otherwise stay in memory
+    beside the model it was loaded into.
+    """
 
     model_config: ModelConfig
     vocab_size: int
     tokenizer_json: str
-    state_dict: dict[str, torch.Tensor]
-    reference: dict[str, str]  # {"path", "sha256"}
+    reference: BaseRef
     # The token that ends a document / response (fine-tuning data is terminated with it).
     eos_id: int = 0
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 weights under our parameter names (read now, from the base's files)."""
+        return load_base_weights(self.reference.path, self.model_config)
 
 
 def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path) -> int:
@@ -109,10 +119,8 @@ def _is_hf_folder(path: Path) -> bool:
 
 
 def load_base(init_from: str | Path) -> BaseModel:
-    """Read a base model's config, tokenizer and full fp32 weights (our parameter names)."""
-    from orchestra.model.hf import HFImportError, from_hf_state_dict, load_hf_state_dict, model_config_from_hf
-    from orchestra.train.checkpoint import CheckpointError
-    from orchestra.train.export import consolidated_state_dict
+    """Read a base model's config, tokenizer, end token and fingerprint (not its weights)."""
+    from orchestra.model.hf import HFImportError, model_config_from_hf
 
     path = Path(init_from)
     if not path.exists():
@@ -120,7 +128,7 @@ def load_base(init_from: str | Path) -> BaseModel:
             f"finetune.init_from: {str(path)!r} does not exist; expected an Orchestra checkpoint "
             "(checkpoints/last.ckpt or a sharded checkpoint dir) or a Hugging Face folder with config.json"
         )
-    reference = {"path": str(path.resolve()), "sha256": base_fingerprint(path)}
+    reference = BaseRef(str(path.resolve()), base_fingerprint(path))
     if _is_hf_folder(path):
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -132,39 +140,63 @@ def load_base(init_from: str | Path) -> BaseModel:
         try:
             hf_config = json.loads((path / "config.json").read_text())
             cfg, vocab = model_config_from_hf(hf_config)
-            state = from_hf_state_dict(load_hf_state_dict(path), cfg)
-        except (HFImportError, FileNotFoundError, json.JSONDecodeError) as err:
+        except (HFImportError, json.JSONDecodeError) as err:
             raise ConfigError(f"finetune.init_from: {path}: {err}") from err
-        tokenizer_json = tokenizer_file.read_text()
-        return BaseModel(
-            cfg, vocab, tokenizer_json, state, reference, _eos_id(tokenizer_json, hf_config, path)
-        )
+        base = BaseModel(cfg, vocab, tokenizer_file.read_text(), reference)
+        # Refuse a folder whose weights do not load now, before anything is written.
+        _check_hf_weights(path, cfg)
+        return replace(base, eos_id=_eos_id(base.tokenizer_json, hf_config, path))
     try:
-        state, meta = consolidated_state_dict(path)
+        meta = read_meta(path)
     except CheckpointError as err:
         raise ConfigError(f"finetune.init_from: {err}") from err
-    if meta.get("task") == "classification":
+    if meta.is_classifier:
         raise ConfigError(
             f"finetune.init_from: {path} is a sequence classifier (task=classification); start from the "
             "language model it was fine-tuned from, or export it (orchestra-export) for transformers"
         )
-    if "peft" in meta:
+    if meta.peft is not None:
         raise ConfigError(
-            f"finetune.init_from: {path} is a {meta['peft']['method']} checkpoint holding only its trainable "
+            f"finetune.init_from: {path} is a {meta.peft.method} checkpoint holding only its trainable "
             "weights; export it (orchestra-export) and start from the merged Hugging Face folder"
         )
-    if not meta.get("tokenizer_json"):
+    if not meta.tokenizer_json:
         raise ConfigError(f"finetune.init_from: checkpoint {path} records no tokenizer")
-    cfg = model_config_from_dict(meta["model_config"])
-    vocab = int(meta["vocab_size"])
+    vocab = meta.vocab_size
     return BaseModel(
-        replace(cfg, vocab_size=vocab),
+        replace(meta.model_config, vocab_size=vocab),
         vocab,
-        meta["tokenizer_json"],
-        state,
+        meta.tokenizer_json,
         reference,
-        _eos_id(meta["tokenizer_json"], None, path),
+        _eos_id(meta.tokenizer_json, None, path),
     )
+
+
+def _check_hf_weights(path: Path, cfg: ModelConfig) -> None:
+    """The safetensors files of an HF folder exist and hold every tensor the config needs (headers only)."""
+    from orchestra.model.hf import HFImportError, hf_weight_names
+
+    try:
+        hf_weight_names(path, cfg)
+    except (HFImportError, FileNotFoundError) as err:
+        raise ConfigError(f"finetune.init_from: {path}: {err}") from err
+
+
+def load_base_weights(init_from: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A base's full fp32 weights under our parameter names (an HF folder or any Orchestra layout)."""
+    from orchestra.model.hf import HFImportError, from_hf_state_dict, load_hf_state_dict
+
+    path = Path(init_from)
+    if _is_hf_folder(path):
+        try:
+            return from_hf_state_dict(load_hf_state_dict(path), cfg)
+        except (HFImportError, FileNotFoundError) as err:
+            raise ConfigError(f"finetune.init_from: {path}: {err}") from err
+    try:
+        state, _ = consolidated_state_dict(path)
+    except CheckpointError as err:
+        raise ConfigError(f"finetune.init_from: {err}") from err
+    return state
 
 
 def base_model_config(base: BaseModel, current: ModelConfig) -> ModelConfig:
@@ -173,83 +205,52 @@ def base_model_config(base: BaseModel, current: ModelConfig) -> ModelConfig:
 
 
 def apply_method(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
-    """Turn a model holding the base weights into the configured trainable model.
+    """Turn a model holding the base weights into the configured trainable model (the method's spec).
 
     LoRA and adapters change ``model`` in place; prompt tuning wraps it in a
     :class:`~orchestra.model.peft.PromptTunedModel`. Returns the model to train.
     """
-    from orchestra.model.peft import LoraConfig, PromptTunedModel, apply_adapters, apply_lora
-
-    method = FinetuneMethod(cfg.method)
-    if method == FinetuneMethod.lora:
-        try:
-            apply_lora(
-                model,
-                LoraConfig(
-                    rank=cfg.lora_rank,
-                    alpha=cfg.lora_alpha,
-                    dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.lora_targets),
-                ),
-            )
-        except ValueError as err:
-            raise ConfigError(f"finetune.lora_targets: {err}") from err
-    elif method == FinetuneMethod.adapter:
-        apply_adapters(model, cfg.adapter_bottleneck)
-    elif method == FinetuneMethod.prompt:
-        try:
-            return PromptTunedModel(model, cfg.prompt_tokens)  # type: ignore[arg-type]
-        except ValueError as err:
-            raise ConfigError(f"finetune.prompt_tokens: {err}") from err
-    return model
+    return method_spec(cfg.method).apply(model, cfg)
 
 
-def peft_metadata(cfg: FinetuneConfig, reference: dict[str, str]) -> dict[str, Any]:
-    """checkpoint["orchestra"]["peft"]: enough to rebuild base + method from the checkpoint alone."""
-    return {"method": FinetuneMethod(cfg.method).value, "config": to_plain(cfg), "base": dict(reference)}
+def peft_record(cfg: FinetuneConfig, reference: BaseRef) -> PeftRecord:
+    """What a PEFT checkpoint records: enough to rebuild base + method from the checkpoint alone."""
+    return PeftRecord(FinetuneMethod(cfg.method).value, to_plain(cfg), reference)
 
 
-def finetune_config_from_dict(d: dict[str, Any]) -> FinetuneConfig:
-    kw = dict(d)
-    kw["method"] = FinetuneMethod(kw["method"])
-    return FinetuneConfig(**kw)
-
-
-def with_task_head(decoder: nn.Module, meta: dict[str, Any]) -> nn.Module:
+def with_task_head(decoder: nn.Module, meta: CheckpointMeta) -> nn.Module:
     """The checkpoint's task model around a decoder: a SequenceClassifier for task=classification."""
-    if meta.get("task") == "classification":
-        return SequenceClassifier(decoder, len(meta["labels"]))  # type: ignore[arg-type]
+    if meta.is_classifier:
+        return SequenceClassifier(decoder, len(meta.labels))  # type: ignore[arg-type]
     return decoder
 
 
-def rebuild_peft_model(trainable: dict[str, torch.Tensor], meta: dict[str, Any], source: Path) -> nn.Module:
+def rebuild_peft_model(
+    trainable: dict[str, torch.Tensor], meta: CheckpointMeta | dict[str, Any], source: Path
+) -> nn.Module:
     """Base + method from a PEFT checkpoint's reference, with its trainable tensors loaded."""
-    from orchestra.model import Transformer
-    from orchestra.train.checkpoint import CheckpointError
+    from orchestra.model import build_model
 
-    peft = meta["peft"]
-    ref = peft["base"]
+    meta = CheckpointMeta.from_dict(meta, source)
+    peft = meta.peft
+    if peft is None:
+        raise CheckpointError(f"checkpoint {source} is not a PEFT checkpoint: it holds the whole model")
     try:
-        base = load_base(ref["path"])
+        base = load_base(peft.base.path)
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {source}: its base model cannot be loaded: {err}") from err
-    if base.reference["sha256"] != ref["sha256"]:
+    if base.reference.sha256 != peft.base.sha256:
         raise CheckpointError(
-            f"checkpoint {source}: base {ref['path']} has changed since training (sha256 "
-            f"{base.reference['sha256'][:12]} != recorded {ref['sha256'][:12]})"
+            f"checkpoint {source}: base {peft.base.path} has changed since training (sha256 "
+            f"{base.reference.sha256[:12]} != recorded {peft.base.sha256[:12]})"
         )
-    decoder = Transformer(model_config_from_dict(meta["model_config"]), int(meta["vocab_size"]))
+    decoder = build_model(meta.model_config, meta.vocab_size, init=False)
     decoder.load_state_dict(base.state_dict, strict=True)
-    model = with_task_head(decoder, meta)
-    model = apply_method(model, finetune_config_from_dict(peft["config"]))
+    model = apply_method(with_task_head(decoder, meta), peft.finetune_config())
     if isinstance(model, SequenceClassifier):
         model.score.requires_grad_(True)  # the head trains under every method (module.ClassificationModule)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(trainable) != expected:
-        raise CheckpointError(
-            f"checkpoint {source}: trainable tensors {sorted(set(trainable) ^ expected)[:4]} do not match "
-            f"the {peft['method']} layout recorded in it"
-        )
+    layout = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    check_tensors(trainable, layout, source, f"the {peft.method} layout recorded in it")
     model.load_state_dict(trainable, strict=False)
     return model
 
@@ -268,13 +269,13 @@ def peft_disabled(model: nn.Module) -> Iterator[None]:
     scales = [m.scale for m in loras]
     forwards = [m.adapter.forward for m in adapted]
     try:
-        for m in loras:
-            m.scale = 0.0
-        for m in adapted:
-            m.adapter.forward = lambda x: torch.zeros_like(x)  # type: ignore[method-assign]
+        for lora in loras:
+            lora.scale = 0.0
+        for sub in adapted:
+            sub.adapter.forward = torch.zeros_like  # type: ignore[method-assign, assignment]
         yield
     finally:
-        for m, scale in zip(loras, scales, strict=True):
-            m.scale = scale
-        for m, fwd in zip(adapted, forwards, strict=True):
-            m.adapter.forward = fwd  # type: ignore[method-assign]
+        for lora, scale in zip(loras, scales, strict=True):
+            lora.scale = scale
+        for sub, fwd in zip(adapted, forwards, strict=True):
+            sub.adapter.forward = fwd  # type: ignore[method-assign]

@@ -117,7 +117,7 @@ def test_peft_checkpoints_load_and_sample(peft_base: Path, tmp_path: Path, metho
     ckpt = tmp_path / f"{method}.ckpt"
     reference = write_peft_checkpoint(peft_base, method, ckpt)  # unmerged, eval mode
     model, tokenizer, meta = load_model_from_checkpoint(ckpt)
-    assert not model.training and meta["peft"]["method"] == method
+    assert not model.training and meta.peft is not None and meta.peft.method == method
     modules = list(model.modules())
     assert not any(isinstance(m, LoRALinear) for m in modules)  # LoRA is merged: base-model speed
     assert any(isinstance(m, AdaptedModule) for m in modules) == (method == "adapter")

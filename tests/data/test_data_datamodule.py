@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from orchestra.config import ConfigError, DataConfig, DataSource
-from orchestra.data.datamodule import TokenDataModule, realign_loop_progress
+from orchestra.data.datamodule import TokenDataModule
 from orchestra.data.pack import prepare_dataset
+from orchestra.train.lightning_compat import realign_loop_progress
 
 WORDS = [
     "to",

@@ -13,9 +13,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from orchestra.config import ConfigError, DataConfig, DataSource
 from orchestra.data import pack
-from orchestra.data.dataset import PackedDataset, load_manifest, verify_shards
+from orchestra.data.dataset import PackedDataset
 from orchestra.data.errors import DataError
-from orchestra.data.pack import choose_val_documents, prepare_dataset, token_dtype
+from orchestra.data.pack import choose_val_documents, prepare_dataset
+from orchestra.data.shards import load_manifest, token_dtype, verify_shards
 from orchestra.data.sources import files_corpus
 from orchestra.data.tokenizer import load_tokenizer
 

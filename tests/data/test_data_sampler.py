@@ -12,7 +12,7 @@ import torch
 from orchestra.config import ConfigError
 from orchestra.data.dataset import GlobalBatchSampler, PackedDataset, ValBatchSampler
 from orchestra.data.errors import DataError
-from orchestra.data.pack import FORMAT_VERSION, ShardWriter
+from orchestra.data.shards import FORMAT_VERSION, ShardWriter
 from orchestra.data.tokenizer import file_sha256
 
 

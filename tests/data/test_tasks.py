@@ -548,3 +548,17 @@ def test_dpo_pairs_are_rendered_like_sft(tokenizer: Tokenizer, task_files: Any) 
     ).startswith(rejected)
     decoded = tokenizer.decode(item["chosen_tokens"].tolist(), skip_special_tokens=False)
     assert decoded.startswith("<|user|>\n" + prompt)
+
+
+def test_too_small_val_split_names_the_task_keys(
+    tokenizer: Tokenizer, task_files: Any, tmp_path: Path
+) -> None:
+    train, _ = task_files["dpo"]
+    one = write_lines(tmp_path / "one.jsonl", [GOOD["dpo"]])
+    with pytest.raises(
+        DataError, match=r"val split has 1 samples, fewer than .*; use a larger task\.val_path"
+    ):
+        datamodule(tokenizer, "dpo", train, one).val_dataloader()
+    held = datamodule(tokenizer, "dpo", train, None, cfg={"val_fraction": 0.01})  # 1 of 48 held out
+    with pytest.raises(DataError, match=r"fewer than .*; raise task\.val_fraction \(or set task\.val_path\)"):
+        held.val_dataloader()

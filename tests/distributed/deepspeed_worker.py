@@ -22,7 +22,7 @@ def main(stage: str, out_dir: str, method: str = "full") -> None:
     import torch.distributed as dist
 
     from orchestra.config import ModelConfig, StrategyName, TrainConfig, TrainerConfig, to_plain
-    from orchestra.model import Transformer
+    from orchestra.model import build_model
     from orchestra.train.optim import build_optimizer
     from orchestra.train.strategy import deepspeed_config
 
@@ -35,7 +35,7 @@ def main(stage: str, out_dir: str, method: str = "full") -> None:
     cfg.strategy.name = StrategyName(stage)
     cfg.optim.lr = 3e-3
     torch.manual_seed(0)
-    model = Transformer(cfg.model, 256)
+    model = build_model(cfg.model, 256)
     if method == "lora":
         from orchestra.model.peft import LoraConfig, apply_lora
 

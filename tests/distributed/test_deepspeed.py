@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orchestra.config import ConfigError, ModelConfig, StrategyName, TrainConfig, TrainerConfig
-from orchestra.model import Transformer
+from orchestra.model import Transformer, build_model
 from orchestra.train.optim import build_optimizer
 from orchestra.train.strategy import deepspeed_config
 
@@ -26,7 +26,7 @@ def reference_run(lora: bool = False) -> tuple[list[float], Transformer]:
     )
     cfg.optim.lr = 3e-3
     torch.manual_seed(0)
-    model = Transformer(cfg.model, 256)
+    model = build_model(cfg.model, 256)
     if lora:
         from orchestra.model.peft import LoraConfig, apply_lora
 
@@ -142,7 +142,7 @@ def test_lora_under_zero_matches_one_process_and_keeps_the_base_frozen(stage: st
     assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(ref_losses, rel=1e-4)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     torch.manual_seed(0)
-    initial = dict(Transformer(ref_model.cfg, 256).named_parameters())
+    initial = dict(build_model(ref_model.cfg, 256).named_parameters())
     lora_names = [n for n in state if "lora_" in n]
     assert lora_names and any(state[n].abs().max() > 0 for n in lora_names if "lora_B" in n)
     for name, tensor in state.items():

@@ -8,7 +8,7 @@ import torch
 from tests.kernels.helpers import DEVICE, K
 
 from orchestra.config import KernelBackend, ModelConfig  # isort: skip
-from orchestra.model import Transformer  # isort: skip
+from orchestra.model import Transformer, build_model  # isort: skip
 from orchestra.model.ops import TORCH_OPS, get_ops  # isort: skip
 from orchestra.model.transformer import rope_cache  # isort: skip
 
@@ -42,7 +42,7 @@ def _train(kernels: KernelBackend, steps: int = 10) -> tuple[list[float], Transf
     cfg = ModelConfig(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32, kernels=kernels
     )
-    model = Transformer(cfg, vocab_size=96).to(DEVICE)
+    model = build_model(cfg, 96, device=DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     tokens = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
@@ -73,7 +73,7 @@ def test_model_built_on_the_gpu_runs_on_cpu_with_torch_ops() -> None:
     """kernels=auto on a GPU machine: Triton for CUDA tensors, and after .cpu() PyTorch, not Triton."""
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32)
-    model = Transformer(cfg, vocab_size=96).to(DEVICE)
+    model = build_model(cfg, 96, device=DEVICE)
     tokens = torch.randint(0, 96, (2, 16), device=DEVICE)
     assert model.ops.table(tokens).name == "triton"
     gpu_loss = model(tokens, tokens)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from orchestra.config import KernelBackend, ModelConfig
+from orchestra.model.config import KernelBackend, ModelConfig
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:

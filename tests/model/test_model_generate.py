@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestra.model import Transformer, generate
+from orchestra.model import Transformer, build_model, generate
 from orchestra.model.generate import _filter_logits
 
 V = 97
@@ -13,7 +13,7 @@ V = 97
 
 @pytest.fixture
 def model(make_cfg) -> Transformer:
-    return Transformer(make_cfg(max_seq_len=32), V)
+    return build_model(make_cfg(max_seq_len=32), V)
 
 
 def _greedy_by_full_forwards(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:

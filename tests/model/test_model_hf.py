@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from orchestra.model import Transformer
+from orchestra.model import build_model
 from orchestra.model.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -32,7 +32,7 @@ def test_logits_match_transformers(make_cfg, case, attn):
     opts = dict(CASES[case])
     vocab = opts.pop("vocab", 97)
     cfg = make_cfg(**opts)
-    ours = Transformer(cfg, vocab).eval()
+    ours = build_model(cfg, vocab).eval()
     hf = _hf_model(cfg, vocab, attn)
     assert hf.config._attn_implementation == attn
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
@@ -53,7 +53,7 @@ def test_exported_folder_loads_with_auto_model(make_cfg, tmp_path):
     from safetensors.torch import save_file
 
     cfg = make_cfg(rope_theta=50000.0, tie_embeddings=True)
-    ours = Transformer(cfg, 97).eval()
+    ours = build_model(cfg, 97).eval()
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg, 97, bos_id=1, eos_id=2)))
     tensors = {k: v.contiguous() for k, v in to_hf_state_dict(ours.state_dict(), cfg).items()}
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
@@ -69,7 +69,7 @@ def test_exported_folder_loads_with_auto_model(make_cfg, tmp_path):
 def test_hf_model_loads_back_into_ours(make_cfg):
     cfg = make_cfg(n_kv_heads=1)
     hf = _hf_model(cfg, 97)
-    ours = Transformer(cfg, 97).eval()
+    ours = build_model(cfg, 97, init=False).eval()  # every weight comes from the HF model
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg), strict=True)
     tokens = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_hf_model_loads_back_into_ours(make_cfg):
 @pytest.mark.parametrize("tie", [False, True])
 def test_round_trip(make_cfg, tie):
     cfg = make_cfg(tie_embeddings=tie)
-    sd = Transformer(cfg, 97).state_dict()
+    sd = build_model(cfg, 97).state_dict()
     hf_sd = to_hf_state_dict(sd, cfg)
     assert ("lm_head.weight" in hf_sd) is not tie
     assert "model.layers.1.self_attn.k_proj.weight" in hf_sd
@@ -92,7 +92,7 @@ def test_round_trip(make_cfg, tie):
 
 def test_tied_hf_dict_with_head_and_inv_freq_is_accepted(make_cfg):
     cfg = make_cfg(tie_embeddings=True)
-    sd = Transformer(cfg, 97).state_dict()
+    sd = build_model(cfg, 97).state_dict()
     hf_sd = dict(to_hf_state_dict(sd, cfg))
     hf_sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"].clone()
     hf_sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
@@ -105,7 +105,7 @@ def test_tied_hf_dict_with_head_and_inv_freq_is_accepted(make_cfg):
 
 def test_conversion_errors_name_the_tensor(make_cfg):
     cfg = make_cfg()
-    hf_sd = to_hf_state_dict(Transformer(cfg, 97).state_dict(), cfg)
+    hf_sd = to_hf_state_dict(build_model(cfg, 97).state_dict(), cfg)
 
     missing = {k: v for k, v in hf_sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
@@ -119,7 +119,7 @@ def test_conversion_errors_name_the_tensor(make_cfg):
     with pytest.raises(ValueError, match=r"k_proj\.weight.*\(64, 64\).*\(32, 64\)"):
         from_hf_state_dict(bad, cfg)
 
-    ours = Transformer(cfg, 97).state_dict()
+    ours = build_model(cfg, 97).state_dict()
     del ours["norm.weight"]
     with pytest.raises(ValueError, match=r"missing.*norm\.weight"):
         to_hf_state_dict(ours, cfg)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from orchestra.config import KernelBackend
+from orchestra.model.config import KernelBackend
 from orchestra.model.hf import (
     HFImportError,
     hf_config_dict,

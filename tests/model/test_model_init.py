@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from orchestra.config import InitScheme
-from orchestra.model import Transformer, init_weights
+from orchestra.model import Transformer, build_model, init_weights
+from orchestra.model.config import InitScheme
 
 V = 512
 D, L, FFN = 128, 4, 384
@@ -29,7 +29,7 @@ def _build(make_cfg, scheme: InitScheme, tie: bool = False) -> Transformer:
         init_std=0.02,
         tie_embeddings=tie,
     )
-    return Transformer(cfg, V)
+    return build_model(cfg, V)
 
 
 def _assert_close(actual: float, expected: float, what: str) -> None:

@@ -1,4 +1,7 @@
-"""PEFT building blocks: LoRA, adapters, prompt tuning, freezing, L2-SP, layer-wise lr decay."""
+"""PEFT building blocks (LoRA, adapters, prompt tuning, freezing) and the fine-tuning optimiser tools.
+
+L2-SP and layer-wise lr decay live in orchestra/train/optim.py but are tested here, on PEFT models.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestra.model import Transformer
+from orchestra.model import IGNORE_INDEX, build_model
 from orchestra.model.peft import (
-    L2SP,
     AdaptedModule,
     LoraConfig,
     LoRALinear,
     PromptTunedModel,
     apply_adapters,
     apply_lora,
-    freeze_all_but,
-    layerwise_lr_groups,
     merge_lora,
-    remove_adapters,
     set_trainable_layers,
     trainable_parameter_names,
-    trainable_state_dict,
     unfreeze_schedule,
 )
+from orchestra.train.optim import L2SP, layerwise_lr_groups
 
 V = 101
 
@@ -34,7 +33,7 @@ V = 101
 def _batch(b: int = 2, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(0, V, (b, t))
     targets = torch.randint(0, V, (b, t))
-    targets[0, :3] = -100
+    targets[0, :3] = IGNORE_INDEX
     return tokens, targets
 
 
@@ -70,7 +69,7 @@ def _assert_only_changed(before: dict[str, torch.Tensor], model: nn.Module, trai
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_lora_starts_identical_trains_only_lora_and_merges(make_cfg, tie):
-    model = Transformer(make_cfg(tie_embeddings=tie), V)
+    model = build_model(make_cfg(tie_embeddings=tie), V)
     tokens, _ = _batch()
     with torch.no_grad():
         ref_logits = model(tokens)
@@ -94,7 +93,7 @@ def test_lora_starts_identical_trains_only_lora_and_merges(make_cfg, tie):
         merged = model(tokens)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.layers[0].attention.q_proj) is nn.Linear
-    assert set(model.state_dict()) == set(Transformer(make_cfg(tie_embeddings=tie), V).state_dict())
+    assert set(model.state_dict()) == set(build_model(make_cfg(tie_embeddings=tie), V).state_dict())
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
 
 
@@ -124,7 +123,7 @@ def test_lora_dropout_only_in_training():
 
 
 def test_apply_lora_target_selection(make_cfg):
-    model = Transformer(make_cfg(), V)
+    model = build_model(make_cfg(), V)
     names = apply_lora(model, LoraConfig(target_modules=["all-linear"]))
     projections = [
         "attention.q_proj",
@@ -138,7 +137,7 @@ def test_apply_lora_target_selection(make_cfg):
     assert sorted(names) == sorted(f"layers.{i}.{p}" for i in range(2) for p in projections)
     assert type(model.lm_head) is nn.Linear
 
-    model = Transformer(make_cfg(), V)
+    model = build_model(make_cfg(), V)
     assert apply_lora(model, LoraConfig(target_modules=["down_proj"])) == [
         "layers.0.mlp.down_proj",
         "layers.1.mlp.down_proj",
@@ -152,7 +151,7 @@ def test_apply_lora_target_selection(make_cfg):
         (["all-linear", "q_proj"], "only LoRA target"),
     ):
         with pytest.raises(ValueError, match=msg):
-            apply_lora(Transformer(make_cfg(), V), LoraConfig(target_modules=bad))
+            apply_lora(build_model(make_cfg(), V), LoraConfig(target_modules=bad))
 
 
 def test_lora_matches_hf_peft():
@@ -180,7 +179,7 @@ def test_lora_matches_hf_peft():
 
 
 def test_adapters_start_identical_and_only_adapters_train(make_cfg):
-    model = Transformer(make_cfg(), V)
+    model = build_model(make_cfg(), V)
     tokens, _ = _batch()
     with torch.no_grad():
         ref = model(tokens)
@@ -200,13 +199,14 @@ def test_adapters_start_identical_and_only_adapters_train(make_cfg):
     with pytest.raises(ValueError, match="already has adapters"):
         apply_adapters(model, 8)
 
-    remove_adapters(model)
+    for block in model.layers:  # unwrapped, the adapters are gone and the base is untouched
+        block.attention, block.mlp = block.attention.inner, block.mlp.inner
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), ref, rtol=0, atol=0)
 
 
 def test_lora_and_adapters_combine(make_cfg):
-    model = Transformer(make_cfg(), V)
+    model = build_model(make_cfg(), V)
     apply_adapters(model, bottleneck=4)
     names = apply_lora(model, LoraConfig(target_modules="all-linear"), freeze_base=False)
     assert len(names) == 14 and not any("adapter" in n for n in names)
@@ -220,7 +220,7 @@ def test_lora_and_adapters_combine(make_cfg):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_prompt_tuning_loss_and_training(make_cfg, tie):
-    model = Transformer(make_cfg(tie_embeddings=tie), V)
+    model = build_model(make_cfg(tie_embeddings=tie), V)
     pt = PromptTunedModel(model, num_virtual_tokens=5, seed=7)
     tokens, targets = _batch()
     P = 5
@@ -230,13 +230,13 @@ def test_prompt_tuning_loss_and_training(make_cfg, tie):
     with torch.no_grad():
         # At init the soft prompt is real token embeddings: the base model on [ids, tokens].
         full_tokens = torch.cat([ids.expand(2, -1), tokens], dim=1)
-        full_targets = torch.cat([torch.full((2, P), -100), targets], dim=1)
+        full_targets = torch.cat([torch.full((2, P), IGNORE_INDEX), targets], dim=1)
         torch.testing.assert_close(pt(tokens, targets), model(full_tokens, full_targets))
         logits = pt(tokens)
         assert logits.shape == (2, 16, V)
         torch.testing.assert_close(logits, model(full_tokens)[:, P:])
         # Hand computation: mean cross-entropy over the real, non-ignored positions.
-        hand = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+        hand = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         torch.testing.assert_close(pt(tokens, targets), hand)
 
     assert trainable_parameter_names(pt) == ["soft_prompt.weight"]
@@ -248,7 +248,7 @@ def test_prompt_tuning_loss_and_training(make_cfg, tie):
 
 
 def test_prompt_init_is_seeded(make_cfg):
-    model = Transformer(make_cfg(), V)
+    model = build_model(make_cfg(), V)
     a = PromptTunedModel(model, 4, seed=1).init_token_ids
     b = PromptTunedModel(model, 4, seed=1).init_token_ids
     assert torch.equal(a, b)
@@ -257,10 +257,11 @@ def test_prompt_init_is_seeded(make_cfg):
 # ---------------------------------------------------------------------------------- freezing
 
 
-def test_freeze_helpers_and_trainable_state_dict(make_cfg):
-    model = Transformer(make_cfg(tie_embeddings=True), V)
-    names = freeze_all_but(model, lambda n: "norm" in n)
-    assert names == trainable_parameter_names(model)
+def test_trainable_names_and_state(make_cfg):
+    model = build_model(make_cfg(tie_embeddings=True), V)
+    for n, p in model.named_parameters():
+        p.requires_grad_("norm" in n)
+    names = trainable_parameter_names(model)
     assert names == [
         "layers.0.attention_norm.weight",
         "layers.0.mlp_norm.weight",
@@ -270,7 +271,7 @@ def test_freeze_helpers_and_trainable_state_dict(make_cfg):
     ]
 
     apply_lora(model, LoraConfig(rank=2), freeze_base=False)
-    sd = trainable_state_dict(model)
+    sd = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(sd) == expected
     assert all(not t.requires_grad for t in sd.values())
@@ -292,7 +293,7 @@ def test_unfreeze_schedule_top_down(make_cfg):
     with pytest.raises(ValueError):
         unfreeze_schedule(4, 0)
 
-    model = Transformer(make_cfg(n_layers=3), V)
+    model = build_model(make_cfg(n_layers=3), V)
     set_trainable_layers(model, unfreeze_schedule(3, 5)(0))
     trainable = trainable_parameter_names(model)
     assert all(n.startswith(("layers.2.", "norm.", "lm_head.")) for n in trainable)
@@ -306,8 +307,9 @@ def test_unfreeze_schedule_top_down(make_cfg):
 
 
 def test_l2sp_penalty(make_cfg):
-    model = Transformer(make_cfg(), V)
-    freeze_all_but(model, lambda n: n.startswith("layers.1.mlp."))
+    model = build_model(make_cfg(), V)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("layers.1.mlp."))
     apply_lora(model, LoraConfig(target_modules=["q_proj"]), freeze_base=False)
     reg = L2SP(model, strength=0.3)
     assert set(reg.reference) == {f"layers.1.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
@@ -333,7 +335,7 @@ def test_l2sp_penalty(make_cfg):
 @pytest.mark.parametrize("tie", [False, True])
 def test_layerwise_lr_groups(make_cfg, tie):
     L = 3
-    model = Transformer(make_cfg(n_layers=L, tie_embeddings=tie), V)
+    model = build_model(make_cfg(n_layers=L, tie_embeddings=tie), V)
     base_lr, decay = 1e-3, 0.5
     groups = layerwise_lr_groups(model, base_lr, decay, weight_decay=0.1)
 
@@ -363,7 +365,7 @@ def test_layerwise_lr_groups(make_cfg, tie):
 
 
 def test_layerwise_lr_groups_with_soft_prompt(make_cfg):
-    pt = PromptTunedModel(Transformer(make_cfg(), V), 3)
+    pt = PromptTunedModel(build_model(make_cfg(), V), 3)
     groups = layerwise_lr_groups(pt, 1e-3, 0.8, weight_decay=0.1)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("head.no_decay", 1e-3, 0.0)]
     with pytest.raises(ValueError, match="decay"):
@@ -372,7 +374,7 @@ def test_layerwise_lr_groups_with_soft_prompt(make_cfg):
 
 def _trained_prompt(make_cfg, P: int = 5, seed: int = 7) -> PromptTunedModel:
     """A PromptTunedModel whose soft prompt is no longer token embeddings (as after training)."""
-    pt = PromptTunedModel(Transformer(make_cfg(), V), num_virtual_tokens=P, seed=seed).eval()
+    pt = PromptTunedModel(build_model(make_cfg(), V), num_virtual_tokens=P, seed=seed).eval()
     with torch.no_grad():
         pt.soft_prompt.weight.add_(torch.randn_like(pt.soft_prompt.weight))
     return pt

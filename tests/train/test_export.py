@@ -19,13 +19,12 @@ def assert_transformers_matches(ckpt: Path, folder: Path) -> None:
 
     hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     state, meta = consolidated_state_dict(ckpt)
-    from orchestra.config import model_config_from_dict
-    from orchestra.model import Transformer
+    from orchestra.model import build_model
 
-    ours = Transformer(model_config_from_dict(meta["model_config"]), int(meta["vocab_size"]))
+    ours = build_model(meta.model_config, meta.vocab_size, init=False)
     ours.load_state_dict(state)
     ours.eval()
-    tokens = torch.randint(0, int(meta["vocab_size"]), (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, meta.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(hf(tokens).logits, ours(tokens), atol=1e-5, rtol=0)
     text = "def f(x):\n    return x + 1"
@@ -33,7 +32,7 @@ def assert_transformers_matches(ckpt: Path, folder: Path) -> None:
 
     assert (
         AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
-        == Tokenizer.from_str(meta["tokenizer_json"]).encode(text).ids
+        == Tokenizer.from_str(meta.tokenizer_json).encode(text).ids
     )
 
 

@@ -1,7 +1,7 @@
 """`orchestra-export ... peft_only=true`: LoRA and prompt tuning in Hugging Face peft's format, adapters in ours.
 
 The PEFT checkpoints here are built by hand in exactly the layout training writes (the base loaded
-with load_base, the method applied with apply_method, the metadata from peft_metadata), with
+with load_base, the method applied with apply_method, the metadata from peft_record), with
 trainable tensors moved away from their zero/base init as training would, so every parity check
 below can fail. The models are tiny (dim 64, two layers), so the whole file runs in seconds.
 """
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from orchestra.config import FinetuneConfig, FinetuneMethod, KernelBackend, ModelConfig, to_plain
-from orchestra.model import Transformer
+from orchestra.model import build_model
 from orchestra.train.checkpoint import CheckpointError
 from orchestra.train.export import export_hf, export_peft, load_peft_export
-from orchestra.train.finetune import apply_method, load_base, peft_metadata, rebuild_peft_model
+from orchestra.train.finetune import apply_method, load_base, peft_record, rebuild_peft_model
 
 VIRTUAL = 6  # soft prompt length of the prompt-tuning checkpoints
 TEXT = "def add(x, y):\n    return x + y\n\nclass Point:\n    pass\n" * 8
@@ -63,7 +63,7 @@ def write_base_checkpoint(path: Path, seed: int = 0) -> Path:
         kernels=KernelBackend.torch,
     )
     torch.manual_seed(seed)
-    model = Transformer(cfg, vocab)
+    model = build_model(cfg, vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -99,7 +99,7 @@ def write_peft_checkpoint(
     ft = FinetuneConfig(method=FinetuneMethod(method), init_from=str(base), **settings)  # type: ignore[arg-type]
     b = load_base(base)
     cfg = replace(b.model_config, vocab_size=b.vocab_size)
-    model = Transformer(cfg, b.vocab_size)
+    model = build_model(cfg, b.vocab_size, init=False)
     model.load_state_dict(b.state_dict, strict=True)
     model = apply_method(model, ft)
     gen = torch.Generator().manual_seed(seed)
@@ -117,7 +117,7 @@ def write_peft_checkpoint(
                 "model_config": to_plain(cfg),
                 "vocab_size": b.vocab_size,
                 "tokenizer_json": b.tokenizer_json,
-                "peft": peft_metadata(ft, b.reference),
+                "peft": peft_record(ft, b.reference).to_dict(),
             },
         },
         path,

@@ -18,11 +18,11 @@ from orchestra.config import (
     ScheduleName,
     SchedulerConfig,
     TrainConfig,
-    validate,
 )
 from orchestra.train.checkpoint import CheckpointError, load_checkpoint_file
 from orchestra.train.export import consolidated_state_dict, export_hf
 from orchestra.train.run import train
+from orchestra.train.run import validate_run as validate
 from tests.helpers import tiny_config
 from tests.train.test_run import column, read_metrics
 

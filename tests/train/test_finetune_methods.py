@@ -16,10 +16,10 @@ from orchestra.config import (
     TaskConfig,
     TaskName,
     TrainConfig,
-    validate,
 )
 from orchestra.train.export import consolidated_state_dict
 from orchestra.train.run import train
+from orchestra.train.run import validate_run as validate
 from tests.train.test_finetune import base_ckpt, ft_config
 from tests.train.test_run import column, read_metrics
 

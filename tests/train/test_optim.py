@@ -10,7 +10,13 @@ import torch
 
 from orchestra.config import ModelConfig, OptimConfig, ScheduleName, SchedulerConfig
 from orchestra.model import Transformer
-from orchestra.train.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
+from orchestra.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    layerwise_lr_groups,
+    lr_multiplier,
+    parameter_groups,
+)
 
 MAX_STEPS = 1000
 
@@ -87,3 +93,19 @@ def test_no_weight_decay_on_norms_and_embeddings(tied: bool) -> None:
     assert ("lm_head.weight" in decay) != tied
     n_params = len({id(p) for p in model.parameters()})
     assert len(decay) + len(no_decay) == n_params
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_layerwise_groups_use_the_same_no_decay_rule(tied: bool) -> None:
+    cfg = ModelConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16, tie_embeddings=tied
+    )
+    model = Transformer(cfg, 128)
+
+    def decayed(groups: list[dict], weight_decay: float) -> set[int]:
+        return {id(p) for g in groups if g["weight_decay"] == weight_decay for p in g["params"]}
+
+    plain = parameter_groups(model, 0.1)
+    layered = layerwise_lr_groups(model, 1e-3, 0.5, weight_decay=0.1)
+    assert decayed(layered, 0.1) == decayed(plain, 0.1)
+    assert decayed(layered, 0.0) == decayed(plain, 0.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from orchestra.config import ActivationCheckpointing, ModelConfig, StrategyConfig, StrategyName
-from orchestra.model import Transformer
+from orchestra.model import Transformer, build_model
 from orchestra.train.strategy import parallelize, recompute_factor
 
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
@@ -25,7 +25,7 @@ def loss_and_grads(
 @pytest.mark.parametrize(("mode", "k", "wrapped"), [("full", 1, 4), ("every_k", 2, 2), ("none", 1, 0)])
 def test_activation_checkpointing_is_exact_and_keeps_state_dict_keys(mode: str, k: int, wrapped: int) -> None:
     torch.manual_seed(0)
-    plain = Transformer(CFG, 128)
+    plain = build_model(CFG, 128)
     ckpt = copy.deepcopy(plain)
     st = StrategyConfig(activation_checkpointing=ActivationCheckpointing(mode), ac_every_k=k)
     parallelize(ckpt, st, "32-true")
@@ -57,7 +57,7 @@ def test_fsdp_needs_a_mesh() -> None:
 @pytest.mark.slow
 def test_compiled_blocks_match_eager() -> None:
     torch.manual_seed(0)
-    eager = Transformer(CFG, 128)
+    eager = build_model(CFG, 128)
     compiled = copy.deepcopy(eager)
     parallelize(
         compiled,

@@ -1,4 +1,6 @@
-"""Checkpoint files: atomic writes, safe loads, and finding the newest complete checkpoint.
+"""Checkpoint files: atomic writes, safe loads, finding the newest complete checkpoint, and
+consolidating any layout (a file, an FSDP2 DCP directory, a DeepSpeed ZeRO directory) into one
+state dict.
 
 Lightning's ModelCheckpoint decides *when* to save; this module decides *how* a file reaches the
 disk. A save writes ``<name>.tmp-<pid>``, fsyncs it and renames it over the final name, so a
@@ -8,7 +10,6 @@ name. Loading uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,11 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from orchestra.config import ModelConfig
 from orchestra.io import TMP_MARK, atomic_torch_save
+from orchestra.train.checkpoint.meta import META_KEY, CheckpointError, CheckpointMeta, check_tensors
 
 CHECKPOINT_DIRNAME = "checkpoints"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
@@ -101,9 +100,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
-_STEP_FILE = re.compile(r"^step=?(\d+)\.ckpt$")
-
-
 def checkpoint_step(path: Path) -> int:
     """Global step stored in a checkpoint (read lazily through mmap, so it is cheap)."""
     if path.is_dir():
@@ -137,73 +133,77 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     return None if best is None else best[2]
 
 
-def load_model_from_checkpoint(
-    path: str | Path, map_location: Any = "cpu"
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, HF tokenizers.Tokenizer, orchestra metadata) from a training checkpoint.
+# Lightning saves the LightningModule's state: our model's tensors under "model.".
+PREFIX = "model."
 
-    The model is a Transformer, or for a prompt-tuning checkpoint a PromptTunedModel around one
-    (use orchestra.model.generate.context_length for the room left to real tokens). A PEFT
-    checkpoint (its metadata has "peft") holds only the trainable tensors: the base it records
-    is loaded and checked against its sha256 (see :func:`_load_peft_model`).
-    """
-    from tokenizers import Tokenizer
 
-    from orchestra.config import ConfigError, model_config_from_dict
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our parameter names, whether saved from the LightningModule (model.*) or the bare model."""
+    if any(k.startswith(PREFIX) for k in state):
+        return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return dict(state)
+
+
+def model_layout(cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor of the decoder a config describes (built on the meta device)."""
     from orchestra.model import Transformer
-    from orchestra.train.export import consolidated_state_dict
 
+    with torch.device("meta"):
+        model = Transformer(cfg, vocab_size)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """The typed metadata of any checkpoint layout, without reading its tensors."""
     path = Path(path)
-    # Any layout: a file, a sharded (FSDP2) directory or a DeepSpeed directory, names stripped.
-    state, meta = consolidated_state_dict(path)
-    if meta.get("task") == "classification":
-        raise CheckpointError(
-            f"checkpoint {path} is a sequence classifier (task=classification): it has "
-            "no language-model head to generate with"
-        )
-    if not meta.get("tokenizer_json"):
-        raise CheckpointError(f"checkpoint {path} has no tokenizer")
-    try:
-        model_cfg = model_config_from_dict(meta["model_config"])
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint {path}: {err}") from err
-    if "peft" in meta:
-        model = _load_peft_model(state, meta, path)
-    else:
-        model = Transformer(model_cfg, int(meta["vocab_size"]))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {path} does not match its own model config: {err}") from err
-    tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
-    return model.eval(), tokenizer, meta
+    return CheckpointMeta.from_dict(load_checkpoint_file(path).get(META_KEY), path)
 
 
-def _load_peft_model(trainable: dict[str, Any], meta: dict[str, Any], path: Path) -> Any:
-    """Base + trainable tensors of a PEFT checkpoint, in the form that runs fastest.
+def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """(full fp32 state dict with our names, its metadata) from any kind of checkpoint.
 
-    LoRA is merged into the base weights, so sampling costs what the base model's does; adapters
-    stay attached (they are extra layers with nothing to fold into); a prompt-tuned model stays a
-    PromptTunedModel, whose forward takes a KV cache like the Transformer's.
+    Consolidating is reading: a DeepSpeed ZeRO directory goes through DeepSpeed's own fp32
+    consolidation, an FSDP2 directory through torch.distributed.checkpoint without a process
+    group, a file as is.
     """
-    from orchestra.model.peft import merge_lora
-    from orchestra.train.finetune import rebuild_peft_model
+    path = Path(path)
+    ckpt = load_checkpoint_file(path)  # a sharded or DeepSpeed dir yields its metadata only
+    meta = CheckpointMeta.from_dict(ckpt.get(META_KEY), path)
+    if is_deepspeed_checkpoint(path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    peft = meta["peft"]
-    if not isinstance(peft, dict) or not {"method", "config", "base"} <= peft.keys():
-        raise CheckpointError(f"checkpoint {path}: its 'peft' metadata lacks method/config/base: {peft!r}")
-    base = Path(str(peft["base"].get("path", "")))
-    if not base.exists():
-        raise CheckpointError(
-            f"checkpoint {path} holds only the {peft['method']} weights of a fine-tune; its base model {base} "
-            "does not exist (put the base back at that path: it is checked against the sha256 recorded at training)"
-        )
+        return _strip(get_fp32_state_dict_from_zero_checkpoint(str(path))), meta
+    if not is_sharded_checkpoint(path):
+        return _strip(ckpt["state_dict"]), meta
+
+    import torch.distributed.checkpoint as dcp
+
+    if meta.peft is not None:
+        # Only the trainable tensors were saved: take their names and shapes from the DCP metadata.
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        templates = {
+            k[len("state_dict.") :]: torch.empty(tuple(m.size))
+            for k, m in stored.items()
+            if k.startswith("state_dict.") and hasattr(m, "size")
+        }
+    else:
+        shapes = model_layout(meta.model_config, meta.vocab_size)
+        templates = {PREFIX + k: torch.empty(shape) for k, shape in shapes.items()}
+    state = {"state_dict": templates}
     try:
-        model = rebuild_peft_model(trainable, meta, path)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a malformed config or tensor shape
-        raise CheckpointError(f"checkpoint {path}: cannot rebuild its {peft['method']} model: {err}") from err
-    if peft["method"] == "lora":
-        merge_lora(model)
-    return model
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except Exception as err:  # a shape or key mismatch surfaces as a planner error
+        raise CheckpointError(
+            f"sharded checkpoint {path} does not match its recorded model config: {err}"
+        ) from err
+    return _strip(state["state_dict"]), meta
+
+
+def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, source: Path) -> None:
+    """A full-weight state dict against the model config recorded beside it."""
+    check_tensors(
+        state,
+        model_layout(cfg, vocab_size),
+        source,
+        f"the model config recorded in it (dim={cfg.dim}, n_layers={cfg.n_layers}, ...)",
+    )
