@@ -124,8 +124,9 @@ def test_dpo_starts_at_log2_and_learns_the_preferences(
         run,
         "dpo",
         method,
-        max_steps=60,
-        val_every_n_steps=30,
+        # 80 steps: at 60, one pair in eight is still unflipped for some seeds (e.g. 1234 with LoRA).
+        max_steps=80,
+        val_every_n_steps=40,
         val_batches=2,
     )
     cfg.task.train_path = cfg.task.val_path = str(pairs)
@@ -134,7 +135,7 @@ def test_dpo_starts_at_log2_and_learns_the_preferences(
     result = train(cfg)
     loss = column(read_metrics(run), "train/loss")
     assert float(loss[0]) == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
-    assert float(loss[59]) < 0.8 * math.log(2)
+    assert float(loss[79]) < 0.8 * math.log(2)
     metrics = result.summary["val_metrics"]
     assert metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] > 0
     assert metrics["reward_chosen"] > metrics["reward_rejected"]
