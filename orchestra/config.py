@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 # The model's own configuration lives next to the model; re-exported here for the schema and callers.
+from orchestra.model.config import IGNORE_INDEX as IGNORE_INDEX
 from orchestra.model.config import ConfigError as ConfigError
 from orchestra.model.config import InitScheme as InitScheme
 from orchestra.model.config import KernelBackend as KernelBackend

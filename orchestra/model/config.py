@@ -12,6 +12,10 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
+IGNORE_INDEX = -100
+"""Target value that takes no loss (PyTorch's cross-entropy default): prompts, padding, soft prompts.
+Data (orchestra.data.tasks) writes it, the model's loss skips it; both read it from here."""
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what is accepted."""

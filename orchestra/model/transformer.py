@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestra.model.config import ModelConfig
+from orchestra.model.config import IGNORE_INDEX, ModelConfig
 from orchestra.model.ops import DeviceOps, device_ops
-
-IGNORE_INDEX = -100
-"""Target value that takes no loss (PyTorch's cross-entropy default): prompts, padding, soft prompts."""
 
 
 class KVCache:

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from orchestra.config import StrategyName, to_plain
+from orchestra.config import IGNORE_INDEX, StrategyName, to_plain
 from orchestra.model import Transformer, build_model
 from orchestra.train.checkpoint.io import PREFIX
 from orchestra.train.checkpoint.meta import META_KEY, CheckpointMeta, LastRow, check_tensors
@@ -170,7 +170,7 @@ class CausalLMModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         labels = batch["labels"] if isinstance(batch, dict) else batch[1]
         loss = self.task_loss(batch)
-        tokens = (labels != -100).sum()
+        tokens = (labels != IGNORE_INDEX).sum()
         self._val_sums += torch.stack([loss.double() * tokens, tokens.double()])
 
     def on_validation_epoch_end(self) -> None:

@@ -11,12 +11,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+# The label of a position that takes no loss (the prompt, system and user turns, padding): the
+# one the model's loss skips, defined once beside the model's config.
+from orchestra.config import IGNORE_INDEX as IGNORE_INDEX
 from orchestra.data.errors import DataError
 from orchestra.data.sources import jsonl_records
-
-# The label of a position that takes no loss (the prompt, system and user turns, padding): the
-# ignore_index of torch's cross-entropy, which the model's loss uses.
-IGNORE_INDEX = -100
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any]]]:
