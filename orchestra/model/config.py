@@ -38,7 +38,8 @@ class KernelBackend(str, Enum):
     triton = "triton"
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise the one ConfigError naming ``key`` and what is accepted, unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
@@ -89,24 +90,24 @@ class ModelConfig:
         """Raise :class:`ConfigError` naming ``prefix.key`` for a shape the model cannot be built with."""
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "pad_vocab_to"):
             value = getattr(self, key)
-            _require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
-        _require(
+            require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
+        require(
             self.dim % self.n_heads == 0,
             f"{prefix}.dim",
             f"{self.dim} is not divisible by n_heads={self.n_heads}",
         )
-        _require(
+        require(
             self.n_heads % self.n_kv_heads == 0,
             f"{prefix}.n_kv_heads",
             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}",
         )
-        _require(self.head_dim % 2 == 0, f"{prefix}.dim", f"head_dim={self.head_dim} must be even for RoPE")
-        _require(
+        require(self.head_dim % 2 == 0, f"{prefix}.dim", f"head_dim={self.head_dim} must be even for RoPE")
+        require(
             self.vocab_size is None or self.vocab_size > 0, f"{prefix}.vocab_size", "must be positive or null"
         )
-        _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
-        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
-        _require(self.init_std > 0, f"{prefix}.init_std", "must be positive")
+        require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
+        require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+        require(self.init_std > 0, f"{prefix}.init_std", "must be positive")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:

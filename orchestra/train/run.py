@@ -36,6 +36,7 @@ from orchestra.config import (
     accumulation_steps,
     base_path,
     padded_vocab_size,
+    require,
     to_plain,
     validate,
 )
@@ -79,7 +80,7 @@ def validate_run(cfg: TrainConfig) -> None:
     validate(cfg)
     method, task = method_spec(cfg.finetune.method), task_spec(cfg.task.name)
     if method.needs_base:
-        _require(
+        require(
             bool(base_path(cfg)),
             "finetune.init_from",
             f"finetune.method={method.name} needs a base model: an Orchestra checkpoint or a Hugging Face "
@@ -88,25 +89,20 @@ def validate_run(cfg: TrainConfig) -> None:
     method.validate(cfg)
     if method.frozen_base:
         # The penalty is over trainable pretrained weights; with the base frozen there are none.
-        _require(
+        require(
             cfg.finetune.l2sp == 0,
             "finetune.l2sp",
             f"applies to full-weight methods (full, unfreeze, l2sp) only; with {method.name} the "
             "pretrained weights are frozen",
         )
     if task.needs_base:
-        _require(
+        require(
             method.needs_base,
             "task",
             f"task={task.name} adapts a pretrained model: choose finetune=full|lora|adapter|prompt|unfreeze|"
             "l2sp and set finetune.init_from (or model=hf model.path=<folder>)",
         )
     task.validate(cfg)
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -168,7 +164,9 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     world_size = cfg.trainer.world_size
 
     init_from = base_path(cfg)
-    base = load_base(init_from) if method.needs_base and init_from else None  # validate_run: a base iff needed
+    base = (
+        load_base(init_from) if method.needs_base and init_from else None
+    )  # validate_run: a base iff needed
     if base is not None:
         cfg = config_with_base(cfg, base, run_dir)
         validate_run(cfg)  # the effective config, as a whole

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestra.config import FinetuneConfig, ModelConfig, TrainConfig
+from orchestra.config import FinetuneConfig, ModelConfig, TrainConfig, require
 from orchestra.model.peft import apply_adapters
 from orchestra.train.checkpoint.meta import CheckpointMeta, PeftRecord
-from orchestra.train.methods.spec import MethodSpec, PeftFiles, require
+from orchestra.train.methods.spec import MethodSpec, PeftFiles
 
 
 def _validate(cfg: TrainConfig) -> None:

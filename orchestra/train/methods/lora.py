@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestra.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
+from orchestra.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, require
 from orchestra.model.hf import name_map
 from orchestra.model.peft import LoraConfig, apply_lora, merge_lora
 from orchestra.train.checkpoint.meta import CheckpointError, CheckpointMeta, PeftRecord
-from orchestra.train.methods.spec import PEFT_PREFIX, MethodSpec, PeftFiles, number, require, trainable_layout
+from orchestra.train.methods.spec import PEFT_PREFIX, MethodSpec, PeftFiles, number, trainable_layout
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestra.config import TrainConfig, base_path
-from orchestra.train.methods.spec import MethodSpec, require
+from orchestra.config import TrainConfig, base_path, require
+from orchestra.train.methods.spec import MethodSpec
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -20,10 +20,11 @@ from orchestra.config import (
     TaskName,
     TrainConfig,
     base_path,
+    require,
 )
 from orchestra.model.peft import PromptTunedModel
 from orchestra.train.checkpoint.meta import CheckpointError, CheckpointMeta, PeftRecord
-from orchestra.train.methods.spec import MethodSpec, PeftFiles, require
+from orchestra.train.methods.spec import MethodSpec, PeftFiles
 
 SOFT_PROMPT = "soft_prompt.weight"
 PEFT_PROMPT_KEY = "prompt_embeddings"

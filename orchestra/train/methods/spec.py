@@ -11,19 +11,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from orchestra.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig
+from orchestra.config import FinetuneConfig, ModelConfig, TrainConfig
 from orchestra.train.checkpoint.meta import CheckpointError, CheckpointMeta, PeftRecord
 
 # (adapter_config.json or None, tensors by the names they are saved under, "peft" or "orchestra")
 PeftFiles = tuple[dict[str, Any] | None, dict[str, torch.Tensor], str]
 # peft prefixes every module of the wrapped model with this (PeftModel.base_model.model).
 PEFT_PREFIX = "base_model.model."
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    """Raise the one ConfigError naming ``key`` (the spec files' validate() use it)."""
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 def number(x: float) -> int | float:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 
-from orchestra.config import FinetuneConfig, ModelConfig, TrainConfig
+from orchestra.config import FinetuneConfig, ModelConfig, TrainConfig, require
 from orchestra.train.callbacks.unfreeze import GradualUnfreezing
-from orchestra.train.methods.spec import MethodSpec, require
+from orchestra.train.methods.spec import MethodSpec
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from orchestra.config import StrategyName, TrainConfig
+from orchestra.config import StrategyName, TrainConfig, require
 from orchestra.model import build_model
 from orchestra.train.finetune import peft_disabled
 from orchestra.train.methods import method_spec
-from orchestra.train.methods.spec import require
 from orchestra.train.metrics import dpo_loss
 from orchestra.train.module import CausalLMModule
 from orchestra.train.plan import TaskSpec
