@@ -29,8 +29,6 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-
-
 def table(title: str, rows: dict[str, Any]) -> Table:
     tab = Table(title=title, show_header=False, title_justify="left")
     tab.add_column("key", style="bold")
