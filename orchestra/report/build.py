@@ -125,6 +125,23 @@ def _fmt(value: Any, spec: str = ".4g", unit: str = "") -> str:
     return str(value)
 
 
+def final_value(run: RunData, summary_key: str, column: str) -> str:
+    """The summary's final value, else the newest one metrics.csv logged, with the step it is from.
+
+    summary.json can lack a value the run did log: a run that crashed before its summary, or
+    one whose final validation (run after training when max_steps is not a multiple of
+    val_every_n_steps) replaced the training metrics the summary is read from.
+    """
+    value = run.summary.get(summary_key)
+    if value is not None:
+        return _fmt(value)
+    steps, values = metric_series(run.metrics, column)
+    if not values:
+        return "—"
+    newest = max(range(len(steps)), key=lambda i: (steps[i], i))  # the last row of the newest step
+    return f"{_fmt(values[newest])} (metrics.csv, step {steps[newest]})"
+
+
 def _table(rows: Sequence[tuple[str, str]]) -> list[str]:
     lines = ["| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -228,9 +245,9 @@ def build_report(run_dir: Path) -> Report:
     lines += ["", "## Learning", ""]
     lines += _table(
         [
-            ("final train loss", _fmt(s.get("train_loss"))),
-            ("final val loss", _fmt(s.get("val_loss"))),
-            ("final val perplexity", _fmt(s.get("val_ppl"))),
+            ("final train loss", final_value(run, "train_loss", "train/loss")),
+            ("final val loss", final_value(run, "val_loss", "val/loss")),
+            ("final val perplexity", final_value(run, "val_ppl", "val/ppl")),
         ]
     )
     lines += ["", "![loss](loss.png)", "", "## Throughput", ""]

@@ -27,7 +27,7 @@ from typing import Any, TypedDict
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from orchestra.config import (
@@ -63,6 +63,7 @@ from orchestra.train.loggers import build_loggers
 from orchestra.train.methods import method_spec
 from orchestra.train.module import CausalLMModule
 from orchestra.train.plan import RunPlan
+from orchestra.train.progress import StepProgressBar
 from orchestra.train.strategy import build_strategy, lightning_precision, recompute_factor, uses_bf16
 from orchestra.train.tasks import task_spec
 
@@ -265,7 +266,7 @@ def build_callbacks(plan: RunPlan) -> RunCallbacks:
     if cfg.energy.enabled:
         extra.append(energy)
     if t.progress_bar:
-        extra.append(RichProgressBar(leave=True))
+        extra.append(StepProgressBar(leave=True))
     return RunCallbacks(
         checkpointing=ModelCheckpoint(
             dirpath=plan.run_dir / CHECKPOINT_DIRNAME,

@@ -120,3 +120,43 @@ def test_cli_writes_the_report_and_names_a_bad_run_dir(
         main([str(tmp_path / "nope")])
     assert exc.value.code == 2
     assert "nope does not exist" in capsys.readouterr().out.replace("\n", "")
+
+
+def _run_dir_as_a_40_step_run_writes_it(run: Path, summary: dict | None) -> None:
+    """metrics.csv of `experiment=debug trainer.max_steps=40 energy=none`: train rows every 10 steps
+    (0-based steps 9..39), then the final validation's row that trainer.validate logs at step 40."""
+    run.mkdir()
+    header = ["epoch", "perf/tokens_per_s", "step", "train/grad_norm", "train/loss", "val/loss", "val/ppl"]
+    rows = [
+        [0, 800.0, s, 1.0, loss, "", ""] for s, loss in ((9, 7.477), (19, 6.563), (29, 5.987), (39, 5.894))
+    ]
+    rows.append([1, "", 40, "", "", 6.0568, 427.0])
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_final_train_loss_comes_from_metrics_csv_when_the_summary_lacks_it(tmp_path: Path) -> None:
+    """A run whose max_steps is not a multiple of val_every_n_steps: the validation after training
+    replaced the train metrics the summary reads, so summary.json has train_loss null."""
+    summary = {"steps": 40, "tokens": 163840, "train_loss": None, "val_loss": 6.0568, "val_ppl": 427.0}
+    _run_dir_as_a_40_step_run_writes_it(tmp_path / "ux40", summary)
+    md = build_report(tmp_path / "ux40").markdown
+    assert "| final train loss | 5.894 (metrics.csv, step 40) |" in md
+    assert "| final val loss | 6.057 |" in md  # the summary's own value, as it has one
+
+    _run_dir_as_a_40_step_run_writes_it(tmp_path / "crashed", None)  # no summary at all
+    md = build_report(tmp_path / "crashed").markdown
+    assert "| final train loss | 5.894 (metrics.csv, step 40) |" in md
+    assert "| final val loss | 6.057 (metrics.csv, step " in md
+    assert "| final val perplexity | 427 (metrics.csv, step " in md
+
+
+def test_final_train_loss_prefers_the_summary(tmp_path: Path) -> None:
+    summary = {"steps": 40, "tokens": 163840, "train_loss": 5.9, "val_loss": None, "val_ppl": None}
+    _run_dir_as_a_40_step_run_writes_it(tmp_path / "run", summary)
+    md = build_report(tmp_path / "run").markdown
+    assert "| final train loss | 5.9 |" in md and "—" not in md.split("## Learning")[1].split("##")[0]
