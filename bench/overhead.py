@@ -7,10 +7,11 @@
 Both sides do the same training work: the debug model (``orchestra.model.Transformer``), AdamW
 with the project's parameter groups and cosine schedule, batches of 16 x 256 tokens, fp32,
 gradients clipped to norm 1.0, the same number of torch threads (``--threads``, also exported as
-OMP_NUM_THREADS / MKL_NUM_THREADS to both). The bare side is a plain loop over random tokens
-(forward with loss, backward, clip, optimizer and scheduler step, zero_grad), started as a fresh
-Python process like orchestra-train, so both are timed the same way: the wall time of the whole
-process, measured here.
+OMP_NUM_THREADS / MKL_NUM_THREADS to both). The bare side is a plain loop over the same token windows
+in the same order (the prepared dataset read through the run's sampler: forward with loss,
+backward, clip, optimizer and scheduler step, zero_grad), started as a fresh Python process like
+orchestra-train, so both are timed the same way: the wall time of the whole process, measured
+here, and its CPU time (the process and its children).
 
 What is compared is the *per-step* cost. Each side runs ``--short`` (10) and ``--long`` (70)
 steps; the start-up (imports, data checks, model build) and the work at the end of an
@@ -23,9 +24,11 @@ throughput callback, the checkpoint and preemption callbacks, one data-loader wo
 Rich progress bar drawing as in a terminal (TTY_COMPATIBLE / TTY_INTERACTIVE, its output going to
 a log file).
 
-The machine is shared and noisy, so the four runs of a round are interleaved (bare short, bare
-long, orchestra short, orchestra long) and the ratio is computed per round; the reported number
-is the median of the rounds' ratios (orchestra tokens/s over bare tokens/s; 1.0 = no overhead).
+A shared machine is noisy, so the four runs of a round are interleaved (bare short, bare long,
+orchestra short, orchestra long) and the ratio is computed per round; the reported number is the
+median of the rounds' ratios (orchestra tokens/s over bare tokens/s; 1.0 = no overhead). Compare
+the rounds' spread with the effect before reading much into the median: per-step overhead below
+1 % needs a quiet machine or many rounds (``--rounds``) to show.
 Rows are appended to bench/results/overhead.csv, one per round, and a markdown table is printed.
 """
 
@@ -125,7 +128,11 @@ class Round:
 
     @property
     def cpu_ratio(self) -> float | None:
-        """The same from CPU seconds: less sensitive to other jobs' time slices on a shared machine."""
+        """The same from CPU seconds (the process and its data workers, all threads).
+
+        A second view, not a more robust one: on a shared machine it has moved with the wall
+        ratio. Where they differ, a side waited (wall ratio lower) rather than worked more.
+        """
         if any(t.cpu is None for t in self.timings.values()):
             return None
         return self.tokens_per_s("orchestra", "cpu") / self.tokens_per_s("bare", "cpu")
@@ -182,34 +189,48 @@ def markdown(rounds: Sequence[Round]) -> str:
 
 
 def bare_loop(steps: int, threads: int, overrides: Sequence[str]) -> None:
-    """The reference: the same model, optimizer, schedule, batch and clipping as the orchestra run, no framework."""
+    """The reference: the same model, data, optimizer, schedule and clipping as the orchestra run, no framework.
+
+    Batches are the run's own: the prepared dataset's windows in the sampler's order (read in
+    the loop, one micro-batch per step as the run has it), so both sides compute on the same tokens.
+    """
     import torch
 
     from orchestra.config import padded_vocab_size
-    from orchestra.model import Transformer
+    from orchestra.data.dataset import GlobalBatchSampler, PackedDataset
+    from orchestra.data.pack import prepare_dataset
+    from orchestra.model import build_model
     from orchestra.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)
     cfg = compose_check(overrides)
+    t = cfg.trainer
+    dataset = PackedDataset(prepare_dataset(cfg.data, seed=cfg.seed), "train", cfg.model.max_seq_len)
+    sampler = GlobalBatchSampler(
+        len(dataset),
+        t.global_batch_size,
+        t.micro_batch_size,
+        rank=0,
+        world_size=1,
+        seed=cfg.seed,
+        total_steps=steps,
+    )
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model, padded_vocab_size(cfg.model, cfg.data.vocab_size)).train()
+    vocab = padded_vocab_size(cfg.model, int(dataset.manifest["vocab_size"]))
+    model = build_model(cfg.model, vocab, device="cpu").train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps)
-    t = cfg.trainer
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = [
-        torch.randint(0, cfg.data.vocab_size, (t.micro_batch_size, cfg.model.max_seq_len + 1), generator=gen)
-        for _ in range(4)
-    ]
     for step in range(steps):
-        tokens = batches[step % len(batches)]
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
+        micro_batches = sampler.step_indices(step)  # one micro-batch at these settings
+        for indices in micro_batches:
+            inputs, labels = (torch.stack(x) for x in zip(*(dataset[i] for i in indices), strict=True))
+            loss = model(inputs, labels)
+            (loss / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    print(json.dumps({"steps": steps, "loss": float(loss)}))
+    print(json.dumps({"steps": steps, "loss": float(loss.detach())}))
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -298,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = compose_check(train_overrides(steps, out / "check", args.override))
     tokens_per_step = cfg.trainer.global_batch_size * cfg.model.max_seq_len
     runner = subprocess_runner(out, args.threads, args.override, progress_terminal=not args.plain_output)
+    # Untimed: the first run prepares the dataset and warms the file cache for every later one.
+    runner("bare", 1, -1)
     rounds = measure(runner, args.rounds, args.short, args.long, tokens_per_step)
 
     import torch

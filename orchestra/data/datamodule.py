@@ -45,6 +45,9 @@ from orchestra.data.dataset import (
 from orchestra.data.errors import DataError
 
 log = logging.getLogger(__name__)
+# How DataLoader workers start (data.loader_workers > 0): a fresh server process forks them, so
+# they never inherit the locks of threads running in the training process.
+WORKER_START_METHOD = "forkserver"
 
 
 def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -67,7 +70,7 @@ class BatchPlan:
     seed: int
     max_steps: int
     val_batches: int
-    loader_workers: int = 1
+    loader_workers: int = 0
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank at ``world_size``."""
@@ -144,6 +147,9 @@ class BatchPlan:
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            # Not fork: a worker forked after the process group (or CUDA, or a logger) started
+            # threads can deadlock before it runs, and then the other ranks wait in a collective.
+            multiprocessing_context=WORKER_START_METHOD if workers > 0 else None,
         )
         if isinstance(loader, _ResumableDataLoader):
             loader.plan, loader.state = self, state
@@ -177,7 +183,7 @@ class TokenDataModule(L.LightningDataModule):
         seed: int,
         max_steps: int,
         val_batches: int,
-        loader_workers: int = 1,
+        loader_workers: int = 0,
     ) -> None:
         super().__init__()
         self.dataset_dir = Path(dataset_dir)

@@ -29,7 +29,7 @@ class FakeRunner:
         self.per_step, self.startup = per_step, startup
         self.calls: list[tuple[str, int, int]] = []
 
-    def __call__(self, kind: str, steps: int, r: int):
+    def __call__(self, kind: str, steps: int, r: int) -> Timing:
         self.calls.append((kind, steps, r))
         wall = self.startup + steps * self.per_step[kind][r]
         return Timing(wall, 2 * wall)
@@ -91,11 +91,14 @@ def test_overrides_make_the_same_valid_run_at_both_lengths(bench, tmp_path: Path
         assert t.progress_bar and not cfg.energy.enabled
 
 
-def test_bare_worker_trains_the_configured_model(bench, tmp_path: Path) -> None:
-    """The reference loop itself, on a shrunken model (its overrides apply to both sides)."""
+def test_bare_worker_trains_the_configured_model(bench, corpus_dir: Path, data_cache: Path) -> None:
+    """The reference loop itself, on a shrunken model and the tests' small corpus (its overrides
+    apply to both sides); it reads the prepared dataset as the orchestra run does."""
     small = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
              "model.ffn_dim=64", "model.max_seq_len=16", "trainer.micro_batch_size=2",
-             "trainer.global_batch_size=2"]  # fmt: skip
+             "trainer.global_batch_size=4", "data=files", "data.name=tiny-stdlib",
+             f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={data_cache}", "data.vocab_size=512",
+             "data.tokenize_workers=1"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "bench/overhead.py", "--bare-worker", "6", "--threads", "1",
          *(f"--override={o}" for o in small)],
@@ -103,7 +106,7 @@ def test_bare_worker_trains_the_configured_model(bench, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["steps"] == 6 and out["loss"] > 0
+    assert out["steps"] == 6 and 0 < out["loss"] < 10  # two micro-batches per step (global 4 = 2 x 2)
 
 
 def test_results_csv_has_one_row_per_round(bench, tmp_path: Path) -> None:

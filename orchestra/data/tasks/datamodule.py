@@ -120,7 +120,7 @@ class TaskDataModule(L.LightningDataModule):
         seed: int,
         max_steps: int,
         val_batches: int,
-        loader_workers: int = 1,
+        loader_workers: int = 0,
     ) -> None:
         super().__init__()
         self.task = task
