@@ -266,6 +266,12 @@ class TrainerConfig:
     preempt_signal: str = "USR1"
     """Warning signal that makes every rank checkpoint at the next step and stop (SIGTERM always
     does too); must match the batch script's --signal (slurm/pretrain.sh: USR1; submitit: USR2)."""
+    signal_grace_s: float = 30.0
+    """Seconds a stop signal may go unanswered (no step boundary reached, e.g. a rank stuck in a
+    collective) before the process exits with code 4, which the batch scripts requeue; 0: never."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, broadcast) waits for the other ranks before this
+    rank gives up and exits with code 4 (requeued under SLURM, resumed from the newest checkpoint)."""
 
     @property
     def world_size(self) -> int:
@@ -296,6 +302,10 @@ class TrainerConfig:
             f"{self.precision!r} is not one of {sorted(PRECISIONS)}",
         )
         accumulation_steps(self, world_size if world_size is not None else self.world_size)
+        require(
+            self.signal_grace_s >= 0, f"{prefix}.signal_grace_s", "must be >= 0 (0 disables the watchdog)"
+        )
+        require(self.collective_timeout_s > 0, f"{prefix}.collective_timeout_s", "must be positive")
         require(
             self.preempt_signal.upper().removeprefix("SIG") in PREEMPT_SIGNALS,
             f"{prefix}.preempt_signal",
@@ -550,13 +560,16 @@ def job_id() -> str:
     """Identity of the launch, the same on every rank: SLURM job, torchrun run id, else the time.
 
     The run dir is named after it, so all ranks of one job (and every requeue of a SLURM job)
-    write to one directory.
+    write to one directory, and a new job never lands in an old one's (slurm/common.sh sets
+    ORCHESTRA_JOB_ID from the cluster, the job id and the time of its first start).
     """
     import os
     import time
 
-    if os.environ.get("SLURM_JOB_ID"):
-        return os.environ["SLURM_JOB_ID"]
+    if os.environ.get("ORCHESTRA_JOB_ID"):  # slurm/*.sh: <cluster>-<job id>-<submission time>
+        return os.environ["ORCHESTRA_JOB_ID"]
+    if os.environ.get("SLURM_JOB_ID"):  # a bare srun: job ids repeat across clusters and resets
+        return f"{os.environ.get('SLURM_CLUSTER_NAME', 'cluster')}-{os.environ['SLURM_JOB_ID']}"
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id != "none":
         return run_id

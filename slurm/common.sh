@@ -10,14 +10,18 @@
 #   ORCHESTRA_PREEMPT_SIGNAL signal forwarded to the ranks on a warning (USR1; match --signal)
 #   ORCHESTRA_MAX_REQUEUES  stop requeueing after this many restarts (default 50)
 #   ORCHESTRA_RUNS          where run dirs go (default runs/ under ORCHESTRA_HOME); on a shared filesystem
+#   ORCHESTRA_JOB_ID        set here: <cluster>-<job id>-<first start time>, the run dir's name
 #   ORCHESTRA_PREEMPT_MARKER file the ranks write once the preemption checkpoint is saved
 #                           (default $ORCHESTRA_RUNS/.slurm/<job id>.preempted)
 #
 # Exit codes of the training command (orchestra/cli/train.py, orchestra/train/callbacks/preemption.py):
 #   0 done; 1 Hydra error (e.g. a mistyped override); 2 invalid config/data/checkpoint;
-#   3 preempted: a checkpoint was saved, requeue me.
+#   3 preempted: a checkpoint was saved, requeue me;
+#   4 interrupted: a stop signal went unanswered or a collective timed out (orchestra/train/watchdog.py),
+#     requeue me (the job resumes from its newest periodic checkpoint).
 
 ORCH_PREEMPTED_EXIT_CODE=3
+ORCH_INTERRUPTED_EXIT_CODE=4
 
 orch_log() { echo "[orchestra-slurm $(date +%H:%M:%S)] $*"; }
 
@@ -38,6 +42,20 @@ orch_setup_env() {
     # One rank per device: give each its cores, not every core of the node.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export PYTHONUNBUFFERED=1
+}
+
+# The job's run id, the same across its requeues, never shared with another job: job ids repeat
+# (a cluster whose state was reset, two clusters on one filesystem), so a first start adds the
+# cluster's name and the time; a requeue reads back what its first start wrote.
+orch_setup_run_id() {
+    local key="${SLURM_CLUSTER_NAME:-cluster}-$SLURM_JOB_ID"
+    local file="${ORCHESTRA_RUNS:-runs}/.slurm/$key.run-id"
+    mkdir -p "$(dirname "$file")"
+    if ((${SLURM_RESTART_COUNT:-0} == 0)) || [[ ! -s $file ]]; then
+        echo "$key-$(date +%Y%m%d-%H%M%S)" >"$file.tmp.$$" && mv "$file.tmp.$$" "$file"
+    fi
+    ORCHESTRA_JOB_ID=$(<"$file")
+    export ORCHESTRA_JOB_ID
 }
 
 # MASTER_ADDR/PORT, node and device counts from the allocation.
@@ -90,7 +108,7 @@ orch_run_step() {
     trap '_orch_on_signal USR2' USR2
     trap '_orch_on_signal TERM' TERM
 
-    orch_log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $ORCH_NUM_NODES node(s) x $ORCH_DEVICES rank(s), MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
+    orch_log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} (run id ${ORCHESTRA_JOB_ID:-none}): $ORCH_NUM_NODES node(s) x $ORCH_DEVICES rank(s), MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
     orch_log "command: $*"
     "$@" &
     ORCH_STEP_PID=$!
@@ -124,6 +142,11 @@ orch_decide() {
         orch_log "training stopped for preemption after saving a checkpoint ($(cat "$ORCHESTRA_PREEMPT_MARKER" 2>/dev/null))"
         rm -f "$ORCHESTRA_PREEMPT_MARKER"
         orch_requeue "preempted"
+    elif ((rc == ORCH_INTERRUPTED_EXIT_CODE)); then
+        # A rank was stuck (a stop signal went unanswered) or a collective timed out: the
+        # periodic checkpoints are what the requeued job resumes from.
+        orch_log "training interrupted (exit code $rc: a stuck rank or a collective timeout, see above)"
+        orch_requeue "interrupted"
     elif ((rc == 0)); then
         orch_log "training finished"
         exit 0

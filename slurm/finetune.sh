@@ -36,5 +36,6 @@ source "${ORCHESTRA_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh" \
 
 orch_setup_env
 orch_setup_rendezvous
+orch_setup_run_id
 orch_hydra_args "$@"
 orch_run_step srun --kill-on-bad-exit=1 "$ORCH_PYTHON" -m orchestra.cli.train "${ORCH_ARGS[@]}"

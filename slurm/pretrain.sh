@@ -30,6 +30,7 @@ source "${ORCHESTRA_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh" \
 
 orch_setup_env
 orch_setup_rendezvous
+orch_setup_run_id
 orch_hydra_args "$@"
 # --kill-on-bad-exit: one rank that dies must not leave the others waiting in a collective.
 orch_run_step srun --kill-on-bad-exit=1 "$ORCH_PYTHON" -m orchestra.cli.train "${ORCH_ARGS[@]}"

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any, TypedDict
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from orchestra.config import (
@@ -42,7 +44,13 @@ from orchestra.config import (
 )
 from orchestra.io import atomic_write_text
 from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
-from orchestra.train.callbacks.preemption import MARKER_NAME, PREEMPTED_EXIT_CODE, PreemptionCallback
+from orchestra.train.callbacks.checkpointing import RunCheckpoint
+from orchestra.train.callbacks.preemption import (
+    MARKER_NAME,
+    PREEMPTED_EXIT_CODE,
+    PreemptionCallback,
+    parse_signal,
+)
 from orchestra.train.checkpoint.io import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
@@ -50,7 +58,10 @@ from orchestra.train.checkpoint.io import (
     find_resume_checkpoint,
     load_checkpoint_file,
     read_meta,
+    scan_checkpoints,
 )
+from orchestra.train.checkpoint.manifest import verify_checkpoint
+from orchestra.train.checkpoint.meta import CheckpointError
 from orchestra.train.finetune import BaseModel, load_base
 from orchestra.train.flops import model_flops_per_token
 from orchestra.train.lightning_compat import (
@@ -64,8 +75,17 @@ from orchestra.train.methods import method_spec
 from orchestra.train.module import CausalLMModule
 from orchestra.train.plan import RunPlan
 from orchestra.train.progress import StepProgressBar
+from orchestra.train.rundir import RunRecord, check_resume_allowed, write_record
 from orchestra.train.strategy import build_strategy, lightning_precision, recompute_factor, uses_bf16
 from orchestra.train.tasks import task_spec
+from orchestra.train.watchdog import (
+    INTERRUPTED_MARKER,
+    SignalWatchdog,
+    exit_interrupted,
+    is_collective_timeout,
+)
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # The plan: every decision, made before anything is built.
@@ -115,13 +135,44 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from (None: from scratch), and the run dir's record.
+
+    resume=auto names every checkpoint it passes over and why; a run dir whose checkpoints are
+    all unusable is refused rather than silently trained again from step 0. It also refuses a
+    run dir another job or another config started (orchestra/train/rundir.py).
+    """
+    current = RunRecord.of(cfg)
     if cfg.resume == "never":
+        write_record(run_dir, current)
         return None
-    if cfg.resume == "auto":
-        return find_resume_checkpoint(run_dir)
-    path = Path(cfg.resume)
-    load_checkpoint_file(path)  # raises CheckpointError naming the file if unusable
-    return path
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        verify_checkpoint(path)  # a manifest that disagrees with the files is refused, naming the file
+        load_checkpoint_file(path)  # raises CheckpointError naming the file if unusable
+        write_record(run_dir, current)
+        return path
+    scan = scan_checkpoints(run_dir)
+    if scan.best is not None or scan.skipped:
+        check_resume_allowed(run_dir, current)
+    for path, reason in scan.skipped:
+        _warn(f"resume=auto: skipping checkpoint {path}: {reason}")
+    if scan.best is None and scan.skipped:
+        listed = "".join(f"\n  - {path}: {reason}" for path, reason in scan.skipped)
+        raise CheckpointError(
+            f"resume=auto: no usable checkpoint in {run_dir / CHECKPOINT_DIRNAME}, and it is not empty:{listed}\n"
+            "nothing was changed; to train from step 0 in this run dir pass resume=never (the files "
+            "above are left as they are), or resume=<checkpoint> to name a good one"
+        )
+    if scan.best is not None and scan.skipped:
+        _warn(f"resume=auto: resuming from {scan.best}, the newest intact checkpoint")
+    write_record(run_dir, current)
+    return scan.best
+
+
+def _warn(message: str) -> None:
+    """On the console (rank zero) and in the run's train.log."""
+    rank_zero_warn(message)
+    log.warning(message)
 
 
 def config_with_base(cfg: TrainConfig, base: BaseModel, run_dir: Path) -> TrainConfig:
@@ -241,7 +292,7 @@ def build_module(plan: RunPlan, datamodule: L.LightningDataModule) -> CausalLMMo
 class RunCallbacks:
     """The callbacks of a run; the ones the end of the run reads back are named."""
 
-    checkpointing: ModelCheckpoint
+    checkpointing: RunCheckpoint
     throughput: ThroughputCallback
     energy: EnergyCallback
     last_validation: LastValidation
@@ -252,7 +303,7 @@ class RunCallbacks:
         return [self.checkpointing, self.throughput, self.last_validation, self.preemption, *self.extra]
 
 
-def build_callbacks(plan: RunPlan) -> RunCallbacks:
+def build_callbacks(plan: RunPlan, watchdog: SignalWatchdog | None = None) -> RunCallbacks:
     cfg, t = plan.config, plan.config.trainer
     flops = model_flops_per_token(
         cfg.model,
@@ -268,7 +319,7 @@ def build_callbacks(plan: RunPlan) -> RunCallbacks:
     if t.progress_bar:
         extra.append(StepProgressBar(leave=True))
     return RunCallbacks(
-        checkpointing=ModelCheckpoint(
+        checkpointing=RunCheckpoint(
             dirpath=plan.run_dir / CHECKPOINT_DIRNAME,
             filename="step{step:07d}",
             auto_insert_metric_name=False,
@@ -288,7 +339,10 @@ def build_callbacks(plan: RunPlan) -> RunCallbacks:
         energy=energy,
         last_validation=LastValidation(),
         preemption=PreemptionCallback(
-            plan.run_dir / CHECKPOINT_DIRNAME, plan.run_dir / MARKER_NAME, signals=(t.preempt_signal, "TERM")
+            plan.run_dir / CHECKPOINT_DIRNAME,
+            plan.run_dir / MARKER_NAME,
+            signals=(t.preempt_signal, "TERM"),
+            watchdog=watchdog,
         ),
         extra=extra,
     )
@@ -490,28 +544,46 @@ class RunResult:
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Run one training job described by a config; returns its summary."""
+    """Run one training job described by a config; returns its summary.
+
+    A stop signal nothing answers and a collective that times out both end the process with
+    INTERRUPTED_EXIT_CODE (orchestra/train/watchdog.py) instead of hanging.
+    """
     plan = plan_run(cfg)
-    L.seed_everything(plan.config.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(plan)
-    module = build_module(plan, datamodule)
-    callbacks = build_callbacks(plan)
-    trainer = build_trainer(plan, callbacks)
-    started = time.time()
-    metrics = fit(plan, trainer, module, datamodule, callbacks)
-    sample = ""
-    if plan.task.lm_head:  # a classifier has no language-model head to sample from
-        assert module.model is not None
-        t = plan.config.trainer
-        sample = sample_text(
-            module.model,
-            plan.tokenizer_json,
-            t.sample_prompt,
-            t.sample_tokens,
-            plan.eos_id,
-            trainer.strategy.root_device,
-            plan.precision,
-            plan.config.seed,
-        )
-    summary = summarize(plan, trainer, module, callbacks, metrics, time.time() - started)
+    t = plan.config.trainer
+    marker = plan.run_dir / INTERRUPTED_MARKER
+    with SignalWatchdog(t.signal_grace_s, marker, _stop_signals(t.preempt_signal)) as watchdog:
+        L.seed_everything(plan.config.seed, workers=True, verbose=False)
+        datamodule = build_datamodule(plan)
+        module = build_module(plan, datamodule)
+        callbacks = build_callbacks(plan, watchdog)
+        trainer = build_trainer(plan, callbacks)
+        started = time.time()
+        try:
+            metrics = fit(plan, trainer, module, datamodule, callbacks)
+            sample = ""
+            if plan.task.lm_head:  # a classifier has no language-model head to sample from
+                sample = sample_text(
+                    module.net,
+                    plan.tokenizer_json,
+                    t.sample_prompt,
+                    t.sample_tokens,
+                    plan.eos_id,
+                    trainer.strategy.root_device,
+                    plan.precision,
+                    plan.config.seed,
+                )
+        except Exception as err:
+            if trainer.world_size > 1 and is_collective_timeout(err):
+                exit_interrupted(
+                    marker,
+                    f"a collective waited longer than trainer.collective_timeout_s={t.collective_timeout_s:g} s "
+                    f"for the other ranks ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                )
+            raise
+        summary = summarize(plan, trainer, module, callbacks, metrics, time.time() - started)
     return RunResult(summary=summary or {}, sample=sample, run_dir=plan.run_dir, module=module)
+
+
+def _stop_signals(preempt_signal: str) -> tuple[signal.Signals, ...]:
+    return tuple(dict.fromkeys((parse_signal(preempt_signal), signal.SIGTERM)))

@@ -14,6 +14,7 @@ The model file knows nothing of devices or processes. Everything distributed hap
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -177,12 +178,15 @@ class _AtomicDirectorySave:
         from pathlib import Path
 
         from orchestra.io import swap_into_place
+        from orchestra.train.checkpoint.manifest import write_manifest
 
         final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
         tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")  # type: ignore[attr-defined]
         super().save_checkpoint(checkpoint, tmp, storage_options)  # type: ignore[misc]
         self.barrier("orchestra_checkpoint_written")  # type: ignore[attr-defined]
         if self.is_global_zero:  # type: ignore[attr-defined]
+            # Every shard is written: hash them, then the directory appears with its manifest.
+            write_manifest(tmp)
             swap_into_place(tmp, final)
         self.barrier("orchestra_checkpoint_renamed")  # type: ignore[attr-defined]
 
@@ -198,10 +202,14 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
         pass
 
     st = cfg.strategy
+    # How long a collective waits for the other ranks before it raises (gloo) or aborts (NCCL).
+    timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
     if st.name == StrategyName.single:
         return "auto"
     if st.name == StrategyName.ddp:
-        return DDPStrategy(gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False)
+        return DDPStrategy(
+            gradient_as_bucket_view=st.gradient_as_bucket_view, static_graph=False, timeout=timeout
+        )
     if st.name == StrategyName.fsdp:
         if st.cpu_offload and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
             raise ConfigError(
@@ -209,11 +217,14 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
                 "CPU, and this run has no GPU; set strategy.cpu_offload=false"
             )
         return AtomicModelParallelStrategy(
-            data_parallel_size=world_size_of(cfg), tensor_parallel_size=1, save_distributed_checkpoint=True
+            data_parallel_size=world_size_of(cfg),
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=True,
+            timeout=timeout,
         )
     config = deepspeed_config(cfg, precision)
     # Lightning sets the accumulation itself from Trainer(accumulate_grad_batches=...), which is
     # derived from the same numbers; it refuses a config that also sets it.
     config.pop("gradient_accumulation_steps")
     config.pop("train_batch_size")
-    return AtomicDeepSpeedStrategy(config=config)
+    return AtomicDeepSpeedStrategy(config=config, timeout=timeout)

@@ -47,6 +47,16 @@ class SlurmCluster:
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
         return proc.stdout.strip().split(";")[0]
 
+    def run_dir(self, runs: str | Path, name: str, job_id: str, timeout: float = 180.0) -> Path:
+        """The job's run dir, named by its batch script's run id (<cluster>-<job id>-<time>)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = sorted((Path(runs) / ".slurm").glob(f"*-{job_id}.run-id"))
+            if found and found[0].read_text().strip():
+                return Path(runs) / name / found[0].read_text().strip()
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} wrote no run id under {runs}/.slurm in {timeout} s")
+
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout

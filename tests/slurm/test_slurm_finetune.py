@@ -63,7 +63,7 @@ def test_sft_lora_job_on_two_nodes(
     info = slurm_cluster.wait(job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]
-    run_dir = Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+    run_dir = slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["task"], summary["finetune"], summary["world_size"], summary["steps"]) == (
         "sft",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from orchestra.train.checkpoint import checkpoint_step, verify_checkpoint
 from tests.helpers import cli_overrides
 from tests.slurm.conftest import REPO, SlurmCluster
 
@@ -79,7 +81,7 @@ def reference(
     log = tmp_path_factory.mktemp("reference") / "job.out"
     job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
     info = slurm_cluster.wait(job_id)
-    return job_id, info, log, Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+    return job_id, info, log, slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
 
 
 def test_two_nodes_one_process_group(
@@ -95,7 +97,9 @@ def test_two_nodes_one_process_group(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == "ddp" and summary["steps"] == STEPS
     # One run dir for the job, shared by both ranks.
-    assert [p.name for p in run_dir.parent.iterdir()] == [job_id]
+    # One dir per job, named after the cluster, the job id and its first start (job ids repeat).
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
+    assert re.fullmatch(rf"[\w.-]+-{job_id}-\d{{8}}-\d{{6}}", run_dir.name), run_dir.name
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert sorted(losses(run_dir)) == list(range(STEPS))
 
@@ -110,7 +114,7 @@ def test_preempted_job_checkpoints_requeues_and_matches(
 ) -> None:
     log = tmp_path / "job.out"
     job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
-    run_dir = Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+    run_dir = slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
     first_ckpt = run_dir / "checkpoints" / f"step{CKPT_EVERY:07d}.ckpt"
     deadline = time.time() + 180
     while not first_ckpt.exists():
@@ -135,6 +139,11 @@ def test_preempted_job_checkpoints_requeues_and_matches(
     assert (run_dir / "checkpoints" / f"step{step:07d}.ckpt").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step{step:07d}.ckpt")
+    # last.ckpt is the newest checkpoint after the requeue, replaced in place, never last-vN.
+    ckpts = run_dir / "checkpoints"
+    assert checkpoint_step(ckpts / "last.ckpt") == STEPS
+    assert not list(ckpts.glob("last-v*")), sorted(p.name for p in ckpts.iterdir())
+    assert verify_checkpoint(ckpts / "last.ckpt")
     # Same run dir, same data order: the resumed job continues the uninterrupted one exactly.
     got, ref = losses(run_dir), losses(reference[3])
     assert sorted(got) == list(range(STEPS))
@@ -158,7 +167,7 @@ def test_mistyped_override_fails_once(
     assert "max_stepz" in text  # Hydra names the key
     assert "not requeueing" in text
     assert time.time() - started < 90
-    assert not (Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id / "checkpoints").exists()
+    assert not (slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id) / "checkpoints").exists()
 
 
 def test_script_defaults_are_overridable() -> None:
@@ -192,7 +201,7 @@ def test_node_failure_resumes_from_periodic_checkpoint(
 ) -> None:
     log = tmp_path / "job.out"
     job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
-    run_dir = Path(job_env["ORCHESTRA_RUNS"]) / "tiny" / job_id
+    run_dir = slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
     first_ckpt = run_dir / "checkpoints" / f"step{CKPT_EVERY:07d}.ckpt"
     deadline = time.time() + 180
     while not first_ckpt.exists():

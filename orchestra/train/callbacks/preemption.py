@@ -29,6 +29,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from orchestra.io import atomic_link, atomic_write_text
+from orchestra.train.checkpoint.manifest import copy_manifest
+from orchestra.train.watchdog import SignalWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,16 @@ class PreemptionCallback(Callback):
         marker_path: the file written once the checkpoint is on disk.
         signals: signals that request the checkpoint; the handlers are installed for the fit only
             and the previous ones restored afterwards.
+        watchdog: told when a request is taken at a step boundary (it ends a process that never
+            gets there, see orchestra/train/watchdog.py).
     """
 
     def __init__(
-        self, checkpoint_dir: str | Path, marker_path: str | Path, signals: tuple[str, ...] = ("USR1", "TERM")
+        self,
+        checkpoint_dir: str | Path,
+        marker_path: str | Path,
+        signals: tuple[str, ...] = ("USR1", "TERM"),
+        watchdog: SignalWatchdog | None = None,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.marker_path = Path(marker_path)
@@ -71,6 +79,7 @@ class PreemptionCallback(Callback):
         self.saved_path: Path | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._last_step = -1
+        self.watchdog = watchdog
 
     @property
     def preempted(self) -> bool:
@@ -136,6 +145,8 @@ class PreemptionCallback(Callback):
         self._last_step = trainer.global_step
         if not self._agreed(trainer):
             return
+        if self.watchdog is not None:
+            self.watchdog.disarm()  # the request is taken: the save may take as long as it takes
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             return  # the run is finishing anyway: nothing to requeue
         self._save_and_stop(trainer)
@@ -149,6 +160,7 @@ class PreemptionCallback(Callback):
             # last.ckpt follows the newest checkpoint; a hard link is instant and atomic by rename.
             with contextlib.suppress(OSError):
                 atomic_link(path, self.checkpoint_dir / "last.ckpt")
+                copy_manifest(path, self.checkpoint_dir / "last.ckpt")
         self.saved_path = path
         if trainer.is_global_zero:
             signame = self.requested.name if self.requested is not None else "another rank"

@@ -1,7 +1,8 @@
-"""Checkpoints as three layers, each importing only the ones below it:
+"""Checkpoints as layers, each importing only the ones below it:
 
 - :mod:`~orchestra.train.checkpoint.meta`: the typed, versioned :class:`CheckpointMeta` and the
   one fit check;
+- :mod:`~orchestra.train.checkpoint.manifest`: the sha256 manifest of a checkpoint's files;
 - :mod:`~orchestra.train.checkpoint.io`: atomic saves, weights-only loads, layouts (file, FSDP2
   DCP, DeepSpeed), consolidation into one state dict, finding the newest complete checkpoint;
 - :mod:`~orchestra.train.checkpoint.load`: a runnable model from any checkpoint (it uses the
@@ -24,7 +25,9 @@ from orchestra.train.checkpoint.io import (
     is_sharded_checkpoint,
     load_checkpoint_file,
     read_meta,
+    scan_checkpoints,
 )
+from orchestra.train.checkpoint.manifest import verify_checkpoint, write_manifest
 from orchestra.train.checkpoint.meta import META_KEY, BaseRef, CheckpointError, CheckpointMeta, PeftRecord
 
 
@@ -53,4 +56,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_model_from_checkpoint",
     "read_meta",
+    "scan_checkpoints",
+    "verify_checkpoint",
+    "write_manifest",
 ]

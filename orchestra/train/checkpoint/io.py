@@ -10,6 +10,7 @@ name. Loading uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from orchestra.config import ModelConfig
 from orchestra.io import TMP_MARK, atomic_torch_save
+from orchestra.train.checkpoint.manifest import remove_manifest, verify_checkpoint, write_manifest
 from orchestra.train.checkpoint.meta import META_KEY, CheckpointError, CheckpointMeta, check_tensors
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -87,12 +89,24 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning CheckpointIO plugin: temp-then-rename saves, weights-only loads."""
+    """Lightning CheckpointIO plugin: temp-then-rename saves + a sha256 manifest, weights-only loads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_torch_save(checkpoint, Path(path))
+        path = Path(path)
+        remove_manifest(path)  # the old manifest must never vouch for the new bytes
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as err:  # disk full, read-only run dir: the previous file is untouched
+            raise CheckpointError(
+                f"could not save checkpoint {path}: {err.strerror or err} (the previous checkpoints are intact)"
+            ) from err
+        write_manifest(path)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        super().remove_checkpoint(path)
+        remove_manifest(Path(path))
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any = None, weights_only: bool | None = None
@@ -108,29 +122,61 @@ def checkpoint_step(path: Path) -> int:
     return int(ckpt["global_step"])
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint of a run dir, or None.
+@dataclass(frozen=True)
+class CheckpointScan:
+    """The outcome of looking for a checkpoint to resume from: the one taken and the ones passed over."""
+
+    best: Path | None
+    skipped: tuple[tuple[Path, str], ...]
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("*.ckpt") if TMP_MARK not in p.name)
+
+
+def scan_checkpoints(run_dir: str | Path) -> CheckpointScan:
+    """The newest complete, intact checkpoint of a run dir, and every newer one skipped with its reason.
 
     Temp files are never candidates. last.ckpt and the step files are compared by the global
     step they hold, because a kill between writing a step file and refreshing last.ckpt leaves
-    last.ckpt one interval behind. Unreadable files are skipped: they are not complete.
+    last.ckpt one interval behind. Candidates are tried newest first; one that cannot be read or
+    whose files disagree with its manifest is skipped (and named), the next older one is tried.
+    Only the checkpoint taken is hashed in full.
     """
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIRNAME
     if not ckpt_dir.is_dir():
-        return None
-    best: tuple[int, int, Path] | None = None
-    for path in ckpt_dir.glob("*.ckpt"):
-        if TMP_MARK in path.name:
-            continue
+        return CheckpointScan(None, ())
+    skipped: list[tuple[Path, str]] = []
+    ranked: list[tuple[int, int, Path]] = []
+    for path in _candidates(ckpt_dir):
         try:
-            step = checkpoint_step(path)
-        except Exception:
+            ranked.append((checkpoint_step(path), 0 if path.name == "last.ckpt" else 1, path))
+        except Exception as err:  # torch raises several types for truncated / foreign files
+            reason = f"unreadable ({_short(err)})"
+            try:  # a manifest says more precisely what happened to the file
+                verify_checkpoint(path, hashes=False)
+            except CheckpointError as mismatch:
+                reason = _short(mismatch)
+            skipped.append((path, reason))
+    # Newest first; at the same step a step file before last.ckpt (they are identical then).
+    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            skipped.append((path, _short(err)))
             continue
-        # Prefer a step file over last.ckpt at the same step (both are identical then).
-        rank = (step, 0 if path.name == "last.ckpt" else 1, path)
-        if best is None or rank[:2] > best[:2]:
-            best = rank
-    return None if best is None else best[2]
+        return CheckpointScan(path, tuple(skipped))
+    return CheckpointScan(None, tuple(skipped))
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete, intact checkpoint of a run dir, or None (see :func:`scan_checkpoints`)."""
+    return scan_checkpoints(run_dir).best
 
 
 # Lightning saves the LightningModule's state: our model's tensors under "model.".
@@ -167,6 +213,7 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     group, a file as is.
     """
     path = Path(path)
+    verify_checkpoint(path)  # a manifest that disagrees with the files stops here, naming the file
     ckpt = load_checkpoint_file(path)  # a sharded or DeepSpeed dir yields its metadata only
     meta = CheckpointMeta.from_dict(ckpt.get(META_KEY), path)
     if is_deepspeed_checkpoint(path):

@@ -1,0 +1,44 @@
+"""Periodic checkpoints: Lightning's ModelCheckpoint with one name per meaning and a safe retention.
+
+Two Lightning behaviours are changed here (read against the version in lightning_compat.py):
+
+- ``last.ckpt`` is replaced, never versioned. Lightning's version counter writes ``last-v1.ckpt``
+  when ``last.ckpt`` exists and is not the path it remembers; after a preemption (whose hard link
+  refreshes last.ckpt) and a requeue that left users reading a stale last.ckpt. The write itself
+  is atomic (AtomicCheckpointIO, or the strategy's directory save), so replacing is safe.
+- Retention deletes an old checkpoint only while the newest one is intact (its files match its
+  manifest by size): a save that went wrong never costs the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from orchestra.train.checkpoint.manifest import verify_checkpoint
+from orchestra.train.checkpoint.meta import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint over step files ``step<N>.ckpt`` plus ``last.ckpt`` (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(**kwargs)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        newest = self._last_checkpoint_saved
+        if newest and Path(newest) != Path(filepath):
+            try:
+                verify_checkpoint(newest, hashes=False)
+            except CheckpointError as err:
+                if trainer.is_global_zero:
+                    log.warning("keeping %s: the newest checkpoint is not intact (%s)", filepath, err)
+                return
+        super()._remove_checkpoint(trainer, filepath)
