@@ -135,25 +135,19 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint this run continues from (None: from scratch), and the run dir's record.
+    """The checkpoint this run continues from (None: from scratch).
 
     resume=auto names every checkpoint it passes over and why; a run dir whose checkpoints are
-    all unusable is refused rather than silently trained again from step 0. It also refuses a
-    run dir another job or another config started (orchestra/train/rundir.py).
+    all unusable is refused rather than silently trained again from step 0.
     """
-    current = RunRecord.of(cfg)
     if cfg.resume == "never":
-        write_record(run_dir, current)
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume)
         verify_checkpoint(path)  # a manifest that disagrees with the files is refused, naming the file
         load_checkpoint_file(path)  # raises CheckpointError naming the file if unusable
-        write_record(run_dir, current)
         return path
     scan = scan_checkpoints(run_dir)
-    if scan.best is not None or scan.skipped:
-        check_resume_allowed(run_dir, current)
     for path, reason in scan.skipped:
         _warn(f"resume=auto: skipping checkpoint {path}: {reason}")
     if scan.best is None and scan.skipped:
@@ -165,7 +159,6 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
         )
     if scan.best is not None and scan.skipped:
         _warn(f"resume=auto: resuming from {scan.best}, the newest intact checkpoint")
-    write_record(run_dir, current)
     return scan.best
 
 
@@ -252,6 +245,12 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         base_ref = base.reference if base is not None else None
         meta.check_compatible(resume_path, cfg.model, vocab_size, peft_method, base_ref)
         resume_step, last_row = checkpoint_step(resume_path), meta.last_row
+    # After the fit check, so a checkpoint that cannot fit is named as such first; an explicit
+    # resume=<checkpoint> takes the run dir over (orchestra/train/rundir.py).
+    record = RunRecord.of(cfg)
+    if resume_path is not None and cfg.resume == "auto":
+        check_resume_allowed(run_dir, record)
+    write_record(run_dir, record)
 
     return RunPlan(
         config=cfg,
