@@ -1,7 +1,8 @@
 """One rank of the end-of-run stress test: fit -> final validation -> sample, many times in a row.
 
-Launched by torchrun (2 processes, gloo). Each round is a fresh tiny run in its own dir with a
-DataLoader worker per loader (forkserver-started), the path that once deadlocked after fit.
+Launched by torchrun (2 processes, gloo). Each round is a fresh tiny run in its own dir, with
+the default loaders (no worker processes: the forked worker of the final validation's loader is
+what once deadlocked after fit).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def main() -> None:
         )
         cfg = dataclasses.replace(
             cfg,
-            data=dataclasses.replace(cfg.data, loader_workers=1),
             strategy=StrategyConfig(name=StrategyName(strategy)),
         )
         started = time.time()

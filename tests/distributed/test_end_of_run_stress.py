@@ -29,7 +29,7 @@ def test_end_of_run_path_never_hangs(
     log = tmp_path / "log"
     with open(log, "wb") as out:
         try:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=420, cwd=root)
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300, cwd=root)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{strategy}: a round hung:\n{log.read_text()[-4000:]}")
     text = log.read_text()
