@@ -563,17 +563,21 @@ def job_id() -> str:
     write to one directory, and a new job never lands in an old one's (slurm/common.sh sets
     ORCHESTRA_JOB_ID from the cluster, the job id and the time of its first start).
     """
-    import os
     import time
 
-    if os.environ.get("ORCHESTRA_JOB_ID"):  # slurm/*.sh: <cluster>-<job id>-<submission time>
+    return scheduler_job_id() or time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def scheduler_job_id() -> str | None:
+    """The launcher's id of this job (SLURM, torchrun), the same on every rank; None if launched by hand."""
+    import os
+
+    if os.environ.get("ORCHESTRA_JOB_ID"):  # slurm/*.sh: <cluster>-<job id>-<first start time>
         return os.environ["ORCHESTRA_JOB_ID"]
     if os.environ.get("SLURM_JOB_ID"):  # a bare srun: job ids repeat across clusters and resets
         return f"{os.environ.get('SLURM_CLUSTER_NAME', 'cluster')}-{os.environ['SLURM_JOB_ID']}"
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id != "none":
-        return run_id
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return run_id if run_id != "none" else None
 
 
 def register_configs() -> None:

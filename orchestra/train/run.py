@@ -405,7 +405,8 @@ def fit(
     if callbacks.preemption.preempted:
         # Checkpoint saved on a warning signal (slurm/pretrain.sh requeues); the rest comes after.
         raise SystemExit(PREEMPTED_EXIT_CODE)
-    newest = trainer.strategy.broadcast(find_resume_checkpoint(plan.run_dir))
+    # Sizes only: this run wrote these files moments ago, hashing them again would reread them all.
+    newest = trainer.strategy.broadcast(find_resume_checkpoint(plan.run_dir, hashes=False))
     last = plan.run_dir / CHECKPOINT_DIRNAME / "last.ckpt"
     save_final_checkpoint(trainer, callbacks.checkpointing, Path(newest) if newest else None, last)
     if callbacks.last_validation.step != trainer.global_step:

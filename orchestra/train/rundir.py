@@ -12,12 +12,11 @@ differing keys. ``resume=<checkpoint>`` is the explicit way past it (and rewrite
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestra.config import ConfigError, TrainConfig, to_plain
+from orchestra.config import ConfigError, TrainConfig, scheduler_job_id, to_plain
 from orchestra.io import atomic_write_text
 
 RECORD_NAME = "run.json"
@@ -38,17 +37,11 @@ _SECTIONS = ("model", "data", "optim", "scheduler", "task", "finetune")
 def job_identity() -> str:
     """The launch this process belongs to, the same on every rank and across requeues.
 
-    SLURM: the cluster and job id (the batch script's ``ORCHESTRA_JOB_ID`` adds the submission
-    time, so a repeated job id is another job); torchrun: its run id; otherwise ``local``.
+    The scheduler's job id (SLURM's with the cluster name and, from the batch scripts, the time
+    of the first start, so a repeated job id is another job; torchrun's run id), else ``local``:
+    every run started by hand is one identity, so starting it again resumes it.
     """
-    if os.environ.get("ORCHESTRA_JOB_ID"):
-        return f"slurm:{os.environ['ORCHESTRA_JOB_ID']}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm:{os.environ.get('SLURM_CLUSTER_NAME', 'cluster')}-{os.environ['SLURM_JOB_ID']}"
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id != "none":
-        return f"torchrun:{run_id}"
-    return "local"
+    return scheduler_job_id() or "local"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

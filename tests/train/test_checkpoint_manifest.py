@@ -104,9 +104,8 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint_and_manifest_intact(tm
         io.save_checkpoint({"state_dict": {"w": torch.zeros(4)}, "global_step": 2}, path)
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    # The failed save removed the old manifest before writing; the file it vouched for is unchanged,
-    # so at worst the checkpoint is unverified, never vouched for with other bytes.
-    assert not manifest_path(path).exists() or manifest_path(path).read_text() == manifest_before
+    # The previous checkpoint keeps its manifest, and it still verifies.
+    assert manifest_path(path).read_text() == manifest_before and verify_checkpoint(path)
     assert load_checkpoint_file(path)["global_step"] == 1
 
 

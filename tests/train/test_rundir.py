@@ -88,8 +88,8 @@ def test_resume_refuses_another_config_or_another_job_unless_named(
 
     monkeypatch.setenv("SLURM_JOB_ID", "17")
     monkeypatch.setenv("SLURM_CLUSTER_NAME", "other")
-    assert job_identity() == "slurm:other-17" and job_id() == "other-17"
-    with pytest.raises(ConfigError, match=r"belongs to job 'local', this is 'slurm:other-17'"):
+    assert job_identity() == "other-17" == job_id()
+    with pytest.raises(ConfigError, match=r"belongs to job 'local', this is 'other-17'"):
         plan_run(cfg)
     named = run / "checkpoints" / "step0000030.ckpt"
     plan = plan_run(dataclasses.replace(changed, resume=str(named)))

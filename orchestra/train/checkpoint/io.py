@@ -10,6 +10,7 @@ name. Loading uses ``weights_only=True``: a checkpoint is data, never code.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,13 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from orchestra.config import ModelConfig
-from orchestra.io import TMP_MARK, atomic_torch_save
-from orchestra.train.checkpoint.manifest import remove_manifest, verify_checkpoint, write_manifest
+from orchestra.io import TMP_MARK, atomic_torch_save, atomic_write_text
+from orchestra.train.checkpoint.manifest import (
+    manifest_path,
+    remove_manifest,
+    verify_checkpoint,
+    write_manifest,
+)
 from orchestra.train.checkpoint.meta import META_KEY, CheckpointError, CheckpointMeta, check_tensors
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -95,10 +101,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         path = Path(path)
-        remove_manifest(path)  # the old manifest must never vouch for the new bytes
+        # The old manifest must never vouch for the new bytes; if the save fails, the old file
+        # stays as it was and gets its manifest back.
+        previous = manifest_path(path).read_text() if manifest_path(path).is_file() else None
+        remove_manifest(path)
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as err:  # disk full, read-only run dir: the previous file is untouched
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    atomic_write_text(manifest_path(path), previous)
             raise CheckpointError(
                 f"could not save checkpoint {path}: {err.strerror or err} (the previous checkpoints are intact)"
             ) from err
@@ -134,14 +146,14 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("*.ckpt") if TMP_MARK not in p.name)
 
 
-def scan_checkpoints(run_dir: str | Path) -> CheckpointScan:
+def scan_checkpoints(run_dir: str | Path, hashes: bool = True) -> CheckpointScan:
     """The newest complete, intact checkpoint of a run dir, and every newer one skipped with its reason.
 
     Temp files are never candidates. last.ckpt and the step files are compared by the global
     step they hold, because a kill between writing a step file and refreshing last.ckpt leaves
     last.ckpt one interval behind. Candidates are tried newest first; one that cannot be read or
     whose files disagree with its manifest is skipped (and named), the next older one is tried.
-    Only the checkpoint taken is hashed in full.
+    Only the checkpoint taken is hashed in full (with ``hashes=False`` its sizes are checked only).
     """
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIRNAME
     if not ckpt_dir.is_dir():
@@ -161,7 +173,7 @@ def scan_checkpoints(run_dir: str | Path) -> CheckpointScan:
     # Newest first; at the same step a step file before last.ckpt (they are identical then).
     for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, hashes=hashes)
         except CheckpointError as err:
             skipped.append((path, _short(err)))
             continue
@@ -174,9 +186,9 @@ def _short(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+def find_resume_checkpoint(run_dir: str | Path, hashes: bool = True) -> Path | None:
     """Newest complete, intact checkpoint of a run dir, or None (see :func:`scan_checkpoints`)."""
-    return scan_checkpoints(run_dir).best
+    return scan_checkpoints(run_dir, hashes).best
 
 
 # Lightning saves the LightningModule's state: our model's tensors under "model.".

@@ -71,12 +71,11 @@ def compute_manifest(checkpoint: str | Path) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "files": files}
 
 
-def write_manifest(checkpoint: str | Path, manifest: dict[str, Any] | None = None) -> Path:
-    """Hash ``checkpoint``'s files (or take ``manifest``) and write the manifest atomically."""
-    checkpoint = Path(checkpoint)
-    manifest = manifest if manifest is not None else compute_manifest(checkpoint)
+def write_manifest(checkpoint: str | Path) -> Path:
+    """Hash ``checkpoint``'s files and write the manifest atomically."""
     path = manifest_path(checkpoint)
-    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n", durable=True)
+    text = json.dumps(compute_manifest(checkpoint), indent=1, sort_keys=True) + "\n"
+    atomic_write_text(path, text, durable=True)
     return path
 
 
