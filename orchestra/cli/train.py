@@ -143,6 +143,7 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
     from orchestra.data.errors import DataError
+    from orchestra.train.callbacks.loss_guard import DIVERGED_EXIT_CODE, TrainingDiverged
     from orchestra.train.checkpoint import CheckpointError
     from orchestra.train.run import train
 
@@ -156,6 +157,9 @@ def _main(cfg: DictConfig) -> float | None:
         result = train(config)
     except (ConfigError, DataError, CheckpointError) as err:
         fail(str(err))
+        return None
+    except TrainingDiverged as err:
+        fail(str(err), code=DIVERGED_EXIT_CODE)
         return None
     if result.summary:
         print_summary(f"Orchestra run summary — {config.name}", result.summary, result.sample, result.run_dir)

@@ -24,6 +24,7 @@ consequences (both tested in tests/data/test_data_datamodule.py):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -71,6 +72,8 @@ class BatchPlan:
     max_steps: int
     val_batches: int
     loader_workers: int = 0
+    # Data steps never trained on (GlobalBatchSampler); a checkpoint's own list is added on resume.
+    skip_steps: tuple[int, ...] = ()
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank at ``world_size``."""
@@ -111,6 +114,7 @@ class BatchPlan:
             total_steps=self.max_steps,
             start_step=min(start_step, self.max_steps),
             counted_before=counted,
+            skip_steps=self.skip_steps,
         )
 
     def val_sampler(self, num_samples: int, rank: int, world_size: int, too_small: str) -> ValBatchSampler:
@@ -164,11 +168,18 @@ class BatchPlan:
             "seed": self.seed,
             # Lets lightning_compat.realign_loop_progress() translate Lightning's batch counters to a new world size.
             "accumulation": self.accumulation(world_size),
+            "skip_steps": list(self.skip_steps),
         }
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint's data position written under another seed or global batch."""
         check_sampler_state(state, self.seed, self.global_batch_size)
+
+    def restored(self, state: dict[str, Any]) -> BatchPlan:
+        """This plan after loading a checkpoint's data state: its skipped data steps added."""
+        self.check_state(state)
+        skips = set(self.skip_steps) | {int(s) for s in state.get("skip_steps", ())}
+        return dataclasses.replace(self, skip_steps=tuple(sorted(skips)))
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -184,11 +195,19 @@ class TokenDataModule(L.LightningDataModule):
         max_steps: int,
         val_batches: int,
         loader_workers: int = 0,
+        skip_steps: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
         self.plan = BatchPlan(
-            seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers
+            seq_len,
+            micro_batch_size,
+            global_batch_size,
+            seed,
+            max_steps,
+            val_batches,
+            loader_workers,
+            tuple(skip_steps),
         )
         self.manifest = load_manifest(self.dataset_dir)  # cheap; vocab_size/eos_id are needed before fit
         self._datasets: dict[str, PackedDataset] = {}
@@ -227,7 +246,7 @@ class TokenDataModule(L.LightningDataModule):
         return self.plan.state_dict(self.trainer, self._rank_world()[1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.plan.check_state(state_dict)
+        self.plan = self.plan.restored(state_dict)
         self._restored = dict(state_dict)
 
 

@@ -109,6 +109,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     ``[r*G/W, (r+1)*G/W)`` of it and yields it as G/(W*micro) micro-batches (the gradient
     accumulation steps). Steps ``start_step .. total_steps-1`` are yielded.
 
+    ``skip_steps`` are data steps (global batches of the stream, 0-based) never trained on: the
+    loss guard's rollback and ``data.skip_steps`` put them there. Training step k reads the k-th
+    data step not skipped (:func:`data_step`), so every later step shifts along by one window.
+
     ``counted_before`` is added to ``__len__`` only: Lightning restores its per-epoch batch
     counter on resume and ends the epoch when that counter reaches ``len(dataloader)``, so the
     length it sees must include the batches it counted before the restart.
@@ -125,6 +129,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         total_steps: int,
         start_step: int = 0,
         counted_before: int = 0,
+        skip_steps: tuple[int, ...] = (),
     ) -> None:
         if num_samples <= 0:
             raise DataError(f"the dataset has no samples (num_samples={num_samples})")
@@ -150,6 +155,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.total_steps, self.start_step, self.counted_before = total_steps, start_step, counted_before
         self.accumulation = global_batch_size // (micro_batch_size * world_size)
+        self.skip_steps = tuple(sorted(set(skip_steps)))
         self.consumed_samples = start_step * global_batch_size
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
@@ -173,7 +179,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def step_indices(self, step: int) -> list[list[int]]:
         """This rank's micro-batches for one optimizer step."""
         per_rank = self.global_batch_size // self.world_size
-        base = step * self.global_batch_size + self.rank * per_rank
+        base = data_step(step, self.skip_steps) * self.global_batch_size + self.rank * per_rank
         indices = self.stream(base, base + per_rank)
         m = self.micro_batch_size
         return [indices[i * m : (i + 1) * m].tolist() for i in range(self.accumulation)]
@@ -203,6 +209,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         consumed = int(state["consumed_samples"])
         self.start_step = consumed // self.global_batch_size
         self.consumed_samples = consumed
+
+
+def data_step(step: int, skip_steps: tuple[int, ...]) -> int:
+    """The data step training step ``step`` reads: the step-th one (0-based) not in ``skip_steps``."""
+    data = step
+    for skipped in sorted(set(skip_steps)):
+        if skipped <= data:
+            data += 1
+    return data
 
 
 def check_sampler_state(state: dict[str, Any], seed: int, global_batch_size: int) -> None:

@@ -52,6 +52,8 @@ class CausalLMModule(L.LightningModule):
         # model (DPO) must not be saved in checkpoints, wrapped by DDP or handed to DeepSpeed.
         self._frozen_reference: list[nn.Module] = []
         self._step_losses: list[torch.Tensor] = []
+        # This rank's loss of the optimizer step being taken, for the loss guard (callbacks/loss_guard.py).
+        self.step_loss: torch.Tensor | None = None
         if self.cfg.strategy.name.is_deepspeed:
             # Built now, not in configure_model: Lightning runs that hook under DeepSpeed's
             # zero.Init for ZeRO-3, which partitions parameters before our init scheme could run.
@@ -148,6 +150,7 @@ class CausalLMModule(L.LightningModule):
         """
         loss = torch.stack(self._step_losses).mean()
         self._step_losses.clear()
+        self.step_loss = loss.detach().clone()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -66,6 +66,8 @@ class RunPlan:
     resume_step: int | None = None
     # The metrics row a resumed checkpoint carries for the CSV logger.
     last_row: LastRow | None = None
+    # Data steps never trained on: data.skip_steps, and the loss guard's rollbacks in this run dir.
+    skip_steps: tuple[int, ...] = ()
 
     @property
     def model(self) -> ModelConfig:
@@ -91,4 +93,5 @@ class RunPlan:
             "max_steps": t.max_steps,
             "val_batches": t.val_batches,
             "loader_workers": self.config.data.loader_workers,
+            "skip_steps": self.skip_steps,
         }

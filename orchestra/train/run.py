@@ -45,6 +45,13 @@ from orchestra.config import (
 from orchestra.io import atomic_write_text
 from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
 from orchestra.train.callbacks.checkpointing import RunCheckpoint
+from orchestra.train.callbacks.loss_guard import (
+    GUARD_FILE,
+    GuardRecord,
+    LossGuard,
+    TrainingDiverged,
+    resolve_action,
+)
 from orchestra.train.callbacks.preemption import (
     MARKER_NAME,
     PREEMPTED_EXIT_CODE,
@@ -251,6 +258,9 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     if resume_path is not None and cfg.resume == "auto":
         check_resume_allowed(run_dir, record)
     write_record(run_dir, record)
+    skip_steps = set(cfg.data.skip_steps)
+    if resume_path is not None:  # the data windows the loss guard's rollbacks skipped in this dir
+        skip_steps.update(GuardRecord.read(run_dir / GUARD_FILE).skip_steps)
 
     return RunPlan(
         config=cfg,
@@ -269,6 +279,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         resume_path=resume_path,
         resume_step=resume_step,
         last_row=last_row,
+        skip_steps=tuple(sorted(skip_steps)),
     )
 
 
@@ -296,13 +307,25 @@ class RunCallbacks:
     energy: EnergyCallback
     last_validation: LastValidation
     preemption: PreemptionCallback
+    guard: LossGuard
     extra: list[Callback]
 
     def all(self) -> list[Callback]:
-        return [self.checkpointing, self.throughput, self.last_validation, self.preemption, *self.extra]
+        # The guard before the checkpointing: it pauses saves in the step it trips.
+        return [
+            self.guard,
+            self.checkpointing,
+            self.throughput,
+            self.last_validation,
+            self.preemption,
+            *self.extra,
+        ]
 
 
-def build_callbacks(plan: RunPlan, watchdog: SignalWatchdog | None = None) -> RunCallbacks:
+def build_callbacks(
+    plan: RunPlan, watchdog: SignalWatchdog | None = None, restarted: bool = False
+) -> RunCallbacks:
+    """The run's callbacks; ``restarted``: this fit follows a loss-guard rollback in this process."""
     cfg, t = plan.config, plan.config.trainer
     flops = model_flops_per_token(
         cfg.model,
@@ -317,17 +340,18 @@ def build_callbacks(plan: RunPlan, watchdog: SignalWatchdog | None = None) -> Ru
         extra.append(energy)
     if t.progress_bar:
         extra.append(StepProgressBar(leave=True))
+    checkpointing = RunCheckpoint(
+        dirpath=plan.run_dir / CHECKPOINT_DIRNAME,
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        monitor="step",
+        mode="max",
+        save_top_k=t.keep_last_checkpoints,
+        every_n_train_steps=t.ckpt_every_n_steps,
+        save_last=True,
+    )
     return RunCallbacks(
-        checkpointing=RunCheckpoint(
-            dirpath=plan.run_dir / CHECKPOINT_DIRNAME,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            monitor="step",
-            mode="max",
-            save_top_k=t.keep_last_checkpoints,
-            every_n_train_steps=t.ckpt_every_n_steps,
-            save_last=True,
-        ),
+        checkpointing=checkpointing,
         throughput=ThroughputCallback(
             plan.tokens_per_step,
             flops,
@@ -342,6 +366,17 @@ def build_callbacks(plan: RunPlan, watchdog: SignalWatchdog | None = None) -> Ru
             plan.run_dir / MARKER_NAME,
             signals=(t.preempt_signal, "TERM"),
             watchdog=watchdog,
+        ),
+        guard=LossGuard(
+            resolve_action(t.guard, cfg.strategy.name.is_deepspeed),
+            t.guard_spike_factor,
+            t.guard_warmup_steps,
+            t.guard_window_steps,
+            t.guard_max_events,
+            plan.run_dir / GUARD_FILE,
+            skip_steps=plan.skip_steps,
+            pause_checkpoints=checkpointing.pause,
+            fresh=plan.resume_path is None and not restarted,
         ),
         extra=extra,
     )
@@ -388,20 +423,42 @@ def build_trainer(plan: RunPlan, callbacks: RunCallbacks) -> L.Trainer:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Rollback:
+    """A loss-guard rollback: train again from ``checkpoint`` (None: step 0), skipping ``skip_steps``."""
+
+    checkpoint: Path | None
+    skip_steps: tuple[int, ...]
+
+
+def rollback_plan(cfg: TrainConfig, rollback: Rollback) -> RunPlan:
+    """The plan of the fit after a rollback: from the good checkpoint, the new window skipped."""
+    resume = str(rollback.checkpoint) if rollback.checkpoint is not None else "never"
+    plan = plan_run(replace(cfg, resume=resume))
+    return replace(plan, skip_steps=tuple(sorted(set(plan.skip_steps) | set(rollback.skip_steps))))
+
+
 def fit(
     plan: RunPlan,
     trainer: L.Trainer,
     module: CausalLMModule,
     datamodule: L.LightningDataModule,
     callbacks: RunCallbacks,
-) -> dict[str, float]:
+) -> dict[str, float] | Rollback:
     """Lightning's fit, then what it leaves undone: the final save and the final validation.
 
-    A preemption leaves at once with the status the batch script requeues on. Returns the
-    final callback metrics as plain numbers.
+    A preemption leaves at once with the status the batch script requeues on; a loss guard that
+    stopped the run raises :class:`TrainingDiverged` or, for a rollback, returns where to go back
+    to. Otherwise returns the final callback metrics as plain numbers.
     """
     ckpt_path = str(plan.resume_path) if plan.resume_path else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if callbacks.guard.tripped is not None:
+        good = trainer.strategy.broadcast(find_resume_checkpoint(plan.run_dir))
+        finish_wandb(trainer)
+        if callbacks.guard.tripped.action == "stop":
+            raise TrainingDiverged(callbacks.guard.report(Path(good) if good else None))
+        return Rollback(Path(good) if good else None, tuple(callbacks.guard.record.skip_steps))
     if callbacks.preemption.preempted:
         # Checkpoint saved on a warning signal (slurm/pretrain.sh requeues); the rest comes after.
         raise SystemExit(PREEMPTED_EXIT_CODE)
@@ -483,6 +540,7 @@ class RunSummary(TypedDict):
     precision: str
     strategy: str
     world_size: int
+    guard_events: int
     run_dir: str
 
 
@@ -527,6 +585,7 @@ def summarize(
         "precision": plan.precision,
         "strategy": plan.config.strategy.name.value,
         "world_size": trainer.world_size,
+        "guard_events": len(callbacks.guard.record.events),
         "run_dir": str(plan.run_dir),
     }
     atomic_write_text(plan.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -547,41 +606,52 @@ def train(cfg: TrainConfig) -> RunResult:
     """Run one training job described by a config; returns its summary.
 
     A stop signal nothing answers and a collective that times out both end the process with
-    INTERRUPTED_EXIT_CODE (orchestra/train/watchdog.py) instead of hanging.
+    INTERRUPTED_EXIT_CODE (orchestra/train/watchdog.py) instead of hanging. A loss-guard
+    rollback builds the run again from its newest good checkpoint, in this process.
     """
     plan = plan_run(cfg)
     t = plan.config.trainer
     marker = plan.run_dir / INTERRUPTED_MARKER
+    started = time.time()
     with SignalWatchdog(t.signal_grace_s, marker, _stop_signals(t.preempt_signal)) as watchdog:
-        L.seed_everything(plan.config.seed, workers=True, verbose=False)
-        datamodule = build_datamodule(plan)
-        module = build_module(plan, datamodule)
-        callbacks = build_callbacks(plan, watchdog)
-        trainer = build_trainer(plan, callbacks)
-        started = time.time()
-        try:
-            metrics = fit(plan, trainer, module, datamodule, callbacks)
-            sample = ""
-            if plan.task.lm_head:  # a classifier has no language-model head to sample from
-                sample = sample_text(
-                    module.net,
-                    plan.tokenizer_json,
-                    t.sample_prompt,
-                    t.sample_tokens,
-                    plan.eos_id,
-                    trainer.strategy.root_device,
-                    plan.precision,
-                    plan.config.seed,
-                )
-        except Exception as err:
-            if trainer.world_size > 1 and is_collective_timeout(err):
-                exit_interrupted(
-                    marker,
-                    f"a collective waited longer than trainer.collective_timeout_s={t.collective_timeout_s:g} s "
-                    f"for the other ranks ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
-                )
-            raise
-        summary = summarize(plan, trainer, module, callbacks, metrics, time.time() - started)
+        restarted = False
+        while True:
+            L.seed_everything(plan.config.seed, workers=True, verbose=False)
+            datamodule = build_datamodule(plan)
+            module = build_module(plan, datamodule)
+            callbacks = build_callbacks(plan, watchdog, restarted)
+            trainer = build_trainer(plan, callbacks)
+            try:
+                outcome = fit(plan, trainer, module, datamodule, callbacks)
+                if isinstance(outcome, Rollback):
+                    _warn(
+                        f"loss guard: rolling back to {outcome.checkpoint or 'step 0'}, skipping data steps "
+                        f"{list(outcome.skip_steps)}"
+                    )
+                    plan, restarted = rollback_plan(cfg, outcome), True
+                    continue
+                sample = ""
+                if plan.task.lm_head:  # a classifier has no language-model head to sample from
+                    sample = sample_text(
+                        module.net,
+                        plan.tokenizer_json,
+                        t.sample_prompt,
+                        t.sample_tokens,
+                        plan.eos_id,
+                        trainer.strategy.root_device,
+                        plan.precision,
+                        plan.config.seed,
+                    )
+            except Exception as err:
+                if trainer.world_size > 1 and is_collective_timeout(err):
+                    exit_interrupted(
+                        marker,
+                        f"a collective waited longer than trainer.collective_timeout_s={t.collective_timeout_s:g} s "
+                        f"for the other ranks ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                    )
+                raise
+            break
+        summary = summarize(plan, trainer, module, callbacks, outcome, time.time() - started)
     return RunResult(summary=summary or {}, sample=sample, run_dir=plan.run_dir, module=module)
 
 

@@ -12,6 +12,7 @@ differing keys. ``resume=<checkpoint>`` is the explicit way past it (and rewrite
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,22 @@ def job_identity() -> str:
     """The launch this process belongs to, the same on every rank and across requeues.
 
     The scheduler's job id (SLURM's with the cluster name and, from the batch scripts, the time
-    of the first start, so a repeated job id is another job; torchrun's run id), else ``local``:
-    every run started by hand is one identity, so starting it again resumes it.
+    of the first start, so a repeated job id is another job; torchrun's ``--rdzv-id``), else
+    ``local``: every run started by hand is one identity, so starting it again resumes it. So is
+    ``torchrun --standalone``, which draws a new uuid4 run id at every launch: that id names one
+    launch, not the job a relaunch continues.
     """
-    return scheduler_job_id() or "local"
+    job = scheduler_job_id()
+    if job is None or _is_uuid4(job):
+        return "local"
+    return job
+
+
+def _is_uuid4(text: str) -> bool:
+    try:
+        return uuid.UUID(text).version == 4 and str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

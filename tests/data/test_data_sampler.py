@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestra.config import ConfigError
-from orchestra.data.dataset import GlobalBatchSampler, PackedDataset, ValBatchSampler
+from orchestra.data.dataset import GlobalBatchSampler, PackedDataset, ValBatchSampler, data_step
 from orchestra.data.errors import DataError
 from orchestra.data.shards import FORMAT_VERSION, ShardWriter
 from orchestra.data.tokenizer import file_sha256
@@ -183,3 +183,21 @@ def test_val_sampler_shrinks_or_refuses_a_small_split() -> None:
     assert ValBatchSampler(100, 2, 0, 4, batches=6).total_batches == 4  # rounded down to a multiple of W
     with pytest.raises(DataError, match="val split has 3 samples, fewer than"):
         ValBatchSampler(3, 2, 0, 2, batches=1)
+
+
+def test_skipped_data_steps_are_never_read_and_the_rest_keep_their_order() -> None:
+    """Independent reference: the unskipped stream's steps with the skipped ones taken out."""
+    n, G, m, W, T = 37, 8, 2, 2, 12
+    skips = (3, 4, 9)
+    plain = [
+        [GlobalBatchSampler(n, G, m, r, W, 5, T + 3).step_indices(d) for r in range(W)] for d in range(T + 3)
+    ]
+    kept = [d for d in range(T + 3) if d not in skips][:T]
+    for rank in range(W):
+        skipping = GlobalBatchSampler(n, G, m, rank, W, 5, T, skip_steps=skips)
+        assert [skipping.step_indices(k) for k in range(T)] == [plain[d][rank] for d in kept]
+        # Resuming mid-run reads the same batches as the uninterrupted sampler from there on.
+        resumed = GlobalBatchSampler(n, G, m, rank, W, 5, T, start_step=6, skip_steps=skips)
+        assert list(resumed) == [b for d in kept[6:] for b in plain[d][rank]]
+    assert [data_step(k, skips) for k in range(6)] == [0, 1, 2, 5, 6, 7]
+    assert data_step(4, (4, 4, 2)) == 6  # unsorted, repeated

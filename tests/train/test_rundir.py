@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import uuid
 import warnings
 from pathlib import Path
 
@@ -136,3 +137,16 @@ def test_batch_script_run_id_survives_requeues_and_a_reused_job_id_gets_a_new_on
     stale.write_text("alpha-42-19990101-000000\n")  # an old job that had the same id
     fresh = run_id_script(tmp_path, "42", 0)
     assert fresh != "alpha-42-19990101-000000" and fresh.startswith("alpha-42-")
+
+
+def test_torchrun_ids_name_the_job_except_standalone_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("ORCHESTRA_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert job_identity() == "local"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "pretrain-7b")  # torchrun --rdzv-id=pretrain-7b
+    assert job_identity() == "pretrain-7b" == job_id()
+    # torchrun --standalone draws a new uuid4 per launch: a relaunch must resume, so it is "local".
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", str(uuid.uuid4()))
+    assert job_identity() == "local"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert job_identity() == "local"

@@ -121,6 +121,7 @@ class TaskDataModule(L.LightningDataModule):
         max_steps: int,
         val_batches: int,
         loader_workers: int = 0,
+        skip_steps: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.task = task
@@ -132,7 +133,14 @@ class TaskDataModule(L.LightningDataModule):
         self.task_data = TASKS[self.task_name](task)
         self.train_path, self.val_path = Path(train_path), Path(val_path) if val_path is not None else None
         self.plan = BatchPlan(
-            seq_len, micro_batch_size, global_batch_size, seed, max_steps, val_batches, loader_workers
+            seq_len,
+            micro_batch_size,
+            global_batch_size,
+            seed,
+            max_steps,
+            val_batches,
+            loader_workers,
+            tuple(skip_steps),
         )
         try:
             self.tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -223,5 +231,5 @@ class TaskDataModule(L.LightningDataModule):
         return self.plan.state_dict(self.trainer, self._rank_world()[1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.plan.check_state(state_dict)
+        self.plan = self.plan.restored(state_dict)
         self._restored = dict(state_dict)

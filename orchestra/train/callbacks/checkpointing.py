@@ -8,6 +8,9 @@ Two Lightning behaviours are changed here (read against the version in lightning
   is atomic (AtomicCheckpointIO, or the strategy's directory save), so replacing is safe.
 - Retention deletes an old checkpoint only while the newest one is intact (its files match its
   manifest by size): a save that went wrong never costs the last good checkpoint.
+
+:meth:`RunCheckpoint.pause` stops all saving for the rest of a fit: the loss guard pauses it
+when a step must not be kept (a rollback or a stop), so no checkpoint records that step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,20 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(**kwargs)
+        self.paused: str | None = None
+
+    def pause(self, reason: str) -> None:
+        """Write no more checkpoints in this fit (``reason`` is logged)."""
+        if self.paused is None:
+            log.warning("checkpoints paused: %s", reason)
+        self.paused = reason
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        return self.paused is not None or super()._should_skip_saving_checkpoint(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.paused is None:
+            super().on_train_end(trainer, pl_module)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         newest = self._last_checkpoint_saved
