@@ -80,10 +80,28 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as err:
+        # torch's zip writer turns a failed write (a full disk, EIO) into a RuntimeError about
+        # "unexpected pos" while closing; the OSError behind it is what the caller can act on.
+        cause = _os_error_behind(err)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def atomic_link(source: str | Path, path: str | Path) -> None:

@@ -104,8 +104,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # The old manifest must never vouch for the new bytes; if the save fails, the old file
         # stays as it was and gets its manifest back.
         previous = manifest_path(path).read_text() if manifest_path(path).is_file() else None
-        remove_manifest(path)
         try:
+            remove_manifest(path)
             atomic_torch_save(checkpoint, path)
         except OSError as err:  # disk full, read-only run dir: the previous file is untouched
             if previous is not None:
@@ -114,7 +114,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(
                 f"could not save checkpoint {path}: {err.strerror or err} (the previous checkpoints are intact)"
             ) from err
-        write_manifest(path)
+        try:
+            write_manifest(path)
+        except OSError as err:  # the checkpoint is complete (fsynced, renamed); only its manifest is not
+            raise CheckpointError(
+                f"saved checkpoint {path} but could not write its manifest: {err.strerror or err} "
+                "(the checkpoint is complete and is read unverified)"
+            ) from err
 
     def remove_checkpoint(self, path: _PATH) -> None:
         super().remove_checkpoint(path)
