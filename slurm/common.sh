@@ -103,9 +103,11 @@ orch_run_step() {
     ORCH_SIGNALLED=
     ORCH_REQUEUEING=
     ORCHESTRA_PREEMPT_MARKER=${ORCHESTRA_PREEMPT_MARKER:-${ORCHESTRA_RUNS:-runs}/.slurm/$SLURM_JOB_ID.preempted}
-    export ORCHESTRA_PREEMPT_MARKER
-    mkdir -p "$(dirname "$ORCHESTRA_PREEMPT_MARKER")"
-    rm -f "$ORCHESTRA_PREEMPT_MARKER"
+    # Written by a rank that failed for a reason a requeue cannot fix (orchestra/cli/train.py).
+    ORCHESTRA_FAIL_MARKER=${ORCHESTRA_FAIL_MARKER:-${ORCHESTRA_RUNS:-runs}/.slurm/$SLURM_JOB_ID.failed}
+    export ORCHESTRA_PREEMPT_MARKER ORCHESTRA_FAIL_MARKER
+    mkdir -p "$(dirname "$ORCHESTRA_PREEMPT_MARKER")" "$(dirname "$ORCHESTRA_FAIL_MARKER")"
+    rm -f "$ORCHESTRA_PREEMPT_MARKER" "$ORCHESTRA_FAIL_MARKER"
     trap '_orch_on_signal USR1' USR1
     trap '_orch_on_signal USR2' USR2
     trap '_orch_on_signal TERM' TERM
@@ -152,10 +154,25 @@ orch_decide() {
     elif ((rc == 0)); then
         orch_log "training finished"
         exit 0
+    elif [[ -f $ORCHESTRA_FAIL_MARKER ]]; then
+        # A rank failed for a reason a requeue cannot fix; srun may report the others' SIGTERM (143).
+        local code
+        code=$(sed -n 's/.*"exit_code": *\([0-9]*\).*/\1/p' "$ORCHESTRA_FAIL_MARKER")
+        orch_log "error: training failed with exit code ${code:-$rc} on a rank ($(cat "$ORCHESTRA_FAIL_MARKER")); not requeueing"
+        exit "${code:-$rc}"
     elif ((rc == 1 || rc == 2)); then
         # A bad override, config, corpus or checkpoint: a requeue would fail the same way.
         orch_log "error: training failed with exit code $rc (configuration or data error, see above); not requeueing"
         exit "$rc"
+    elif ((rc == 5)); then
+        orch_log "error: the loss guard stopped the run (see guard.json in the run dir); not requeueing"
+        exit "$rc"
+    elif ((rc > 128)); then
+        # A rank was killed by a signal (the OOM killer, a node agent, a user) before it could
+        # checkpoint, and srun ended the others: the periodic checkpoints are what the requeued
+        # job resumes from. A failure of our own would have left the marker above.
+        orch_log "training ended with exit code $rc (a rank was killed by signal $((rc - 128)))"
+        orch_requeue "killed"
     elif [[ -n $ORCH_SIGNALLED ]]; then
         # Signalled before a checkpoint could be agreed (e.g. still starting up): the periodic
         # checkpoints are what the requeued job resumes from.

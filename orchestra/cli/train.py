@@ -9,7 +9,10 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import json
+import os
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from rich.text import Text
 
 from orchestra.cli.common import CONF_DIR, console, fail
 from orchestra.config import ConfigError, TrainConfig, register_configs
+from orchestra.io import atomic_write_text
 
 
 def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None:
@@ -167,11 +171,39 @@ def _main(cfg: DictConfig) -> float | None:
     return float(val) if val is not None else None  # lets Hydra sweepers optimise it
 
 
+# slurm/common.sh names a file here; a run that fails for a reason a requeue cannot fix (a bad
+# config, data or checkpoint, a diverged loss, a bug) writes it, so the batch script can tell that
+# failure from a rank killed by a signal, whose exit status srun reports the same way.
+FAIL_MARKER_ENV = "ORCHESTRA_FAIL_MARKER"
+_REQUEUED_CODES = (0, 3, 4)  # done, preempted, interrupted (orchestra/train/callbacks, watchdog.py)
+
+
+def _mark_failure(code: int, what: str) -> None:
+    path = os.environ.get(FAIL_MARKER_ENV)
+    if not path or code in _REQUEUED_CODES:
+        return
+    with contextlib.suppress(OSError):
+        record = {
+            "exit_code": code,
+            "error": what[:2000],
+            "rank": os.environ.get("RANK", os.environ.get("SLURM_PROCID")),
+        }
+        atomic_write_text(Path(path), json.dumps(record) + "\n")
+
+
 def main() -> None:
-    message = misspelled_override(sys.argv[1:])
-    if message:
-        fail(f"invalid configuration: {message}")
-    _main()
+    try:
+        message = misspelled_override(sys.argv[1:])
+        if message:
+            fail(f"invalid configuration: {message}")
+        _main()
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+        _mark_failure(code, f"exit code {code}")
+        raise
+    except BaseException as err:
+        _mark_failure(1, f"{type(err).__name__}: {err}")
+        raise
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ from orchestra.train.watchdog import (
     SignalWatchdog,
     exit_interrupted,
     is_collective_timeout,
+    is_peer_lost,
 )
 
 log = logging.getLogger(__name__)
@@ -643,12 +644,15 @@ def train(cfg: TrainConfig) -> RunResult:
                         plan.config.seed,
                     )
             except Exception as err:
+                first_line = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
                 if trainer.world_size > 1 and is_collective_timeout(err):
                     exit_interrupted(
                         marker,
                         f"a collective waited longer than trainer.collective_timeout_s={t.collective_timeout_s:g} s "
-                        f"for the other ranks ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                        f"for the other ranks ({first_line})",
                     )
+                if trainer.world_size > 1 and is_peer_lost(err):
+                    exit_interrupted(marker, f"another rank is gone ({first_line})")
                 raise
             break
         summary = summarize(plan, trainer, module, callbacks, outcome, time.time() - started)

@@ -133,3 +133,29 @@ def is_collective_timeout(err: BaseException) -> bool:
     """
     text = str(err).lower()
     return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+_PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "connection refused",
+    "remote process exited",
+    "socket closed",
+)
+
+
+def is_peer_lost(err: BaseException) -> bool:
+    """A collective that failed because another rank died (killed, its node down).
+
+    That rank's job is not wrong, only interrupted: like a timeout it exits with code 4, which
+    the batch scripts requeue, and never with the code of an error worth reporting.
+    """
+    import torch.distributed as dist
+
+    network_error = getattr(dist, "DistNetworkError", ())
+    if network_error and isinstance(err, network_error):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(p in text for p in _PEER_LOST)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from orchestra.train.checkpoint import checkpoint_step, verify_checkpoint
+from tests.faults import Fault, FaultPlan, logged_steps, rank_pids, send, wait_for_step
+from tests.faults import losses as fault_losses
 from tests.helpers import cli_overrides
 from tests.slurm.conftest import REPO, SlurmCluster
 
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 300  # ~12 s of training at 2 ranks: long enough to signal a job mid-run
 CKPT_EVERY = 50
+FAULT_SEED = int(os.environ.get("ORCHESTRA_FAULT_SEED", "20261202"))
 
 
 def sbatch_args(log: Path) -> list[str]:
@@ -229,3 +233,73 @@ def test_node_failure_resumes_from_periodic_checkpoint(
     got, ref = losses(run_dir), losses(reference[3])
     assert sorted(got) == list(range(STEPS))
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
+
+
+FAULT_CYCLES = 6
+
+
+def test_random_faults_on_two_nodes_lose_nothing(
+    slurm_cluster: SlurmCluster,
+    reference: tuple[str, dict[str, str], Path, Path],
+    job_env: dict[str, str],
+    corpus_dir: Path,
+    data_cache: Path,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL, SIGTERM or SIGUSR1 to a random rank, or its node set down, at a random step, in
+    every run of one job (tests/faults.py draws them, ORCHESTRA_FAULT_SEED replays a draw): the
+    job requeues itself each time and its per-step losses are the uninterrupted job's, bit for bit."""
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
+    run_dir = slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
+    plan = FaultPlan(FAULT_SEED, FAULT_CYCLES, world_size=2, extra=("node-down",))
+
+    def state() -> dict[str, str]:
+        return slurm_cluster.job(job_id)
+
+    def alive() -> bool:
+        return state().get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+    faults: list[Fault] = []
+    for cycle in range(FAULT_CYCLES):
+        deadline = time.time() + 180
+        while not (state().get("JobState") == "RUNNING" and state().get("Restarts") == str(cycle)):
+            assert time.time() < deadline and alive(), f"cycle {cycle}: {state()}\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        fault, target = plan.draw(cycle, max(logged_steps(run_dir), 0), CKPT_EVERY)
+        fault.after_step = target = min(target, STEPS - 20)
+        assert wait_for_step(run_dir, target, alive, timeout=180) >= target, log.read_text()[-3000:]
+        time.sleep(fault.delay_s)
+        if fault.what == "node-down":
+            slurm_cluster.run(
+                "scontrol", "update", "nodename=orch-node2", "state=down", "reason=orchestra-fault"
+            )
+        else:
+            pids = rank_pids(lambda env: env.get("SLURM_JOB_ID") == job_id, rank_var="SLURM_PROCID")
+            assert send(pids, fault), f"cycle {cycle}: rank {fault.rank} not found ({pids})"
+        try:
+            deadline = time.time() + 120
+            while state().get("Restarts") == str(cycle):
+                assert time.time() < deadline and alive(), (
+                    f"cycle {cycle}: not requeued after {fault.what}: {state()}\n{log.read_text()[-4000:]}"
+                )
+                time.sleep(0.3)
+        finally:
+            if fault.what == "node-down":
+                slurm_cluster.run("scontrol", "update", "nodename=orch-node2", "state=resume", check=False)
+        fault.outcome = "requeued"
+        faults.append(fault)
+
+    info = slurm_cluster.wait(job_id, timeout=300)
+    text = log.read_text()
+    report = [f"{f.cycle}: {f.what} -> rank {f.rank} after step {f.after_step}: {f.outcome}" for f in faults]
+    print("\n".join(report))
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert info["Restarts"] == str(FAULT_CYCLES), report
+    assert {f.what for f in faults} == {"SIGKILL", "SIGTERM", "SIGUSR1", "node-down"}, report
+    assert "not requeueing" not in text
+    got, want = fault_losses(run_dir), fault_losses(reference[3])
+    assert sorted(want) == list(range(STEPS))
+    assert got == want, report
+    ckpts = run_dir / "checkpoints"
+    assert checkpoint_step(ckpts / "last.ckpt") == STEPS and verify_checkpoint(ckpts / "last.ckpt")

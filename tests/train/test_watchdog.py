@@ -105,3 +105,45 @@ def test_a_gloo_collective_timeout_is_recognised(tmp_path: Path) -> None:
     out0, _ = procs[0].communicate(timeout=60)
     procs[1].wait(timeout=60)
     assert out0.strip() == "timeout", out0
+
+
+PEER_KILLED = """
+import datetime, os, signal, sys, time
+import torch
+import torch.distributed as dist
+from orchestra.train.watchdog import is_collective_timeout, is_peer_lost
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[2]}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=40))
+dist.all_reduce(torch.ones(1))  # both ranks are there once
+if rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+time.sleep(1)
+started = time.time()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as err:
+    verdict = "peer-lost" if is_peer_lost(err) and not is_collective_timeout(err) else f"other: {err}"
+    print(f"{verdict} after {time.time() - started:.1f} s", flush=True)
+    os._exit(0)
+os._exit(1)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_job_is_recognised_as_a_lost_peer_not_a_timeout(tmp_path: Path) -> None:
+    script = tmp_path / "peer.py"
+    script.write_text(textwrap.dedent(PEER_KILLED))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(store)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for r in (0, 1)
+    ]
+    out0, _ = procs[0].communicate(timeout=60)
+    procs[1].wait(timeout=60)
+    assert out0.startswith("peer-lost"), out0
+    assert float(out0.split()[2]) < 30  # at once, not after the 40 s collective timeout
