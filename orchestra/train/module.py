@@ -198,15 +198,17 @@ class CausalLMModule(L.LightningModule):
         # Lightning counts micro-batches; after a resume with another accumulation (another world
         # size) its counters must be rescaled so optimizer steps stay on the sampler's boundaries.
         realign_loop_progress(checkpoint, self.trainer.accumulate_grad_batches)
-        if self.method.frozen_base and isinstance(checkpoint.get("state_dict"), dict):
+        if not isinstance(checkpoint.get("state_dict"), dict):
+            return  # a sharded or DeepSpeed checkpoint: its tensors are read (and checked) by the strategy
+        if self.method.frozen_base:
             # strict_loading is off for PEFT; check here that exactly the trainable tensors come back.
             layout = {f"{PREFIX}{n}": tuple(p.shape) for n, p in self._trainable()}
-            check_tensors(
-                checkpoint["state_dict"],
-                layout,
-                "being resumed",
-                f"this {self.method.name} model (were finetune.* settings changed?)",
-            )
+            what = f"this {self.method.name} model (were finetune.* settings changed?)"
+        else:
+            # One clear error naming the tensor, not torch's size-mismatch traceback from load_state_dict.
+            layout = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+            what = "this model (were model.* or task settings changed?)"
+        check_tensors(checkpoint["state_dict"], layout, "being resumed", what)
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         assert self.model is not None
