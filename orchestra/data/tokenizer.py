@@ -11,12 +11,13 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from orchestra.data.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"
+MAX_PIECE = 64
 # Accepted end-of-document tokens of a user-supplied tokenizer, in order of preference.
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>")
 
@@ -24,7 +25,15 @@ EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|i
 def train_bpe(documents: Iterable[str], vocab_size: int, num_documents: int | None = None) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE whose id 0 is the EOS token."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Pieces of at most MAX_PIECE byte-level characters: BPE's merges cost quadratic time in the
+    # length of one piece, so one long run without spaces (a 500 kB line of "=", a base64 blob)
+    # took minutes to train on and to encode. No ordinary word is that long.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_PIECE}}}"), "isolated"),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
