@@ -133,7 +133,13 @@ def test_checkpointed_data_state_keeps_its_form(tmp_path: Path) -> None:
     root = write_dataset(tmp_path, np.arange(1, 101), np.arange(1, 41))
     dm = TokenDataModule(root, 8, 2, 8, seed=3, max_steps=2, val_batches=2, loader_workers=0)
     state = dm.state_dict()
-    assert state == {"consumed_samples": 0, "global_batch_size": 8, "seed": 3, "accumulation": 4, "skip_steps": []}
+    assert state == {
+        "consumed_samples": 0,
+        "global_batch_size": 8,
+        "seed": 3,
+        "accumulation": 4,
+        "skip_steps": [],
+    }
     dm.load_state_dict({"consumed_samples": 16, "global_batch_size": 8, "seed": 3, "accumulation": 2})
     loader = dm.train_dataloader()
     assert len(loader) == 2 * 4 and loader.state_dict() == state
