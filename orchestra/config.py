@@ -178,13 +178,21 @@ class OptimConfig:
     """Decoupled weight decay of matrices (norm gains and embeddings excepted)."""
 
     def validate(self, prefix: str = "optim") -> None:
-        require(self.lr > 0, f"{prefix}.lr", "must be positive")
+        require(
+            math.isfinite(self.lr) and self.lr > 0,
+            f"{prefix}.lr",
+            f"must be a positive finite number, got {self.lr}",
+        )
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"{prefix}.betas",
             f"must be two numbers in [0, 1), got {list(self.betas)}",
         )
-        require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"{prefix}.weight_decay",
+            f"must be a finite number >= 0, got {self.weight_decay}",
+        )
 
 
 @dataclass

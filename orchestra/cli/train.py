@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.text import Text
 
@@ -38,10 +39,23 @@ def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None
     and what was probably meant. Undotted keys (group choices such as ``experiment=debug``,
     top-level values), ``hydra.*`` and ``+``/``~`` edits are left to Hydra.
     """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
     for arg in args:
-        if arg.startswith(("-", "+", "~", "hydra.")) or "=" not in arg:
+        if arg.startswith("-") or not ("=" in arg or arg.startswith("~")):
+            continue  # a flag (--cfg job) or its value: Hydra's own command line
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:  # Hydra's message does not say which override
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"override `{arg}` does not parse: {first}"
+        if arg.startswith(("+", "~", "hydra.")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
+        if not key.strip():
+            return f"override `{arg}`: an override needs a key before '=' (e.g. trainer.max_steps=100)"
         if "." not in key:  # a group choice (experiment=debug) or a top-level value: Hydra checks those
             continue
         node: Any = root
@@ -66,8 +80,11 @@ def to_config(cfg: DictConfig) -> TrainConfig:
     Hydra's own ``hydra`` node is left out: callbacks see the config with it.
     """
     keys = [f.name for f in fields(TrainConfig) if f.name in cfg]
-    typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.masked_copy(cfg, keys))
-    return OmegaConf.to_object(typed)  # type: ignore[return-value]
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.masked_copy(cfg, keys))
+        return OmegaConf.to_object(typed)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:  # an interpolation to a missing key or environment variable
+        raise ConfigError(_omegaconf_message(err)) from None
 
 
 class ValidateBeforeRun(Callback):
@@ -84,6 +101,13 @@ class ValidateBeforeRun(Callback):
             validate_run(to_config(config))
         except ConfigError as err:
             fail(f"invalid configuration: {err}")
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message with the key it names, on one line."""
+    key = getattr(err, "full_key", None)
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{key}: {text}" if key and key not in text else text
 
 
 def summary_value(value: Any) -> str:
@@ -151,7 +175,11 @@ def _main(cfg: DictConfig) -> float | None:
     from orchestra.train.checkpoint import CheckpointError
     from orchestra.train.run import train
 
-    config = to_config(cfg)
+    try:
+        config = to_config(cfg)
+    except ConfigError as err:
+        fail(f"invalid configuration: {err}")
+        return None
     hydra_cfg = HydraConfig.get()
     config.run_dir = hydra_cfg.runtime.output_dir
     if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:

@@ -186,7 +186,9 @@ def _reusable(dataset_dir: Path, fingerprint: dict[str, Any], seed: int) -> bool
         return False
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: rebuilt
+        return False
+    if not isinstance(manifest, dict):
         return False
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(

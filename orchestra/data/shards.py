@@ -158,7 +158,7 @@ def load_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise DataError(f"{path}: not valid JSON ({err}); re-run orchestra-prepare with force=true") from None
     missing = (
         [k for k in _REQUIRED_KEYS if k not in manifest]
@@ -172,10 +172,51 @@ def load_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: format_version {manifest['format_version']!r}, this Orchestra reads {FORMAT_VERSION}; "
             "re-run orchestra-prepare with force=true"
         )
-    for split in SPLITS:
-        if split not in manifest["splits"]:
-            raise DataError(f"{path}: no {split!r} split (has {sorted(manifest['splits'])})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: {problem}; re-run orchestra-prepare with force=true")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the types and counts of a manifest's fields, if anything."""
+    try:
+        dtype = np.dtype(manifest["dtype"])
+    except (TypeError, ValueError):
+        return f"dtype {manifest['dtype']!r} is not a numpy dtype"
+    if dtype.kind != "u":
+        return f"dtype {manifest['dtype']!r} is not an unsigned integer type"
+    vocab, eos = manifest["vocab_size"], manifest["eos_id"]
+    if not (_is_count(vocab) and _is_count(eos) and eos < vocab <= 2 ** (8 * dtype.itemsize)):
+        return f"vocab_size {vocab!r} / eos_id {eos!r} do not fit together or in {dtype}"
+    tok = manifest["tokenizer"]
+    if not (
+        isinstance(tok, dict) and isinstance(tok.get("file"), str) and isinstance(tok.get("sha256"), str)
+    ):
+        return "tokenizer must record its file and sha256"
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        return f"splits is {type(splits).__name__}, expected an object"
+    for split in SPLITS:
+        if split not in splits:
+            return f"no {split!r} split (has {sorted(splits)})"
+        entry = splits[split]
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and _is_count(s.get("tokens"))
+            and isinstance(s.get("sha256"), str)
+            for s in shards
+        ):
+            return f"split {split!r}: every shard must record its file, tokens and sha256"
+        if not _is_count(entry.get("tokens")) or entry["tokens"] != sum(s["tokens"] for s in shards):
+            return f"split {split!r}: tokens {entry.get('tokens')!r} is not the sum of its shards' tokens"
+    return None
 
 
 def stored_dtype(manifest: Mapping[str, Any]) -> np.dtype:
@@ -190,6 +231,18 @@ def split_shards(
     return [(Path(dataset_dir) / s["file"], int(s["tokens"])) for s in manifest["splits"][split]["shards"]]
 
 
+def _tokenizer_vocab(path: Path) -> int | None:
+    """One past the largest id of a tokenizer.json (as vocab_size_of counts), None if it is not one
+    whose vocabulary can be read as JSON (the sha256 above already vouches for its bytes)."""
+    try:
+        data = json.loads(path.read_text())
+        ids = [int(i) for i in data["model"]["vocab"].values()]
+        ids += [int(t["id"]) for t in data.get("added_tokens") or ()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return max(ids) + 1 if ids else None
+
+
 def verify_shards(dataset_dir: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS) -> None:
     """Refuse a dataset whose shards (or tokenizer) are missing, truncated or altered."""
     root = Path(dataset_dir)
@@ -200,6 +253,12 @@ def verify_shards(dataset_dir: str | os.PathLike[str], splits: tuple[str, ...] =
     if not tok_path.is_file() or file_sha256(tok_path) != tok["sha256"]:
         raise DataError(
             f"{tok_path}: missing or does not match the sha256 in {MANIFEST_FILE}; re-prepare with force=true"
+        )
+    recorded = _tokenizer_vocab(tok_path)
+    if recorded is not None and recorded != manifest["vocab_size"]:
+        raise DataError(
+            f"{root / MANIFEST_FILE}: vocab_size {manifest['vocab_size']}, but its tokenizer has {recorded} ids; "
+            "re-prepare with force=true"
         )
     for split in splits:
         for shard in manifest["splits"][split]["shards"]:

@@ -339,6 +339,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to read") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
@@ -353,6 +355,13 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             continue
         if not isinstance(value, str):
             raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, expected a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate escape such as "\ud800" is not text
+            raise DataError(
+                f"{where}: field {text_field!r} holds {err.object[err.start : err.end]!r}, not a Unicode "
+                "character (a lone surrogate escape)"
+            ) from None
         yield value
 
 

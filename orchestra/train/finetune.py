@@ -66,7 +66,10 @@ def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path)
         eos = eos[0]
     if isinstance(eos, int):
         return eos
-    tokenizer = Tokenizer.from_str(tokenizer_json)
+    try:
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed tokenizer.json
+        raise CheckpointError(f"base {source}: its tokenizer is not a valid tokenizer.json ({err})") from None
     for token in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>"):
         found = tokenizer.token_to_id(token)
         if found is not None:

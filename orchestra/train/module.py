@@ -208,7 +208,7 @@ class CausalLMModule(L.LightningModule):
             # One clear error naming the tensor, not torch's size-mismatch traceback from load_state_dict.
             layout = {k: tuple(v.shape) for k, v in self.state_dict().items()}
             what = "this model (were model.* or task settings changed?)"
-        check_tensors(checkpoint["state_dict"], layout, "being resumed", what)
+        check_tensors(checkpoint["state_dict"], layout, self.plan.resume_path or "being resumed", what)
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         assert self.model is not None

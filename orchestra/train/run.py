@@ -61,6 +61,7 @@ from orchestra.train.callbacks.preemption import (
 from orchestra.train.checkpoint.io import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
+    check_resume_tensors,
     checkpoint_step,
     find_resume_checkpoint,
     load_checkpoint_file,
@@ -252,6 +253,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         peft_method = method.name if method.frozen_base else None
         base_ref = base.reference if base is not None else None
         meta.check_compatible(resume_path, cfg.model, vocab_size, peft_method, base_ref)
+        if task.lm_head and not method.frozen_base:  # the whole decoder is in the file: check it now
+            check_resume_tensors(resume_path, cfg.model, vocab_size)
         resume_step, last_row = checkpoint_step(resume_path), meta.last_row
     # After the fit check, so a checkpoint that cannot fit is named as such first; an explicit
     # resume=<checkpoint> takes the run dir over (orchestra/train/rundir.py).

@@ -180,6 +180,8 @@ def scan_checkpoints(run_dir: str | Path, hashes: bool = True) -> CheckpointScan
     for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
             verify_checkpoint(path, hashes=hashes)
+            if hashes:  # a complete file of the right name is not yet a checkpoint of ours
+                read_meta(path)
         except CheckpointError as err:
             skipped.append((path, _short(err)))
             continue
@@ -262,6 +264,21 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
             f"sharded checkpoint {path} does not match its recorded model config: {err}"
         ) from err
     return _strip(state["state_dict"]), meta
+
+
+def check_resume_tensors(path: Path, cfg: ModelConfig, vocab_size: int) -> None:
+    """A full-weight language-model file checkpoint holds this model's tensors, checked before any
+    Lightning object exists (memory-mapped: nothing is read but the index)."""
+    if not path.is_file():
+        return  # sharded and DeepSpeed directories: their strategy's loader checks them
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} is not readable: {err}") from err
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no state_dict")
+    check_shapes(_strip(state), cfg, vocab_size, path)
 
 
 def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, source: Path) -> None:

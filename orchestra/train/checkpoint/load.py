@@ -73,4 +73,10 @@ def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> L
             raise CheckpointError(f"checkpoint {path} does not match its own model config: {err}") from err
     if map_location not in (None, "cpu"):
         model.to(torch.device(map_location))
-    return LoadedModel(model.eval(), Tokenizer.from_str(meta.tokenizer_json), meta)
+    try:
+        tokenizer = Tokenizer.from_str(meta.tokenizer_json)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed tokenizer.json
+        raise CheckpointError(
+            f"checkpoint {path}: its tokenizer is not a valid tokenizer.json ({err})"
+        ) from None
+    return LoadedModel(model.eval(), tokenizer, meta)

@@ -136,8 +136,11 @@ class CheckpointMeta:
             last_row = d.get("last_row")
             known = {"format", "model_config", "vocab_size", "tokenizer_json", "task", "eos_id", "labels", "peft",
                      "last_row"}  # fmt: skip
+            model_config = model_config_from_dict(dict(d["model_config"]))
+            _check_shape_fields(model_config)
+            model_config.validate("model_config")
             return cls(
-                model_config=model_config_from_dict(dict(d["model_config"])),
+                model_config=model_config,
                 vocab_size=int(d["vocab_size"]),
                 tokenizer_json=str(d.get("tokenizer_json") or ""),
                 task=str(d.get("task", "pretrain")),
@@ -156,7 +159,7 @@ class CheckpointMeta:
                 format=version,
                 extra={k: v for k, v in d.items() if k not in known},
             )
-        except (ConfigError, KeyError, TypeError, ValueError) as err:
+        except (ConfigError, KeyError, TypeError, ValueError, ArithmeticError) as err:
             raise CheckpointError(f"checkpoint {source}: malformed Orchestra metadata ({err!r})") from err
 
     def check_compatible(
@@ -193,6 +196,19 @@ class CheckpointMeta:
             )
         if diffs:
             raise CheckpointError(f"checkpoint {source} does not fit this model: " + "; ".join(diffs))
+
+
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+
+
+def _check_shape_fields(cfg: ModelConfig) -> None:
+    """The integer fields that size tensors are positive integers (a model is built from them)."""
+    for name in _SHAPE_FIELDS:
+        value = getattr(cfg, name, None)
+        if value is None and name == "n_kv_heads":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"model_config.{name} must be a positive integer, got {value!r}")
 
 
 def check_tensors(
