@@ -78,13 +78,6 @@ def finish(proc: subprocess.Popen[bytes], log: Path) -> int:
         pytest.fail(f"the job hung after a fault:\n{log.read_text()[-4000:]}")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug found by this harness: when the first SIGKILL lands right after step 3, the job's "
-    "losses differ from the uninterrupted run's from step 4 on, the same numbers every time (not reproduced "
-    "by a plain FSDP2 resume from step 4); the draw depends on timing, so it passes on some runs; see "
-    "docs/reliability.md",
-)
 def test_random_faults_on_a_two_process_fsdp_job_lose_nothing(
     corpus_dir: Path, data_cache: Path, tmp_path: Path
 ) -> None:

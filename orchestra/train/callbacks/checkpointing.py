@@ -42,6 +42,15 @@ class RunCheckpoint(ModelCheckpoint):
             log.warning("checkpoints paused: %s", reason)
         self.paused = reason
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run starts at a step its checkpoint already holds. Lightning does not keep
+        # "saved at this step" across a restart, so with gradient accumulation it saved that step
+        # again at the end of the first micro-batch, overwriting the good checkpoint with loop
+        # counters in the middle of a step (found by the fault-injection test: a second resume
+        # from it was no longer exact).
+        self._last_global_step_saved = trainer.global_step
+
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         return self.paused is not None or super()._should_skip_saving_checkpoint(trainer)
 
