@@ -84,7 +84,14 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
             f"checkpoint {path} does not exist (or is neither a file nor a sharded checkpoint directory)"
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # Memory-mapped: resume reads a checkpoint's metadata and shapes more than once before
+        # Lightning loads it, and none of that should read the tensors themselves.
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # only the pre-zip format cannot be mapped
+                raise
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
         raise CheckpointError(
             f"checkpoint {path} could not be read as a weights-only torch checkpoint: {err}"
@@ -268,17 +275,10 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
 
 def check_resume_tensors(path: Path, cfg: ModelConfig, vocab_size: int) -> None:
     """A full-weight language-model file checkpoint holds this model's tensors, checked before any
-    Lightning object exists (memory-mapped: nothing is read but the index)."""
+    Lightning object exists (memory-mapped by load_checkpoint_file: only the index is read)."""
     if not path.is_file():
         return  # sharded and DeepSpeed directories: their strategy's loader checks them
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is not readable: {err}") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds no state_dict")
-    check_shapes(_strip(state), cfg, vocab_size, path)
+    check_shapes(_strip(load_checkpoint_file(path)["state_dict"]), cfg, vocab_size, path)
 
 
 def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, source: Path) -> None:
