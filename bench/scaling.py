@@ -56,7 +56,7 @@ def preset(name: str):  # -> ModelConfig
 
 
 def parameter_count(m, vocab: int) -> int:
-    kv = m.n_kv_heads * m.head_dim
+    kv = m.n_kv_heads * m.head_size
     per_layer = m.dim * (2 * m.dim + 2 * kv) + 3 * m.dim * m.ffn_dim + 2 * m.dim
     embeddings = vocab * m.dim * (1 if m.tie_embeddings else 2)
     return m.n_layers * per_layer + embeddings + m.dim

@@ -8,7 +8,7 @@ importing the configuration stays cheap.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -28,6 +28,56 @@ class InitScheme(str, Enum):
     xavier_uniform = "xavier_uniform"
     kaiming_normal = "kaiming_normal"
     small = "small"
+
+
+class Activation(str, Enum):
+    """The gate nonlinearity of the gated MLP: down(act(gate(x)) * up(x))."""
+
+    silu = "silu"
+    """SwiGLU (Llama, Mistral, Qwen, Phi-3)."""
+    gelu_tanh = "gelu_tanh"
+    """GeGLU with the tanh approximation of GELU (Gemma)."""
+
+
+class RopeType(str, Enum):
+    """How RoPE's frequencies are scaled for a context longer than the one pretrained on (rope.py)."""
+
+    default = "default"
+    linear = "linear"
+    dynamic = "dynamic"
+    llama3 = "llama3"
+    yarn = "yarn"
+    longrope = "longrope"
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling, in Hugging Face's ``rope_parameters`` terms (formulas in rope.py).
+
+    Which keys matter depends on ``type``: linear and dynamic use ``factor``; llama3 adds
+    ``low_freq_factor``, ``high_freq_factor`` and ``original_max_seq_len``; yarn ``factor``,
+    ``original_max_seq_len``, ``beta_fast``/``beta_slow``, ``mscale``/``mscale_all_dim``,
+    ``attention_factor`` and ``truncate``; longrope (Phi-3's "su") ``short_factor``/``long_factor``
+    (one per frequency), ``original_max_seq_len`` and ``attention_factor``.
+    """
+
+    type: RopeType = RopeType.default
+    factor: float | None = None
+    """Context extension factor; None for longrope means max_seq_len / original_max_seq_len."""
+    original_max_seq_len: int | None = None
+    """Context the base was pretrained with (dynamic: the length beyond which it starts scaling;
+    None means model.max_seq_len)."""
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    attention_factor: float | None = None
+    """Multiplier of cos/sin (yarn, longrope); None derives it from the factor as transformers does."""
+    short_factor: list[float] | None = None
+    long_factor: list[float] | None = None
 
 
 class KernelBackend(str, Enum):
@@ -76,6 +126,45 @@ class ModelConfig:
     """Weight initialisation scheme, applied when a model is built from scratch."""
     init_std: float = 0.02
     """Standard deviation of the ``normal`` scheme, and of the embeddings under every scheme but ``small``."""
+
+    # -- Architecture variants of the Llama family. Defaults are Llama's; each imported family
+    # (orchestra/model/families/) sets the ones it differs in, so one model file computes them all.
+    family: str = "llama"
+    """Hugging Face family this shape is written back as (families/): llama, mistral, qwen2, qwen3,
+    gemma, gemma2, phi3. It names the export format only; the fields below fix the math."""
+    head_dim: int | None = None
+    """Width of one attention head; None is dim // n_heads (Qwen3 and Gemma set their own)."""
+    qkv_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2)."""
+    o_bias: bool = False
+    """Bias on the attention output projection."""
+    mlp_bias: bool = False
+    """Biases on the MLP projections."""
+    qk_norm: bool = False
+    """RMSNorm each query and key head before RoPE (Qwen3, Gemma 3)."""
+    norm_offset: float = 0.0
+    """RMSNorm applies (norm_offset + weight): 0 for Llama, 1 for Gemma, whose stored gains are w - 1
+    (and which multiplies by the gain in fp32 before casting back)."""
+    activation: Activation = Activation.silu
+    """Gate nonlinearity of the MLP: silu (SwiGLU) or gelu_tanh (GeGLU)."""
+    scale_embeddings: bool = False
+    """Multiply the input embeddings by sqrt(dim) (Gemma)."""
+    attn_scale: float | None = None
+    """Softmax scale of attention scores; None is 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)."""
+    attn_softcap: float | None = None
+    """Soft-cap attention scores to (-c, c) with c * tanh(s / c) (Gemma 2)."""
+    final_softcap: float | None = None
+    """Soft-cap the output logits the same way (Gemma 2); the loss sees the capped logits."""
+    sandwich_norm: bool = False
+    """Also RMSNorm each sublayer's output before the residual add (Gemma 2/3's post-attention and
+    post-feedforward norms)."""
+    sliding_window: int | None = None
+    """Windowed layers let a token see itself and the sliding_window - 1 tokens before it; None: full."""
+    global_every: int = 0
+    """With a window: every global_every-th layer (1-based) attends fully, the rest use the window
+    (Gemma 2: 2, Gemma 3: 6); 0 means every layer is windowed (Mistral, Phi-3)."""
+    rope: RopeScaling = field(default_factory=RopeScaling)
+    """RoPE frequency scaling (Llama 3.1 llama3, yarn, dynamic NTK, Phi-3 longrope)."""
     kernels: KernelBackend = KernelBackend.auto
     """Which implementation of the fusable ops to use: torch, Triton, or auto (Triton where it can run)."""
     path: str | None = None
@@ -83,8 +172,15 @@ class ModelConfig:
     fields above; the same as finetune.init_from."""
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def head_size(self) -> int:
+        """The width of one attention head: ``head_dim``, or dim // n_heads when that is None."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def is_windowed(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.global_every == 0 or (layer + 1) % self.global_every != 0
 
     def validate(self, prefix: str = "model") -> None:
         """Raise :class:`ConfigError` naming ``prefix.key`` for a shape the model cannot be built with."""
@@ -92,22 +188,61 @@ class ModelConfig:
             value = getattr(self, key)
             require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
         require(
-            self.dim % self.n_heads == 0,
+            self.head_dim is not None or self.dim % self.n_heads == 0,
             f"{prefix}.dim",
-            f"{self.dim} is not divisible by n_heads={self.n_heads}",
+            f"{self.dim} is not divisible by n_heads={self.n_heads} (or set head_dim)",
         )
+        require(self.head_dim is None or self.head_dim > 0, f"{prefix}.head_dim", "must be positive or null")
         require(
             self.n_heads % self.n_kv_heads == 0,
             f"{prefix}.n_kv_heads",
             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}",
         )
-        require(self.head_dim % 2 == 0, f"{prefix}.dim", f"head_dim={self.head_dim} must be even for RoPE")
+        require(
+            self.head_size % 2 == 0, f"{prefix}.head_dim", f"head_dim={self.head_size} must be even for RoPE"
+        )
         require(
             self.vocab_size is None or self.vocab_size > 0, f"{prefix}.vocab_size", "must be positive or null"
         )
         require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
         require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
         require(self.init_std > 0, f"{prefix}.init_std", "must be positive")
+        for key in ("attn_scale", "attn_softcap", "final_softcap", "sliding_window"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"{prefix}.{key}", f"must be positive or null, got {value}")
+        require(self.global_every >= 0, f"{prefix}.global_every", "must be >= 0")
+        self._validate_rope(f"{prefix}.rope")
+
+    def _validate_rope(self, prefix: str) -> None:
+        r = self.rope
+        kind = RopeType(r.type)
+        if kind == RopeType.default:
+            return
+        if kind != RopeType.longrope or r.factor is not None:
+            require(
+                r.factor is not None and r.factor > 0,
+                f"{prefix}.factor",
+                f"rope type {kind.value} needs a positive factor",
+            )
+        original = r.original_max_seq_len
+        require(
+            original is None or original > 0, f"{prefix}.original_max_seq_len", "must be positive or null"
+        )
+        if kind == RopeType.llama3:
+            require(
+                r.high_freq_factor > r.low_freq_factor > 0,
+                f"{prefix}.high_freq_factor",
+                f"llama3 needs high_freq_factor > low_freq_factor > 0, got {r.high_freq_factor}, {r.low_freq_factor}",
+            )
+        if kind == RopeType.longrope:
+            half = self.head_size // 2
+            for key in ("short_factor", "long_factor"):
+                value = getattr(r, key)
+                require(
+                    value is not None and len(value) == half,
+                    f"{prefix}.{key}",
+                    f"longrope needs {half} factors (head_dim / 2), got {None if value is None else len(value)}",
+                )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -121,6 +256,18 @@ class ModelConfig:
             kw["init"] = InitScheme(kw["init"])
         if "kernels" in kw:
             kw["kernels"] = KernelBackend(kw["kernels"])
+        if "activation" in kw:
+            kw["activation"] = Activation(kw["activation"])
+        if isinstance(kw.get("rope"), Mapping):
+            rope = dict(kw["rope"])
+            known_rope = {f.name for f in fields(RopeScaling)}
+            if set(rope) - known_rope:
+                raise ConfigError(f"model config rope has unknown keys {sorted(set(rope) - known_rope)}")
+            rope["type"] = RopeType(rope.get("type", "default"))
+            for key in ("short_factor", "long_factor"):
+                if rope.get(key) is not None:
+                    rope[key] = [float(v) for v in rope[key]]
+            kw["rope"] = RopeScaling(**rope)
         return cls(**kw)
 
 

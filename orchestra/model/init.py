@@ -37,7 +37,7 @@ def init_weights(model: Transformer, cfg: ModelConfig, generator: torch.Generato
       every linear and embedding weight ~ N(0, sqrt(2 / (5 D))), the output projections
       additionally scaled by 1 / sqrt(2 L); independent of sigma, it shrinks with width.
 
-    RMSNorm gains are set to 1. A tied embedding / lm_head matrix is initialised once, as an
+    RMSNorm gains are set to 1 (weights of 0 where the norm adds 1, as Gemma's does). A tied embedding / lm_head matrix is initialised once, as an
     embedding. ``generator`` makes the result independent of the global RNG.
     """
     scheme = InitScheme(cfg.init)
@@ -47,7 +47,7 @@ def init_weights(model: Transformer, cfg: ModelConfig, generator: torch.Generato
 
     for name, module in model.named_modules():
         if isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+            nn.init.constant_(module.weight, 1.0 - module.offset)  # a unit gain (Gemma stores w - 1)
         elif isinstance(module, nn.Embedding):
             if id(module.weight) in seen:
                 continue

@@ -13,6 +13,7 @@ which the kernel tests use, keep float64 instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from orchestra.model.config import ConfigError, KernelBackend
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,17 @@ class Ops:
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # (hidden [N, D], weight [V, D], targets [N], ignore_index, reduction=mean|sum, z_loss) -> scalar loss
     linear_cross_entropy: Callable[..., torch.Tensor]
+    # Architecture variants this table cannot compute (see VARIANTS); DeviceOps runs those calls
+    # with the torch reference instead, and says so once in the log.
+    unsupported: frozenset[str] = frozenset()
+
+
+VARIANTS = {
+    "norm_offset": "RMSNorm with an offset gain (1 + w, Gemma)",
+    "gelu_tanh": "GeGLU (gelu-tanh gate, Gemma)",
+    "logit_softcap": "soft-capped output logits in the loss (Gemma 2)",
+}
+"""Variants of the fusable ops beyond plain Llama, by the name an Ops table lists as unsupported."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,15 +58,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm computed in fp32 and cast back before the weight, exactly as HF's LlamaRMSNorm.
 
     The fp32 statistics keep bf16 training stable; multiplying by the weight after the cast
-    (not before) is what makes our logits match transformers bit for bit in fp32.
+    (not before) is what makes our logits match transformers bit for bit in fp32. With an
+    ``offset`` (Gemma: 1) the gain is ``offset + weight`` and, as in HF's GemmaRMSNorm, it is
+    applied in fp32 before the cast.
     """
     input_dtype = x.dtype
     h = x.to(_compute_dtype(input_dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.to(h.dtype))).to(input_dtype)
     return weight * h.to(input_dtype)
 
 
@@ -82,6 +100,16 @@ def torch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def torch_geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU gating with tanh-approximated GELU (Gemma's gelu_pytorch_tanh): gelu(gate) * up."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): bounds scores to (-cap, cap), near-identity for |x| << cap (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
+
+
 def torch_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -89,6 +117,7 @@ def torch_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean (or sum) cross-entropy of ``hidden @ weight.T`` over targets != ignore_index.
 
@@ -100,6 +129,8 @@ def torch_linear_cross_entropy(
     """
     logits = F.linear(hidden, weight)
     logits = logits.to(_compute_dtype(logits.dtype))
+    if logit_softcap is not None:  # the loss of the capped logits the model outputs (Gemma 2)
+        logits = softcap(logits, logit_softcap)
     loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     if z_loss:
         keep = targets != ignore_index
@@ -132,6 +163,8 @@ def _triton_ops() -> tuple[Ops, bool]:
         apply_rope=rope.apply_rope,
         swiglu=swiglu.swiglu,
         linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
+        # Not (yet) fused: these run in torch, op by op, for the models that need them.
+        unsupported=frozenset(VARIANTS),
     )
     return ops, bool(INTERPRET)
 
@@ -201,6 +234,20 @@ class DeviceOps:
         # raise instead of falling back.
         self.cuda = cuda
         self.off_cuda = off_cuda
+        self._reported: set[tuple[str, str]] = set()
+
+    def covers(self, table: Ops, variant: str) -> bool:
+        """Whether ``table`` computes ``variant``; if not, log once that torch computes it instead."""
+        if variant not in table.unsupported:
+            return True
+        if (table.name, variant) not in self._reported:
+            self._reported.add((table.name, variant))
+            logger.info(
+                "model.kernels: the %s kernels do not cover %s; that op runs in torch",
+                table.name,
+                VARIANTS[variant],
+            )
+        return False
 
     def table(self, x: torch.Tensor) -> Ops:
         """The table for tensors on x's device."""
@@ -210,8 +257,15 @@ class DeviceOps:
             raise _needs_cuda(x.device.type)
         return self.off_cuda
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return self.table(x).rms_norm(x, weight, eps)
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+    ) -> torch.Tensor:
+        table = self.table(x)
+        if offset:
+            # Only the torch reference computes the offset gain; covers() logs a kernel table's fallback.
+            self.covers(table, "norm_offset")
+            return torch_rms_norm(x, weight, eps, offset)
+        return table.rms_norm(x, weight, eps)
 
     def apply_rope(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -221,6 +275,11 @@ class DeviceOps:
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.table(gate).swiglu(gate, up)
 
+    def geglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # The torch table covers every variant, so a table that does is the reference itself.
+        self.covers(self.table(gate), "gelu_tanh")
+        return torch_geglu(gate, up)
+
     def linear_cross_entropy(
         self,
         hidden: torch.Tensor,
@@ -228,9 +287,21 @@ class DeviceOps:
         targets: torch.Tensor,
         ignore_index: int = -100,
         reduction: str = "mean",
+        logit_softcap: float | None = None,
     ) -> torch.Tensor:
-        return self.table(hidden).linear_cross_entropy(
-            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction
+        table = self.table(hidden)
+        if logit_softcap is not None and not self.covers(table, "logit_softcap"):
+            return torch_linear_cross_entropy(
+                hidden,
+                weight,
+                targets,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                logit_softcap=logit_softcap,
+            )
+        extra = {} if logit_softcap is None else {"logit_softcap": logit_softcap}
+        return table.linear_cross_entropy(
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, **extra
         )
 
 

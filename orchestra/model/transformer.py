@@ -2,8 +2,13 @@
 
 Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU
 MLP -> residual), a final RMSNorm and an untied or tied output projection. Module and
-parameter names are chosen so that the Hugging Face ``LlamaForCausalLM`` mapping in hf.py is a
-plain rename, and the numerics follow it so exported checkpoints give the same logits.
+parameter names are chosen so that the Hugging Face mappings (families/) are plain renames,
+and the numerics follow transformers so imported and exported checkpoints give the same logits.
+
+The other families are the same blocks with switches from :class:`ModelConfig`, not subclasses:
+q/k/v biases (Qwen2), per-head q/k RMSNorm and a free head_dim (Qwen3), sliding-window layers
+(Mistral, Phi-3, Gemma 2's alternate layers), Gemma's (1 + w) norms, GeGLU, sqrt(dim)-scaled
+embeddings, sandwich norms and soft-capped attention scores and logits, and scaled RoPE (rope.py).
 
 The model knows nothing of parallelism: no torch.distributed, no Lightning. FSDP, activation
 checkpointing and compile are applied from outside (orchestra/train/strategy.py); the Block
@@ -21,14 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestra.model.config import IGNORE_INDEX, ModelConfig
-from orchestra.model.ops import DeviceOps, device_ops
+from orchestra.model.config import IGNORE_INDEX, Activation, ModelConfig
+from orchestra.model.ops import DeviceOps, device_ops, softcap
+from orchestra.model.rope import length_dependent, original_length, rope_tables
 
 
 class KVCache:
     """Per-layer key/value buffers [B, n_kv_heads, max_len, head_dim] for incremental decoding.
 
-    Keys are stored after RoPE, so a cached position never has to be rotated again.
+    Keys are stored after RoPE, so a cached position never has to be rotated again. Windowed
+    layers keep every position too and mask the old ones out, which keeps one layout for all.
     """
 
     def __init__(
@@ -43,7 +50,7 @@ class KVCache:
             raise ValueError(f"KVCache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
         self.batch_size = batch_size
         self.max_len = max_len
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
@@ -58,32 +65,47 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction).
 
-    def __init__(self, dim: int, eps: float, ops: DeviceOps) -> None:
+    The gain is ``offset + weight``: offset 0 for Llama, 1 for Gemma (whose weights start at 0).
+    """
+
+    def __init__(self, dim: int, eps: float, ops: DeviceOps, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
         self.ops = ops
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads."""
+    """Causal grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads.
+
+    A windowed layer (``cfg.is_windowed``) lets each query see itself and the
+    ``sliding_window - 1`` positions before it, as transformers' sliding-window mask does.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, ops: DeviceOps) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.head_dim
+        self.head_dim = cfg.head_size
         self.ops = ops
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.window = cfg.sliding_window if cfg.is_windowed(layer_idx) else None
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.head_dim**-0.5
+        self.softcap = cfg.attn_softcap
+        hd = self.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        # Qwen3 / Gemma 3: one RMSNorm over each head's features, shared by all heads, before RoPE.
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, ops, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, ops, cfg.norm_offset) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -95,11 +117,13 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        # [B, T, H*hd] -> [B, H, T, hd]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # [B, T, H*hd] -> [B, T, H, hd] (q/k norm acts here) -> [B, H, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.ops.apply_rope(q, k, cos, sin)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
@@ -113,51 +137,89 @@ class Attention(nn.Module):
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
 
-        S = k.shape[2]  # keys visible: T, or start_pos + T with a cache
-        if attn_mask is not None:
-            # Packed examples: causal within each example, nothing across (see Transformer.forward).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif S == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:
-            # One new token attends to everything cached before it: no mask needed.
-            y = F.scaled_dot_product_attention(q, k, v)
+        mask = self._mask(T, k.shape[2], x.device, attn_mask)
+        if self.softcap is not None:
+            y = self._softcapped(q, k, v, mask)
+        elif isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            # Several new tokens after a cached prefix. is_causal would align the triangle to the
-            # top-left corner, so build it explicitly: query i sits at absolute position
-            # start_pos + i and may see keys 0 .. start_pos + i.
-            q_pos = torch.arange(S - T, S, device=x.device)
-            k_pos = torch.arange(S, device=x.device)
-            mask = k_pos[None, :] <= q_pos[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
+    def _mask(
+        self, T: int, S: int, device: torch.device, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor | str | None:
+        """Which of the S keys each of the T newest queries sees: a bool mask [.., T, S], or
+        "causal" / None where SDPA's own is_causal / no mask says the same more cheaply.
+
+        Query i sits at absolute position S - T + i (a KV cache holds the S - T before it).
+        """
+        windowed = self.window is not None and self.window < S
+        if attn_mask is None and not windowed:
+            if S == T:
+                return "causal"
+            if T == 1:
+                return None  # one new token attends to everything cached before it
+        q_pos = torch.arange(S - T, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if windowed:
+            assert self.window is not None
+            mask = mask & (k_pos > q_pos - self.window)
+        if attn_mask is not None:
+            # Packed examples: causal within each example, nothing across (see Transformer.forward).
+            mask = attn_mask & mask
+        return mask
+
+    def _softcapped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None
+    ) -> torch.Tensor:
+        """Attention with soft-capped scores (Gemma 2), which no SDPA backend computes.
+
+        Written out as transformers' eager attention: scores, cap, mask, fp32 softmax.
+        """
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        scores = softcap(scores, self.softcap) if self.softcap is not None else scores
+        if isinstance(mask, str):  # "causal"
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if isinstance(mask, torch.Tensor):
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
+
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU (silu) or GeGLU (gelu-tanh)."""
 
     def __init__(self, cfg: ModelConfig, ops: DeviceOps) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate = ops.swiglu if Activation(cfg.activation) == Activation.silu else ops.geglu
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer; the unit that FSDP wrapping and activation checkpointing use."""
+    """One pre-norm decoder layer; the unit that FSDP wrapping and activation checkpointing use.
+
+    With ``sandwich_norm`` each sublayer's output is normed again before the residual add.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, ops: DeviceOps) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        offset = cfg.norm_offset
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops, offset)
         self.attention = Attention(cfg, layer_idx, ops)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops, offset)
         self.mlp = MLP(cfg, ops)
+        self.attention_post_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops, offset) if cfg.sandwich_norm else None
+        self.mlp_post_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops, offset) if cfg.sandwich_norm else None
 
     def forward(
         self,
@@ -168,8 +230,10 @@ class Block(nn.Module):
         start_pos: int = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask)
-        return h + self.mlp(self.mlp_norm(h))
+        a = self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask)
+        h = x + (a if self.attention_post_norm is None else self.attention_post_norm(a))
+        m = self.mlp(self.mlp_norm(h))
+        return h + (m if self.mlp_post_norm is None else self.mlp_post_norm(m))
 
 
 def rope_cache(
@@ -202,7 +266,7 @@ class Transformer(nn.Module):
 
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i, self.ops) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             # The same Parameter object: optimizers, FSDP and state_dict all see one tensor.
@@ -220,7 +284,7 @@ class Transformer(nn.Module):
         """(Re)compute the fp32 cos/sin buffers, e.g. after ``to_empty`` from the meta device."""
         if device is None:
             device = self.tok_embeddings.weight.device
-        cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len, device)
         self.rope_cos = cos
         self.rope_sin = sin
 
@@ -252,20 +316,31 @@ class Transformer(nn.Module):
             start_pos=start_pos,
             prefix_embeds=prefix_embeds,
         )
+        cap = self.cfg.final_softcap
         if targets is None:
-            return self.lm_head(h).float()
+            logits = self.lm_head(h).float()
+            return logits if cap is None else softcap(logits, cap)
         B, T = tokens.shape
         if per_sequence:
             return torch.stack(
                 [
                     self.ops.linear_cross_entropy(
-                        h[b], self.lm_head.weight, targets[b], ignore_index=IGNORE_INDEX, reduction="sum"
+                        h[b],
+                        self.lm_head.weight,
+                        targets[b],
+                        ignore_index=IGNORE_INDEX,
+                        reduction="sum",
+                        logit_softcap=cap,
                     )
                     for b in range(B)
                 ]
             )
         return self.ops.linear_cross_entropy(
-            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=IGNORE_INDEX
+            h.reshape(B * T, -1),
+            self.lm_head.weight,
+            targets.reshape(B * T),
+            ignore_index=IGNORE_INDEX,
+            logit_softcap=cap,
         )
 
     def hidden_states(
@@ -314,6 +389,9 @@ class Transformer(nn.Module):
             attn_mask = attn_mask[:, None]  # broadcast over heads
 
         h = self.tok_embeddings(tokens)
+        if self.cfg.scale_embeddings:
+            # sqrt(dim) rounded to the weights' dtype first, as transformers' Gemma does.
+            h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype, device=h.device)
         if prefix_embeds is not None:
             if prefix_embeds.shape[0] != B or prefix_embeds.shape[2] != self.cfg.dim:
                 raise ValueError(
@@ -321,8 +399,13 @@ class Transformer(nn.Module):
                     f"got {tuple(prefix_embeds.shape)}"
                 )
             h = torch.cat([prefix_embeds.to(h.dtype), h], dim=1)
-        cos = self.rope_cos[start_pos : start_pos + n]
-        sin = self.rope_sin[start_pos : start_pos + n]
+        end = start_pos + n
+        if length_dependent(self.cfg) and end > original_length(self.cfg):
+            # Dynamic NTK / LongRoPE past the pretraining context: tables for this length.
+            cos, sin = rope_tables(self.cfg, end, tokens.device, seq_len=end)
+            cos, sin = cos[start_pos:end], sin[start_pos:end]
+        else:
+            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         for layer in self.layers:
             h = layer(h, cos, sin, kv_cache, start_pos, attn_mask)
         return self.norm(h)[:, P:]

@@ -126,7 +126,7 @@ def model_flops_per_token(
     computes input gradients but no weight gradients, 4 x instead of 6 x (the small PEFT weights
     are left out); a classifier never runs the lm head (``lm_head=False``).
     """
-    kv_dim = m.n_kv_heads * m.head_dim
+    kv_dim = m.n_kv_heads * m.head_size
     per_layer = m.dim * (m.dim + 2 * kv_dim) + m.dim * m.dim + 3 * m.dim * m.ffn_dim
     n_matmul = m.n_layers * per_layer + (vocab_size * m.dim if lm_head else 0)
     return (6.0 if weight_grads else 4.0) * n_matmul + 12.0 * m.n_layers * m.dim * seq_len

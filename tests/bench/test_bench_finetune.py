@@ -21,7 +21,7 @@ def debug(bench):
 
 def test_trainable_counts_match_hand_counts(bench, debug):
     m, vocab = debug, 32000
-    kv = m.n_kv_heads * m.head_dim
+    kv = m.n_kv_heads * m.head_size
     counts = bench.count_parameters(m, vocab)
     # LoRA r=8 on q_proj (dim -> dim) and v_proj (dim -> kv): r * (in + out) per wrapped linear.
     assert counts["lora"][0] == m.n_layers * 8 * ((m.dim + m.dim) + (m.dim + kv))

@@ -118,14 +118,6 @@ def test_sharded_state_dict_equals_single_file(tmp_path):
     assert all(torch.equal(one[k], many[k]) for k in one)
 
 
-def test_qwen2_with_biases_is_refused(tmp_path):
-    _save(tmp_path, arch="qwen2")
-    with pytest.raises(
-        HFImportError, match=r"Qwen2ForCausalLM.*attention_bias.*q,k,v\}_proj\.bias.*no biases"
-    ):
-        load_hf_pretrained(tmp_path)
-
-
 def test_bias_tensors_are_named_even_if_config_claims_llama(tmp_path):
     """Strict loading: weights that do not fit the config are refused tensor by tensor."""
     _save(tmp_path, arch="qwen2")
@@ -136,25 +128,12 @@ def test_bias_tensors_are_named_even_if_config_claims_llama(tmp_path):
         load_hf_pretrained(tmp_path)
 
 
-def test_mistral_sliding_window_is_refused(tmp_path):
-    _save(tmp_path, arch="mistral", sliding_window=16)
-    with pytest.raises(HFImportError, match=r"sliding_window=16 .*max_position_embeddings=64"):
-        load_hf_pretrained(tmp_path)
-
-
-def test_llama3_rope_scaling_is_refused(tmp_path):
-    _save(tmp_path)
+def test_mismatched_tensor_shape_is_named(tmp_path):
+    _save(tmp_path, arch="qwen2")
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    }
+    config["intermediate_size"] = 192
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HFImportError, match=r"rope_parameters\.rope_type='llama3' \(RoPE scaling\)"):
+    with pytest.raises(HFImportError, match=r"mlp\.(gate|up|down)_proj\.weight' has shape .*expected"):
         load_hf_pretrained(tmp_path)
 
 
@@ -165,27 +144,50 @@ def _config(**overrides: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"rope_scaling\.rope_type='linear'"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), r"rope_parameters\.rope_type='yarn'"),
+        (
+            dict(rope_scaling={"type": "ntk-by-parts", "factor": 2.0}),
+            r"rope_type='ntk-by-parts' is not supported",
+        ),
+        (dict(rope_parameters={"rope_type": "yarn"}), r"rope\.factor"),
+        (
+            dict(rope_parameters={"full_attention": {"rope_type": "default"}, "sliding_attention": {}}),
+            r"per layer type",
+        ),
         (
             dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
             r"partial_rotary_factor",
         ),
         (dict(max_position_embeddings=-1), r"max_position_embeddings=-1"),
         (dict(hidden_act="gelu"), r"hidden_act='gelu'"),
-        (dict(attention_bias=True), r"attention_bias=true"),
-        (dict(mlp_bias=True), r"mlp_bias=true"),
-        (dict(head_dim=32), r"head_dim=32 differs .*=16"),
+        (dict(head_dim=15), r"head_dim=15 is odd"),
+        (dict(sliding_window=8), r"sliding_window=8 .*Llama has no sliding window"),
         (dict(num_key_value_heads=3), r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
         (dict(hidden_size=66), r"hidden_size=66 is not divisible by num_attention_heads=4"),
         (dict(vocab_size=None), r"vocab_size=None"),
         (dict(quantization_config={"quant_method": "gptq"}), r"quantization_config"),
         (
             dict(architectures=["GPT2LMHeadModel"]),
-            r"'GPT2LMHeadModel' is not supported; supported: .*LlamaForCausalLM.*Mistral",
+            r"'GPT2LMHeadModel' is not supported; supported: .*Gemma2ForCausalLM.*LlamaForCausalLM.*Qwen3",
         ),
         (dict(architectures=None, model_type="gpt2"), r"model_type='gpt2'"),
         (dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types"),
+        (
+            dict(
+                architectures=["Qwen2ForCausalLM"],
+                use_sliding_window=True,
+                sliding_window=8,
+                max_window_layers=1,
+            ),
+            r"max_window_layers=1",
+        ),
+        (
+            dict(
+                architectures=["Gemma2ForCausalLM"],
+                sliding_window=8,
+                layer_types=["full_attention", "sliding_attention"],
+            ),
+            r"layer_types",
+        ),
     ],
 )
 def test_config_errors_name_the_key(overrides, pattern):

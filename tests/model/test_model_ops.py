@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from orchestra.config import ConfigError, KernelBackend, ModelConfig
 from orchestra.model import Transformer
-from orchestra.model.ops import TORCH_OPS, Ops, get_ops
+from orchestra.model.ops import TORCH_OPS, VARIANTS, Ops, get_ops
 
 
 class FakeKernels(SimpleNamespace):
@@ -48,6 +48,7 @@ class FakeKernels(SimpleNamespace):
             self.rope.apply_rope,
             self.swiglu.swiglu,
             self.linear_cross_entropy.linear_cross_entropy,
+            unsupported=frozenset(VARIANTS),
         )
 
 

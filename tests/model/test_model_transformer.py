@@ -127,7 +127,7 @@ def test_rope_buffers_are_not_saved_and_rebuild_after_meta(make_cfg):
     model.reset_rope_cache()
     torch.testing.assert_close(model.rope_cos, ref.rope_cos, rtol=0, atol=0)
     torch.testing.assert_close(model.rope_sin, ref.rope_sin, rtol=0, atol=0)
-    assert model.rope_cos.shape == (cfg.max_seq_len, cfg.head_dim)
+    assert model.rope_cos.shape == (cfg.max_seq_len, cfg.head_size)
     assert model.rope_cos.dtype == torch.float32
 
 
