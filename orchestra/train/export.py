@@ -1,10 +1,12 @@
-"""Consolidate any training checkpoint into a Hugging Face Llama folder, or export PEFT weights alone.
+"""Consolidate any training checkpoint into a Hugging Face folder of its family, or export PEFT weights alone.
 
 Checkpoint kinds: a single file (single device, DDP), a torch.distributed.checkpoint directory
 (FSDP2, any number of shards) and a DeepSpeed ZeRO directory (stages 1-3). Each is turned into one
 full fp32 state dict of our parameter names, checked against the model shape recorded in the
-checkpoint, renamed to transformers' Llama names and written as safetensors with config.json and
-the tokenizer files. The folder loads with ``AutoModelForCausalLM.from_pretrained``.
+checkpoint, renamed to transformers' names for the model's family (a Qwen2 base fine-tuned here
+is written back as ``Qwen2ForCausalLM``, Phi-3's q/k/v fused again; see orchestra/model/families/)
+and written as safetensors with config.json and the tokenizer files. The folder loads with
+``AutoModelForCausalLM.from_pretrained``.
 
 :func:`export_peft` (``orchestra-export ... peft_only=true``) writes only the trained weights of a
 PEFT checkpoint: LoRA and prompt tuning in Hugging Face peft's format (``adapter_config.json`` +
@@ -72,10 +74,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write a Hugging Face Llama folder for ``ckpt`` into ``out`` (atomically); returns ``out``."""
+    """Write a Hugging Face folder of the checkpoint's family for ``ckpt`` into ``out`` (atomically); returns ``out``."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
+    from orchestra.model.families import family
     from orchestra.model.hf import hf_config_dict, to_hf_state_dict
 
     ckpt, out = Path(ckpt), Path(out)
@@ -105,10 +108,10 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config_dict(cfg, vocab_size, bos_id=eos_id, eos_id=eos_id, torch_dtype=dtype)
         if labels:
-            # LlamaForSequenceClassification reads the last token before the first pad: pad = eos,
+            # <Family>ForSequenceClassification reads the last token before the first pad: pad = eos,
             # which classification texts never contain (the data module pads with it too).
             config.update(
-                architectures=["LlamaForSequenceClassification"],
+                architectures=[family(cfg.family).classifier_architecture],
                 num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
                 label2id={n: i for i, n in enumerate(labels)},
@@ -183,7 +186,7 @@ def export_peft(ckpt: str | Path, out: str | Path, dtype: str = "float32", overw
     if meta.is_classifier:
         raise CheckpointError(
             f"checkpoint {ckpt} is a classifier: its new head has no place in peft's adapter files; use the "
-            f"merged export (orchestra-export ckpt={ckpt} out=DIR), a LlamaForSequenceClassification folder"
+            f"merged export (orchestra-export ckpt={ckpt} out=DIR), a <Family>ForSequenceClassification folder"
         )
     spec = method_spec(meta.peft.method, ckpt)
     if spec.peft_files is None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from orchestra.config import ConfigError, FinetuneConfig, ModelConfig, TrainConfig, require
+from orchestra.model.families import family
 from orchestra.model.hf import name_map
 from orchestra.model.peft import LoraConfig, apply_lora, merge_lora
 from orchestra.train.checkpoint.meta import CheckpointError, CheckpointMeta, PeftRecord
@@ -54,11 +55,20 @@ def peft_names(names: list[str], cfg: ModelConfig) -> dict[str, str]:
     layers.0.attention.q_proj.lora_A.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
     """
     weights = name_map(cfg)
+    fused = family(cfg.family).fused
     out: dict[str, str] = {}
     for name in names:
         module, _, leaf = name.rpartition(".lora_")
+        if fused and any(module.endswith(part) for parts in fused.values() for part in parts):
+            raise CheckpointError(
+                f"LoRA tensor {name!r} adapts {module}, which {family(cfg.family).architecture} stores fused "
+                f"({', '.join(fused)}): peft has no adapter for one slice of a fused projection; export the "
+                "merged model instead (orchestra-export without peft_only=true)"
+            )
         if leaf not in ("A.weight", "B.weight") or f"{module}.weight" not in weights:
-            raise CheckpointError(f"LoRA tensor {name!r} is not a lora_A/lora_B weight of a Llama projection")
+            raise CheckpointError(
+                f"LoRA tensor {name!r} is not a lora_A/lora_B weight of a decoder projection"
+            )
         hf_module = weights[f"{module}.weight"].removesuffix(".weight")
         out[name] = f"{PEFT_PREFIX}{hf_module}.lora_{leaf}"
     return out
