@@ -81,3 +81,63 @@ def test_model_built_on_the_gpu_runs_on_cpu_with_torch_ops() -> None:
     cpu_tokens = tokens.cpu()
     assert model.ops.table(cpu_tokens) is TORCH_OPS
     torch.testing.assert_close(model(cpu_tokens, cpu_tokens), gpu_loss.cpu(), rtol=1e-4, atol=1e-4)
+
+
+# Each family's switches at once; the Triton table fuses what it covers and hands the rest to torch.
+FAMILY_VARIANTS = {
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True, head_dim=24),
+    "mistral": dict(sliding_window=5),
+    "gemma2": dict(
+        norm_offset=1.0,
+        activation="gelu_tanh",
+        scale_embeddings=True,
+        sandwich_norm=True,
+        attn_softcap=4.0,
+        final_softcap=3.0,
+        attn_scale=0.2,
+        sliding_window=5,
+        global_every=2,
+    ),
+    "llama31": dict(rope={"type": "llama3", "factor": 8.0, "original_max_seq_len": 8}),
+}
+
+
+@pytest.mark.parametrize("variant", list(FAMILY_VARIANTS))
+def test_family_variants_under_triton_match_torch_with_one_logged_fallback(
+    variant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from orchestra.model.ops import VARIANTS
+
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
+    plain = ModelConfig.from_dict({**base, **FAMILY_VARIANTS[variant], "kernels": "torch"})
+    fused = ModelConfig.from_dict({**base, **FAMILY_VARIANTS[variant], "kernels": "triton"})
+    torch.manual_seed(0)
+    ref = build_model(plain, 96, device=DEVICE)
+    model = build_model(fused, 96, device=DEVICE)
+    model.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    targets = tokens.roll(-1, dims=1)
+    with caplog.at_level(logging.INFO, logger="orchestra.model.ops"):
+        for _ in range(2):  # the reason is logged once per op, not per call
+            loss = model(tokens, targets)
+            loss.backward()
+    expected = ref(tokens, targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(p.grad / 2, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+    lines = [r.getMessage() for r in caplog.records if "do not cover" in r.getMessage()]
+    used = {
+        "norm_offset": plain.norm_offset != 0,
+        "gelu_tanh": plain.activation.value == "gelu_tanh",
+        "logit_softcap": plain.final_softcap is not None,
+    }
+    assert sorted(lines) == sorted(
+        f"model.kernels: the triton kernels do not cover {VARIANTS[v]}; that op runs in torch"
+        for v, on in used.items()
+        if on
+    )
