@@ -2,7 +2,8 @@
 
 Layout: config.py (ModelConfig), transformer.py (the model), build.py (build_model: meta-device
 construction, then init.py's schemes), ops.py (fusable ops), generate.py (sampling), peft/
-(LoRA, adapters, prompt tuning, freezing), heads.py (task heads), hf.py (Hugging Face format).
+(LoRA, adapters, prompt tuning, freezing), heads.py (task heads), rope.py (RoPE scalings),
+families/ (one file per Hugging Face family), hf.py (Hugging Face tensors and folders).
 Nothing in model/ imports orchestra.config (the run's schema imports this package's config).
 """
 
