@@ -159,3 +159,46 @@ def test_lora_and_full_sft_round_trip_through_transformers(
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
     assert type(back) is type(base_model)
     assert (logits(back, tokens) - logits(model, tokens)).abs().max().item() <= 1e-5
+
+
+def _damage(folder: Path, how: str) -> str:
+    """Break a base folder one way; return the pattern its one error must match."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if how == "missing_shard":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        names = sorted(tensors)
+        half = {"a": names[: len(names) // 2], "b": names[len(names) // 2 :]}
+        shards = {k: f"model-0000{i + 1}-of-00002.safetensors" for i, k in enumerate(half)}
+        save_file({n: tensors[n] for n in half["a"]}, str(folder / shards["a"]))
+        (folder / "model.safetensors").unlink()
+        weight_map = {n: shards[k] for k, ns in half.items() for n in ns}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return r"lists shard\(s\) missing .*model-00002-of-00002\.safetensors"
+    if how == "shape":
+        config["intermediate_size"] = 80
+        config_file.write_text(json.dumps(config))
+        return r"mlp\.(gate|up|down)_proj\.weight' has shape"
+    if how == "rope_type":
+        config["rope_parameters"] = {"rope_type": "ntk-by-parts", "rope_theta": 10000.0, "factor": 2.0}
+        config_file.write_text(json.dumps(config))
+        return r"rope_type='ntk-by-parts' is not supported"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["missing_shard", "shape", "rope_type"])
+def test_a_bad_base_folder_is_one_clear_error_and_nothing_is_written(
+    how: str, corpus_dir: Path, examples_cache: Path, tokenizer_file: Path, tmp_path: Path
+) -> None:
+    from orchestra.config import ConfigError
+
+    base = tmp_path / "base"
+    hf_base("qwen2", base, tokenizer_file)
+    pattern = _damage(base, how)
+    before = {p: p.read_bytes() for p in base.iterdir()}
+    with pytest.raises(ConfigError, match=rf"finetune.init_from: .*{pattern}"):
+        train(sft_config(corpus_dir, examples_cache, tmp_path / "run", "lora", base, steps=2))
+    assert not (tmp_path / "run").exists()
+    assert {p: p.read_bytes() for p in base.iterdir()} == before
