@@ -165,6 +165,9 @@ class ModelConfig:
     (Gemma 2: 2, Gemma 3: 6); 0 means every layer is windowed (Mistral, Phi-3)."""
     rope: RopeScaling = field(default_factory=RopeScaling)
     """RoPE frequency scaling (Llama 3.1 llama3, yarn, dynamic NTK, Phi-3 longrope)."""
+    rope_local_theta: float | None = None
+    """RoPE base of the windowed layers, unscaled (Gemma 3's local layers); None: every layer uses
+    rope_theta and rope."""
     kernels: KernelBackend = KernelBackend.auto
     """Which implementation of the fusable ops to use: torch, Triton, or auto (Triton where it can run)."""
     path: str | None = None
@@ -211,6 +214,11 @@ class ModelConfig:
             value = getattr(self, key)
             require(value is None or value > 0, f"{prefix}.{key}", f"must be positive or null, got {value}")
         require(self.global_every >= 0, f"{prefix}.global_every", "must be >= 0")
+        require(
+            self.rope_local_theta is None or self.rope_local_theta > 0,
+            f"{prefix}.rope_local_theta",
+            "must be positive or null",
+        )
         self._validate_rope(f"{prefix}.rope")
 
     def _validate_rope(self, prefix: str) -> None:

@@ -16,10 +16,11 @@ transformers does.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from orchestra.model.config import ModelConfig, RopeType
+from orchestra.model.config import ModelConfig, RopeScaling, RopeType
 
 
 def _exponents(dim: int, device: torch.device | str | None) -> torch.Tensor:
@@ -147,3 +148,12 @@ def rope_tables(
     if attention != 1.0:
         cos, sin = cos * attention, sin * attention
     return cos, sin
+
+
+def local_rope_tables(
+    cfg: ModelConfig, n_positions: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The windowed layers' own unscaled tables (Gemma 3's local RoPE), or None when they share the others'."""
+    if cfg.rope_local_theta is None:
+        return None
+    return rope_tables(replace(cfg, rope_theta=cfg.rope_local_theta, rope=RopeScaling()), n_positions, device)

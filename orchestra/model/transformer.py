@@ -28,7 +28,7 @@ from torch import nn
 
 from orchestra.model.config import IGNORE_INDEX, Activation, ModelConfig
 from orchestra.model.ops import DeviceOps, device_ops, softcap
-from orchestra.model.rope import length_dependent, original_length, rope_tables
+from orchestra.model.rope import length_dependent, local_rope_tables, original_length, rope_tables
 
 
 class KVCache:
@@ -278,6 +278,11 @@ class Transformer(nn.Module):
         self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # Gemma 3: the windowed layers rotate with their own base frequency.
+        self.rope_local_cos: torch.Tensor
+        self.rope_local_sin: torch.Tensor
+        self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
         self.reset_rope_cache()
 
     def reset_rope_cache(self, device: torch.device | str | None = None) -> None:
@@ -287,6 +292,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.cfg, self.cfg.max_seq_len, device)
         self.rope_cos = cos
         self.rope_sin = sin
+        local = local_rope_tables(self.cfg, self.cfg.max_seq_len, device)
+        if local is not None:
+            self.rope_local_cos, self.rope_local_sin = local
 
     def forward(
         self,
@@ -406,8 +414,12 @@ class Transformer(nn.Module):
             cos, sin = cos[start_pos:end], sin[start_pos:end]
         else:
             cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        for layer in self.layers:
-            h = layer(h, cos, sin, kv_cache, start_pos, attn_mask)
+        local = (cos, sin)
+        if self.cfg.rope_local_theta is not None:
+            local = (self.rope_local_cos[start_pos:end], self.rope_local_sin[start_pos:end])
+        for i, layer in enumerate(self.layers):
+            c, s = local if self.cfg.is_windowed(i) else (cos, sin)
+            h = layer(h, c, s, kv_cache, start_pos, attn_mask)
         return self.norm(h)[:, P:]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -43,6 +43,7 @@ CLASSES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 HALF = 8  # head_dim 16 / 2: the number of LongRoPE factors
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -126,6 +127,24 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             query_pre_attn_scalar=24,
             num_key_value_heads=4,
         ),
+    ),
+    "gemma3_text": (
+        "gemma3",
+        dict(
+            num_hidden_layers=4,
+            head_dim=16,
+            sliding_window=6,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
+    "gemma3_pattern_tied": (
+        "gemma3",
+        dict(num_hidden_layers=3, head_dim=24, sliding_window=5, sliding_window_pattern=3),
     ),
     "phi3_fused": ("phi3", dict()),
     "phi3_longrope_window": (

@@ -49,6 +49,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "Gemma2",
         dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=5.0),
     ),
+    "gemma3": (
+        "Gemma3Text",
+        dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, sliding_window_pattern=2),
+    ),
     "phi3": (
         "Phi3",
         dict(
@@ -91,7 +95,7 @@ def hf_base(family: str, folder: Path, tokenizer_file: Path) -> Any:
         pad_token_id=eos,
     )
     torch.manual_seed(0)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(config).float().eval()
+    model = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")(config).float().eval()
     model.save_pretrained(str(folder))
     shutil.copy(tokenizer_file, folder / "tokenizer.json")
     return model
@@ -127,7 +131,7 @@ def test_lora_and_full_sft_round_trip_through_transformers(
     assert result.summary["finetune"] == "lora" and result.summary["steps"] == 3
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = load_checkpoint_file(ckpt_path)
-    assert ckpt["orchestra"]["model_config"]["family"] == base_model.config.model_type
+    assert ckpt["orchestra"]["model_config"]["family"] == base_model.config.model_type.removesuffix("_text")
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     merged = rebuild_peft_model(trained, ckpt["orchestra"], ckpt_path).eval()
     merge_lora(merged)

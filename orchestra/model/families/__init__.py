@@ -7,7 +7,7 @@ switch.
 
 from __future__ import annotations
 
-from orchestra.model.families import gemma, gemma2, llama, mistral, phi3, qwen2, qwen3
+from orchestra.model.families import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from orchestra.model.families.spec import Family, HFImportError
 
 FAMILIES: dict[str, Family] = {
@@ -19,6 +19,7 @@ FAMILIES: dict[str, Family] = {
         qwen3.FAMILY,
         gemma.FAMILY,
         gemma2.FAMILY,
+        gemma3.FAMILY,
         phi3.FAMILY,
     )
 }

@@ -28,7 +28,7 @@ LAYER_NAMES = {
 }
 
 
-def _cap(config: HFConfig, key: str, default: float) -> float | None:
+def _cap(config: HFConfig, key: str, default: float | None) -> float | None:
     value = config.get(key, default)
     return None if value is None else float(value)
 
