@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from orchestra.model.config import RopeType
 from orchestra.model.peft import PromptTunedModel
+from orchestra.model.rope import length_dependent, original_length
 from orchestra.model.transformer import KVCache, Transformer
 
 
@@ -55,6 +57,16 @@ def _next_token(
     logits = _filter_logits(logits / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _switches_rope(base: Transformer, virtual: int, pos: int) -> bool:
+    """Whether the token about to be fed (at position ``pos``) is the first past LongRoPE's original context."""
+    cfg = base.cfg
+    return (
+        RopeType(cfg.rope.type) == RopeType.longrope
+        and length_dependent(cfg)
+        and virtual + pos == original_length(cfg)
+    )
 
 
 @torch.no_grad()
@@ -121,7 +133,13 @@ def generate(
                 out = torch.cat([out, tok], dim=1)
                 if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
                     break
-                logits = model(tok, kv_cache=cache, start_pos=pos)[:, -1]
+                if _switches_rope(base, virtual, pos):
+                    # LongRoPE changes every position's rotation once the sequence passes the
+                    # original context: recompute the whole cache with the long factors, as
+                    # transformers' Phi-3 does, instead of mixing short- and long-rotated keys.
+                    logits = model(out, kv_cache=cache, start_pos=0)[:, -1]
+                else:
+                    logits = model(tok, kv_cache=cache, start_pos=pos)[:, -1]
                 pos += 1
     finally:
         model.train(was_training)
