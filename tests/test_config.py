@@ -80,7 +80,10 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]
 @pytest.mark.parametrize(
     ("override", "must_say"),
     [
-        ("model.dimm=12", ["dimm", "did you mean model.dim?", "allowed: dim, ffn_dim"]),  # misspelled key
+        (
+            "model.dimm=12",
+            ["dimm", "did you mean model.dim?", "allowed: activation", "dim, family, ffn_dim"],
+        ),  # misspelled key
         ("model.dim=wide", ["wide", "model.dim"]),  # wrong type
         ("model=llama-9b", ["llama-9b", "llama-125m"]),  # unknown preset lists what exists
         ("model.init=orthogonal", ["orthogonal", "xavier_uniform"]),  # closed choice lists values
