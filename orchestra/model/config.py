@@ -62,22 +62,32 @@ class RopeScaling:
     """
 
     type: RopeType = RopeType.default
+    """Which scaling: default (none), linear, dynamic (NTK), llama3, yarn or longrope."""
     factor: float | None = None
     """Context extension factor; None for longrope means max_seq_len / original_max_seq_len."""
     original_max_seq_len: int | None = None
     """Context the base was pretrained with (dynamic: the length beyond which it starts scaling;
     None means model.max_seq_len)."""
     low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than original / low_freq_factor are divided by factor."""
     high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than original / high_freq_factor are kept; a ramp in between."""
     beta_fast: float = 32.0
+    """yarn: rotations below which dimensions are interpolated (the ramp's fast end)."""
     beta_slow: float = 1.0
+    """yarn: rotations above which dimensions are extrapolated (the ramp's slow end)."""
     mscale: float | None = None
+    """yarn: with mscale_all_dim, the numerator of the derived attention factor (DeepSeek style)."""
     mscale_all_dim: float | None = None
+    """yarn: the denominator's mscale of the derived attention factor."""
     truncate: bool = True
+    """yarn: round the ramp's bounds to whole dimensions, as transformers does by default."""
     attention_factor: float | None = None
     """Multiplier of cos/sin (yarn, longrope); None derives it from the factor as transformers does."""
     short_factor: list[float] | None = None
+    """longrope: one divisor per frequency (head_dim / 2) within the original context."""
     long_factor: list[float] | None = None
+    """longrope: the divisors once positions pass the original context."""
 
 
 class KernelBackend(str, Enum):
@@ -131,7 +141,7 @@ class ModelConfig:
     # (orchestra/model/families/) sets the ones it differs in, so one model file computes them all.
     family: str = "llama"
     """Hugging Face family this shape is written back as (families/): llama, mistral, qwen2, qwen3,
-    gemma, gemma2, phi3. It names the export format only; the fields below fix the math."""
+    gemma, gemma2, gemma3, phi3. It names the export format only; the fields below fix the math."""
     head_dim: int | None = None
     """Width of one attention head; None is dim // n_heads (Qwen3 and Gemma set their own)."""
     qkv_bias: bool = False
