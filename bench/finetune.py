@@ -11,6 +11,11 @@ task=sft` job on the bundled SFT examples):
 
     python bench/finetune.py --preset llama-1b --methods full lora --steps 100
     python bench/finetune.py --preset llama-1b --methods full l2sp lora lora-all adapter prompt unfreeze
+    python bench/finetune.py --preset qwen2.5-0.5b --methods lora --steps 50 --kernels torch triton
+
+With several ``--kernels`` each method runs once per backend, side by side on the same base, and
+the table adds the final training loss of each, so the fused kernels' speed, memory and loss
+difference against torch come from one session.
 
 Trainable parameters are counted exactly: each preset is built on the meta device and the real
 methods are applied to it (orchestra.model.peft: apply_lora, apply_adapters, PromptTunedModel).
@@ -47,7 +52,24 @@ sys.path.insert(0, str(ROOT))
 
 from bench.benchlib import compose_check  # noqa: E402
 
-PRESETS = ["debug", "llama-125m", "llama-350m", "llama-1b", "llama-3b", "llama-8b"]
+PRESETS = [
+    "debug",
+    "llama-125m",
+    "llama-350m",
+    "llama-1b",
+    "llama-3b",
+    "llama-8b",
+    # The published shapes of the families people fine-tune (conf/model/, docs/models.md).
+    "llama-3.2-1b",
+    "llama-3.1-8b",
+    "qwen2.5-0.5b",
+    "qwen2.5-7b",
+    "qwen3-0.6b",
+    "qwen3-8b",
+    "mistral-7b",
+    "gemma-2-2b",
+    "phi-3-mini",
+]
 GIB = 2**30
 DEFAULT_VOCAB = 32000  # presets without a fixed vocabulary take theirs from the tokenizer
 
@@ -219,12 +241,19 @@ def memory_table(micro_batch: int = 4, seq: int | None = None, names: list[str] 
 
 
 def finetune_overrides(
-    method: str, base: Path | str, steps: int, micro_batch: int, precision: str, run_dir: Path | str
+    method: str,
+    base: Path | str,
+    steps: int,
+    micro_batch: int,
+    precision: str,
+    run_dir: Path | str,
+    kernels: str = "auto",
 ) -> list[str]:
     """The `orchestra-train` overrides of one method's run."""
     return [
         "task=sft",
         *METHODS[method],
+        f"model.kernels={kernels}",
         f"finetune.init_from={base}",
         f"trainer.precision={precision}",
         f"trainer.max_steps={steps}",
@@ -300,20 +329,28 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "precision": summary.get("precision"),
         "tokens_per_s": None if tps is None else round(tps),
         "peak_mem_gb": None if peak is None else round(peak, 2),
+        "train_loss": None if summary.get("train_loss") is None else round(float(summary["train_loss"]), 4),
     }
 
 
 def run_method(
-    method: str, base: Path, steps: int, micro_batch: int, precision: str, out: Path, keep_checkpoints: bool
+    method: str,
+    base: Path,
+    steps: int,
+    micro_batch: int,
+    precision: str,
+    out: Path,
+    keep_checkpoints: bool,
+    kernels: str = "auto",
 ) -> dict[str, Any]:
-    run_dir = out / method
-    overrides = finetune_overrides(method, base, steps, micro_batch, precision, run_dir)
+    run_dir = out / f"{method}-{kernels}"
+    overrides = finetune_overrides(method, base, steps, micro_batch, precision, run_dir, kernels)
     cmd = [sys.executable, "-m", "orchestra.cli.train", *overrides]
     print("$ orchestra-train " + " ".join(overrides), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
-        return {"method": method, "error": f"exit {proc.returncode}"}
-    result = {"method": method, **read_run(run_dir)}
+        return {"method": method, "kernels": kernels, "error": f"exit {proc.returncode}"}
+    result = {"method": method, "kernels": kernels, **read_run(run_dir)}
     if not keep_checkpoints:  # a full fine-tune's checkpoint holds weights + AdamW state: 12+ B/param
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
@@ -321,6 +358,7 @@ def run_method(
 
 KEYS = [
     "method",
+    "kernels",
     "precision",
     "params_m",
     "trainable_params",
@@ -328,6 +366,7 @@ KEYS = [
     "steps",
     "tokens_per_s",
     "peak_mem_gb",
+    "train_loss",
 ]
 
 
@@ -346,6 +385,13 @@ def main() -> None:
         "--seq", type=int, default=None, help="context / SFT row length (default: the preset's)"
     )
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "bf16-true"])
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "torch", "triton"],
+        help="model.kernels per run",
+    )
     parser.add_argument(
         "--base", type=Path, default=None, help="an existing base (HF folder or checkpoint) to use"
     )
@@ -367,12 +413,13 @@ def main() -> None:
         )
     out = args.out or Path(tempfile.mkdtemp(prefix="orchestra-finetune-"))
     placeholder = args.base or out / "base"
-    for method in args.methods:  # every command must compose and validate before anything is built
+    runs = [(m, k) for m in args.methods for k in args.kernels]
+    for method, kernels in runs:  # every command must compose and validate before anything is built
         compose_check(
             [
                 o
                 for o in finetune_overrides(
-                    method, placeholder, args.steps, args.micro_batch, args.precision, out / method
+                    method, placeholder, args.steps, args.micro_batch, args.precision, out / method, kernels
                 )
                 if not o.startswith("hydra.")
             ]
@@ -383,11 +430,11 @@ def main() -> None:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     preset = str(args.base) if args.base else args.preset
     results = []
-    for m in args.methods:  # each row is appended as its run ends, so a time box keeps what finished
+    for m, k in runs:  # each row is appended as its run ends, so a time box keeps what finished
         results.append(
-            run_method(m, base, args.steps, args.micro_batch, args.precision, out, args.keep_checkpoints)
+            run_method(m, base, args.steps, args.micro_batch, args.precision, out, args.keep_checkpoints, k)
         )
-        print(f"[{m}] {json.dumps(results[-1])}", flush=True)
+        print(f"[{m} {k}] {json.dumps(results[-1])}", flush=True)
         new = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["date", "device", "preset", "micro_batch", *KEYS, "error"])

@@ -24,6 +24,8 @@
 #   kernels        bench/kernels.py --quick (linear_cross_entropy first)                      ~100 s
 #   energy         bench/energy.py llama-350m, asked to stop after 75 s: CodeCarbon vs NVML  ~95 s
 #   finetune       bench/finetune.py llama-1b lora + full, 30 steps, seq 2048                 ~140 s
+#   families       bench/finetune.py qwen2.5-0.5b and llama-3.2-1b shapes, LoRA SFT 50 steps,
+#                  model.kernels=torch vs triton: tokens/s, peak memory, final loss          ~150 s
 #   scaling        bench/scaling.py llama-1b single, 50 steps           (only if time is left)
 #   pretrain-debug bench/pretrain.py debug, torch vs triton, 200 steps  (only if time is left)
 # GPU_SESSION_STAGES picks stages by these names ("correctness" = its three parts).
@@ -53,6 +55,7 @@ PLAN=(
     "kernels 100 60"
     "energy 105 70"
     "finetune 150 90"
+    "families 160 90"
     "scaling 90 80"
     "pretrain-debug 70 60"
 )
@@ -241,6 +244,12 @@ stage_kernels() {  # the headline shape (linear_cross_entropy, V=128k, N=16k) am
 stage_energy() { "$PY" bench/energy.py --preset llama-350m --seconds 75 --out "$WORK/energy"; }
 stage_finetune() {  # lora first: the full fine-tune writes a ~15 GB checkpoint (twice: last.ckpt)
     "$PY" bench/finetune.py --preset llama-1b --methods lora full --steps 30 --seq 2048 --out "$WORK/finetune"
+}
+stage_families() {  # the issue-12 shapes; qwen first (smaller), each torch then triton on one base
+    "$PY" bench/finetune.py --preset qwen2.5-0.5b --methods lora --kernels torch triton --steps 50 --seq 2048 \
+        --out "$WORK/families-qwen" &&
+        "$PY" bench/finetune.py --preset llama-3.2-1b --methods lora --kernels torch triton --steps 50 --seq 2048 \
+            --out "$WORK/families-llama"
 }
 stage_scaling() {  # scaling.py puts its run dirs in a temp dir: there, where the clean-up looks
     mkdir -p "$WORK/scaling" &&
