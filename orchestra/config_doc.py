@@ -121,7 +121,7 @@ def render() -> str:
         section = _default(f)
         if dataclasses.is_dataclass(section):
             lines += _table(f.name, type(section), f"{f.name}.")
-            for g in dataclasses.fields(type(section)):  # a nested section: model.rope
+            for g in dataclasses.fields(section):  # a nested section: model.rope
                 sub = _default(g)
                 if dataclasses.is_dataclass(sub):
                     lines += _table(f"{f.name}.{g.name}", type(sub), f"{f.name}.{g.name}.")
