@@ -510,7 +510,8 @@ class TaskConfig:
     val_fraction: float = 0.05
     """With train_path set and no val_path: this fraction of the examples (seeded) is held out."""
     chat_template: str | None = None
-    """sft: a Jinja2 chat template over ``messages`` (HF style); null = Orchestra's plain template."""
+    """sft, dpo: a Jinja2 chat template over ``messages`` (HF style); null = a Hugging Face base's own
+    (its tokenizer_config.json / chat_template.jinja), else Orchestra's plain template."""
     pack: bool = True
     """sft: pack several examples into one row (attention masked at example boundaries)."""
     labels: list[str] = field(default_factory=list)

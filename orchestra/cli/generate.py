@@ -56,7 +56,9 @@ def sample(cfg: GenerateConfig) -> str:
         console.print(
             f"[yellow]note:[/] generating {budget} tokens: the context ({context}) is full after that"
         )
-    eos_id = meta.eos_id if meta.eos_id is not None else tokenizer.token_to_id("<|endoftext|>")
+    # Every end token the checkpoint records (an HF base's: Llama 3.x Instruct has three).
+    fallback = tokenizer.token_to_id("<|endoftext|>")
+    eos_ids = meta.stop_ids or ((fallback,) if fallback is not None else ())
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = torch.tensor([ids], device=device)
     out = generate(
@@ -66,7 +68,7 @@ def sample(cfg: GenerateConfig) -> str:
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
-        eos_id=eos_id,
+        eos_id=eos_ids,
         generator=gen,
     )
     return tokenizer.decode(out[0].tolist())

@@ -7,6 +7,8 @@ cache positions and so shortens the context left for real tokens (:func:`context
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from orchestra.model.config import RopeType
@@ -77,14 +79,15 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` ([B, T] or [T] token ids) by up to ``max_new_tokens`` tokens.
 
     Returns prompt + continuation with the prompt's shape convention ([B, T + n] or [T + n]).
-    temperature=0 is greedy decoding. With ``eos_id``, a row that has produced eos keeps
-    emitting eos and generation stops as soon as every row has, so n may be < max_new_tokens.
+    temperature=0 is greedy decoding. ``eos_id`` is one id or several (Llama 3.x Instruct stops
+    on any of three): a row that has produced one of them is finished and keeps emitting the
+    first, and generation stops as soon as every row is, so n may be < max_new_tokens.
     The model is put in eval mode for the call and its previous mode restored afterwards.
     """
     squeeze = prompt.dim() == 1
@@ -113,6 +116,7 @@ def generate(
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    stop = [eos_id] if isinstance(eos_id, int) else list(eos_id or ())
 
     was_training = model.training
     model.eval()
@@ -123,15 +127,16 @@ def generate(
             # Positions count from the soft prompt's first virtual token; start_pos counts real ones.
             cache = KVCache(B, base.cfg, virtual + T + max_new_tokens, device=param.device, dtype=param.dtype)
             finished = torch.zeros(B, dtype=torch.bool, device=param.device)
+            stop_ids = torch.tensor(stop, dtype=torch.long, device=param.device)
             logits = model(out, kv_cache=cache, start_pos=0)[:, -1]
             pos = T
             for step in range(max_new_tokens):
                 tok = _next_token(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    tok = tok.masked_fill(finished[:, None], eos_id)
-                    finished |= tok[:, 0] == eos_id
+                if stop:
+                    tok = tok.masked_fill(finished[:, None], stop[0])
+                    finished |= torch.isin(tok[:, 0], stop_ids)
                 out = torch.cat([out, tok], dim=1)
-                if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
+                if (stop and bool(finished.all())) or step == max_new_tokens - 1:
                     break
                 if _switches_rope(base, virtual, pos):
                     # LongRoPE changes every position's rotation once the sequence passes the

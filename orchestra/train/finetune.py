@@ -12,14 +12,16 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from orchestra.config import ConfigError, FinetuneConfig, FinetuneMethod, ModelConfig, to_plain
+from orchestra.data.hf_tokenizer import TokenizerSpec, read_tokenizer_spec
 from orchestra.model.heads import SequenceClassifier
 from orchestra.train.checkpoint.io import consolidated_state_dict, read_meta
 from orchestra.train.checkpoint.meta import (
@@ -48,8 +50,32 @@ class BaseModel:
     vocab_size: int
     tokenizer_json: str
     reference: BaseRef
-    # The token that ends a document / response (fine-tuning data is terminated with it).
-    eos_id: int = 0
+    # Chat template, BOS and every EOS id (an HF folder's tokenizer files; a checkpoint's one EOS).
+    tokens: TokenizerSpec = field(default_factory=TokenizerSpec)
+
+    @property
+    def eos_id(self) -> int:
+        """The token that ends a document / response (fine-tuning data ends its turns with it)."""
+        return self.tokens.eos_ids[0] if self.tokens.eos_ids else 0
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id generation stops on, :attr:`eos_id` first."""
+        return self.tokens.eos_ids or (self.eos_id,)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokens.bos_id
+
+    @property
+    def chat_template(self) -> str | None:
+        """The base's own chat template (SFT and DPO render with it unless task.chat_template is set)."""
+        return self.tokens.chat_template
+
+    @property
+    def add_bos(self) -> bool:
+        """The base's tokenizer starts every sequence with BOS (unless its template already does)."""
+        return self.tokens.add_bos
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -57,19 +83,16 @@ class BaseModel:
         return load_base_weights(self.reference.path, self.model_config)
 
 
-def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path) -> int:
-    """The end-of-sequence id: config.json's eos_token_id, else Orchestra's <|endoftext|>."""
-    from tokenizers import Tokenizer
-
-    eos = (hf_config or {}).get("eos_token_id")
-    if isinstance(eos, list) and eos:
-        eos = eos[0]
-    if isinstance(eos, int):
-        return eos
+def _parse_tokenizer(tokenizer_json: str, source: Path) -> Tokenizer:
     try:
-        tokenizer = Tokenizer.from_str(tokenizer_json)
+        return Tokenizer.from_str(tokenizer_json)
     except Exception as err:  # tokenizers raises a bare Exception for a malformed tokenizer.json
         raise CheckpointError(f"base {source}: its tokenizer is not a valid tokenizer.json ({err})") from None
+
+
+def _checkpoint_eos_id(tokenizer_json: str, source: Path) -> int:
+    """An Orchestra checkpoint's end-of-sequence id: a known end-of-text token of its tokenizer."""
+    tokenizer = _parse_tokenizer(tokenizer_json, source)
     for token in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>"):
         found = tokenizer.token_to_id(token)
         if found is not None:
@@ -78,6 +101,27 @@ def _eos_id(tokenizer_json: str, hf_config: dict[str, Any] | None, source: Path)
         f"finetune.init_from: {source} names no eos_token_id and its tokenizer has no known "
         "end-of-text token; add eos_token_id to config.json"
     )
+
+
+def _hf_tokens(path: Path, tokenizer_json: str, hf_config: dict[str, Any], vocab: int) -> TokenizerSpec:
+    """An HF folder's tokenizer files as a TokenizerSpec; every EOS id one the model can emit."""
+    try:
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed tokenizer.json
+        raise ConfigError(
+            f"finetune.init_from: {path / 'tokenizer.json'} is not a valid tokenizer.json ({err})"
+        ) from None
+    try:
+        tokens = read_tokenizer_spec(path, tokenizer, hf_config)
+    except ConfigError as err:
+        raise ConfigError(f"finetune.init_from: {err}") from None
+    outside = [i for i in (*tokens.eos_ids, tokens.bos_id) if i is not None and i >= vocab]
+    if outside:
+        raise ConfigError(
+            f"finetune.init_from: {path}: token id(s) {outside} (EOS/BOS of its tokenizer files) are outside "
+            f"the model's vocabulary of {vocab} (config.json vocab_size)"
+        )
+    return tokens
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -122,7 +166,10 @@ def _is_hf_folder(path: Path) -> bool:
 
 
 def load_base(init_from: str | Path) -> BaseModel:
-    """Read a base model's config, tokenizer, end token and fingerprint (not its weights)."""
+    """Read a base model's config, tokenizer (with its template, BOS and EOS ids) and fingerprint.
+
+    Not its weights; everything is checked here, before a run writes anything.
+    """
     from orchestra.model.hf import HFImportError, model_config_from_hf
 
     path = Path(init_from)
@@ -145,10 +192,11 @@ def load_base(init_from: str | Path) -> BaseModel:
             cfg, vocab = model_config_from_hf(hf_config)
         except (HFImportError, json.JSONDecodeError) as err:
             raise ConfigError(f"finetune.init_from: {path}: {err}") from err
-        base = BaseModel(cfg, vocab, tokenizer_file.read_text(), reference)
+        tokenizer_json = tokenizer_file.read_text()
+        tokens = _hf_tokens(path, tokenizer_json, hf_config, vocab)
         # Refuse a folder whose weights do not load now, before anything is written.
         _check_hf_weights(path, cfg)
-        return replace(base, eos_id=_eos_id(base.tokenizer_json, hf_config, path))
+        return BaseModel(cfg, vocab, tokenizer_json, reference, tokens)
     try:
         meta = read_meta(path)
     except CheckpointError as err:
@@ -171,7 +219,7 @@ def load_base(init_from: str | Path) -> BaseModel:
         vocab,
         meta.tokenizer_json,
         reference,
-        _eos_id(meta.tokenizer_json, None, path),
+        TokenizerSpec(eos_ids=(_checkpoint_eos_id(meta.tokenizer_json, path),)),
     )
 
 

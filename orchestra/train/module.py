@@ -35,6 +35,7 @@ class CausalLMModule(L.LightningModule):
         self.plan = plan
         self.cfg = plan.config
         self.eos_id = plan.eos_id
+        self.eos_ids = plan.stop_ids
         self.method = plan.method
         self.vocab_size = plan.vocab_size
         self.tokenizer_json = plan.tokenizer_json
@@ -230,6 +231,7 @@ class CausalLMModule(L.LightningModule):
             tokenizer_json=self.tokenizer_json,
             task=self.plan.task.name,
             eos_id=self.eos_id,
+            eos_ids=self.eos_ids,
             labels=tuple(self.label_names),
             peft=peft,
             last_row=last_row,

@@ -55,6 +55,7 @@ class RunPlan:
     # Tokens per training row (the base keeps its full context; a soft prompt takes its share).
     seq_len: int
     tokenizer_json: str
+    # The EOS fine-tuning data ends with (an HF base: the one its chat template closes turns with).
     eos_id: int
     precision: str
     world_size: int
@@ -68,10 +69,18 @@ class RunPlan:
     last_row: LastRow | None = None
     # Data steps never trained on: data.skip_steps, and the loss guard's rollbacks in this run dir.
     skip_steps: tuple[int, ...] = ()
+    # Every id generation stops on, eos_id first (an HF base's eos ids: Llama 3.x Instruct has three);
+    # checkpoints record them. Empty = (eos_id,).
+    eos_ids: tuple[int, ...] = ()
 
     @property
     def model(self) -> ModelConfig:
         return self.config.model
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """:attr:`eos_ids`, never empty: eos_id first."""
+        return self.eos_ids or (self.eos_id,)
 
     @property
     def base_reference(self) -> BaseRef | None:

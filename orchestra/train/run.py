@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
@@ -245,6 +246,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         assert base is not None  # validate_run: every task but pretraining needs a base
         tokenizer_vocab, eos_id, tokenizer_json = base.vocab_size, base.eos_id, base.tokenizer_json
     vocab_size = padded_vocab_size(cfg.model, tokenizer_vocab)
+    # Generation stops on every EOS of the base (Llama 3.x Instruct: three), the data's own first.
+    eos_ids = tuple(dict.fromkeys([eos_id, *(base.eos_ids if base is not None else ())]))
 
     resume_path = resolve_resume(cfg, run_dir)
     resume_step, last_row = None, None
@@ -284,6 +287,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         resume_step=resume_step,
         last_row=last_row,
         skip_steps=tuple(sorted(skip_steps)),
+        eos_ids=eos_ids,
     )
 
 
@@ -481,7 +485,7 @@ def sample_text(
     tokenizer_json: str,
     prompt: str,
     max_new_tokens: int,
-    eos_id: int,
+    eos_ids: Sequence[int],
     device: torch.device,
     precision: str,
     seed: int,
@@ -498,7 +502,7 @@ def sample_text(
 
     assert isinstance(model, (Transformer, PromptTunedModel)), type(model)
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    ids = torch.tensor([tokenizer.encode(prompt).ids or [eos_id]], device=device)
+    ids = torch.tensor([tokenizer.encode(prompt).ids or [eos_ids[0]]], device=device)
     # A soft prompt (finetune=prompt) takes the first positions of the context.
     budget = max(0, min(max_new_tokens, context_length(model) - ids.shape[1]))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -506,7 +510,7 @@ def sample_text(
         device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision) and device.type == "cuda"
     ):
         out = generate(
-            model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_id, generator=gen
+            model, ids, max_new_tokens=budget, temperature=0.8, top_k=50, eos_id=eos_ids, generator=gen
         )
     return tokenizer.decode(out[0].tolist())
 
@@ -641,7 +645,7 @@ def train(cfg: TrainConfig) -> RunResult:
                         plan.tokenizer_json,
                         t.sample_prompt,
                         t.sample_tokens,
-                        plan.eos_id,
+                        plan.stop_ids,
                         trainer.strategy.root_device,
                         plan.precision,
                         plan.config.seed,

@@ -164,3 +164,25 @@ def test_peft_checkpoint_needs_its_unchanged_base(
     out = capsys.readouterr().out
     assert exit_info.value.code != 0 and "Traceback" not in out, out
     assert "lora.ckpt" in out and f"base model {base} does not exist" in out, out
+
+
+def test_sample_stops_on_any_eos_id_the_checkpoint_records(trained_run: Path, tmp_path: Path) -> None:
+    """A checkpoint recording several EOS ids (an HF base's) stops on a later one, not only eos_id."""
+    from orchestra.train.checkpoint import load_checkpoint_file
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    model, tokenizer, _ = load_model_from_checkpoint(ckpt)
+    ids = tokenizer.encode("def ").ids
+    greedy = generate(model, torch.tensor([ids]), max_new_tokens=12, temperature=0.0)[0].tolist()
+    new = greedy[len(ids) :]
+    stop = new[3]  # the fourth generated token; the recorded eos_id never comes up
+    unused = next(i for i in range(tokenizer.get_vocab_size()) if i not in new)
+    checkpoint = load_checkpoint_file(ckpt)
+    checkpoint["orchestra"].update(eos_id=unused, eos_ids=[unused, stop])
+    torch.save(checkpoint, tmp_path / "several-eos.ckpt")
+    text = sample(
+        GenerateConfig(
+            ckpt=str(tmp_path / "several-eos.ckpt"), prompt="def ", max_new_tokens=12, temperature=0.0
+        )
+    )
+    assert text == tokenizer.decode(greedy[: len(ids) + new.index(stop) + 1])

@@ -112,3 +112,26 @@ def test_errors(model):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 2, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 2, top_p=1.5)
+
+
+def test_stops_at_any_of_several_eos_ids(model):
+    """Llama 3.x Instruct stops on any of three ids: the continuation hitting the second one ends there."""
+    prompt = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, prompt, 10, temperature=0)
+    new = greedy[0, 4:].tolist()
+    second = new[2]  # a token of the greedy continuation is the second eos id; the first never comes
+    first = next(t for t in range(V) if t not in new)
+    out = generate(model, prompt, 10, temperature=0, eos_id=[first, second])
+    assert out.shape[1] == 4 + new.index(second) + 1 and out[0, -1].item() == second
+    assert torch.equal(out, greedy[:, : out.shape[1]])
+    assert torch.equal(generate(model, prompt, 10, temperature=0, eos_id=(second,)), out)
+    assert torch.equal(generate(model, prompt, 10, temperature=0, eos_id=[]), greedy)  # none: no stop
+
+
+def test_a_row_finished_on_a_later_eos_id_keeps_emitting_the_first(model):
+    prompt = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(4))
+    greedy = generate(model, prompt, 6, temperature=0)
+    second = int(greedy[0, 4])  # row 0 finishes at once, on the second id
+    first = next(t for t in range(V) if t not in set(greedy[:, 4:].flatten().tolist()))
+    out = generate(model, prompt, 6, temperature=0, eos_id=[first, second])
+    assert out[0, 4].item() == second and (out[0, 5:] == first).all()

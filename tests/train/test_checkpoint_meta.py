@@ -49,6 +49,7 @@ def test_round_trip_keeps_every_field() -> None:
         tokenizer_json="{}",
         task="classification",
         eos_id=3,
+        eos_ids=(3, 7, 5),
         labels=("neg", "pos"),
         peft=PeftRecord("lora", {"method": "lora", "lora_rank": 4}, BaseRef("/base", "ab" * 32)),
         last_row=LastRow(9, {"train/loss": 1.5}),
@@ -56,6 +57,21 @@ def test_round_trip_keeps_every_field() -> None:
     again = CheckpointMeta.from_dict(meta.to_dict(), "x.ckpt")
     assert again == meta
     assert again.is_classifier and again.peft is not None and again.peft.finetune_config().lora_rank == 4
+
+
+def test_eos_ids_are_optional_and_start_with_eos_id() -> None:
+    """A checkpoint from before eos_ids stops on its eos_id (or on nothing recorded); a new one on all."""
+    old = read_meta(OLD)
+    assert old.eos_ids == () and old.stop_ids == ((old.eos_id,) if old.eos_id is not None else ())
+    assert "eos_ids" not in old.to_dict()
+    d = {**old.to_dict(), "eos_id": 4}
+    assert CheckpointMeta.from_dict(d, "x.ckpt").stop_ids == (4,)
+    new = CheckpointMeta.from_dict({**d, "eos_ids": [4, 9]}, "x.ckpt")
+    assert new.stop_ids == (4, 9) and new.to_dict()["eos_ids"] == [4, 9] and new.format == 1
+    with pytest.raises(
+        CheckpointError, match=r"x\.ckpt: malformed .*eos_ids \[9, 4\] must start with eos_id 4"
+    ):
+        CheckpointMeta.from_dict({**d, "eos_ids": [9, 4]}, "x.ckpt")
 
 
 def test_a_future_format_is_refused_naming_its_version(tmp_path: Path) -> None:

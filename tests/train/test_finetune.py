@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from orchestra.config import (
     FinetuneMethod,
     ScheduleName,
     SchedulerConfig,
+    TaskConfig,
+    TaskName,
     TrainConfig,
 )
 from orchestra.train.checkpoint import CheckpointError, load_checkpoint_file
@@ -194,3 +197,104 @@ def test_finetune_presets_compose() -> None:
     assert composed().finetune.method == FinetuneMethod.none
     with pytest.raises(ConfigError, match=r"finetune\.init_from"):
         validate(composed("finetune=full"))
+
+
+def hf_chat_base(folder: Path, family: str = "llama3") -> Any:
+    """A random tiny transformers Llama with ``family``'s tokenizer files (tests/data/hf_tokenizers.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.data.hf_tokenizers import config_ids, write_tokenizer_files
+
+    tokenizer = write_tokenizer_files(folder, family)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        vocab_size=tokenizer.get_vocab_size(),
+        **config_ids(family, tokenizer),
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    return tokenizer
+
+
+def chat_files(tmp_path: Path) -> tuple[Path, Path]:
+    rows = [
+        {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
+        {"prompt": "Name a colour.", "response": "Blue is a colour, and so are red and green."},
+        {"prompt": "Tell me a joke.", "response": "Why did the chicken cross the road?"},
+    ]
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows * 6))
+    val_file.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    return train_file, val_file
+
+
+def sft_chat_config(corpus_dir: Path, data_cache: Path, tmp_path: Path, base: Path, run: Path) -> TrainConfig:
+    cfg = ft_config(corpus_dir, data_cache, run, "lora", base, max_steps=2, val_every_n_steps=2)
+    train_file, val_file = chat_files(tmp_path)
+    # One example per row, so the rows can be read back one by one.
+    cfg.task = TaskConfig(name=TaskName.sft, train_path=str(train_file), val_path=str(val_file), pack=False)
+    return cfg
+
+
+def test_an_hf_bases_chat_template_and_eos_ids_reach_sft_and_its_checkpoints(
+    corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    """Llama 3.1 Instruct's files: SFT renders through its template, checkpoints stop on its three EOS ids."""
+    from orchestra.data.tasks import IGNORE_INDEX, TaskDataModule
+    from orchestra.train.finetune import load_base
+
+    base_dir = tmp_path / "base"
+    tokenizer = hf_chat_base(base_dir)
+    base = load_base(base_dir)
+    assert [tokenizer.id_to_token(i) for i in base.eos_ids] == ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]
+    assert base.eos_id == tokenizer.token_to_id("<|eot_id|>") and base.add_bos
+    assert base.bos_id == tokenizer.token_to_id("<|begin_of_text|>") and "<|start_header_id|>" in str(
+        base.chat_template
+    )
+
+    cfg = sft_chat_config(corpus_dir, data_cache, tmp_path, base_dir, tmp_path / "run")
+    result = train(cfg)
+    assert result.summary["steps"] == 2 and result.module is not None
+    meta = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.ckpt")["orchestra"]
+    assert meta["eos_ids"] == list(base.eos_ids) and meta["eos_id"] == base.eos_id
+
+    # What it trained on: the template's render, one BOS, each reply closed by a trained <|eot_id|>.
+    dm = TaskDataModule(
+        cfg.task, cfg.task.train_path, cfg.task.val_path, base.tokenizer_json, base.eos_id,
+        seq_len=256, micro_batch_size=1, global_batch_size=1, seed=0, max_steps=1, val_batches=1,
+        tokens=base.tokens,
+    )  # fmt: skip
+    row = dm.dataset("val")[0]
+    tokens, labels = row["tokens"].tolist(), row["labels"].tolist()
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    assert (
+        text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+        and tokens.count(base.bos_id) == 1
+    )
+    trained = tokenizer.decode([y for y in labels if y != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "The capital of France is Paris.<|eot_id|>"
+
+
+def test_an_eos_token_the_tokenizer_lacks_is_one_clear_error_and_nothing_is_written(
+    corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    base_dir = tmp_path / "base"
+    hf_chat_base(base_dir, "qwen2.5")  # a Qwen tokenizer.json ...
+    config_file = base_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["eos_token"] = "<|eot_id|>"  # ... under a Llama 3 tokenizer_config.json
+    config_file.write_text(json.dumps(config))
+    before = {p: p.read_bytes() for p in base_dir.iterdir()}
+    with pytest.raises(
+        ConfigError,
+        match=r"finetune.init_from: .*base/tokenizer_config\.json: eos_token '<\|eot_id\|>' is not a token of the "
+        r"base's tokenizer\.json",
+    ):
+        train(sft_chat_config(corpus_dir, data_cache, tmp_path, base_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    assert {p: p.read_bytes() for p in base_dir.iterdir()} == before

@@ -10,8 +10,10 @@ Three jsonl formats, one record per line (blank lines skipped), one file each:
 
 A bad record is refused with one :class:`DataError` naming ``file:line`` and what is wrong
 (:mod:`.formats`). Labels are ``-100`` (:data:`IGNORE_INDEX`) where no loss is taken: the prompt,
-system and user turns, padding. No BOS token is used; every trained response ends with the EOS
-token, which is trained, so the model learns to stop. Each task file's docstring gives the
+system and user turns, padding. Every trained response ends with an EOS token, which is trained,
+so the model learns to stop. No BOS token is used, except with a Hugging Face base whose
+tokenizer adds one (:mod:`orchestra.data.hf_tokenizer`); such a base's own chat template is used
+when task.chat_template is null. Each task file's docstring gives the
 batches the LightningModule receives; :mod:`.datamodule` serves them. A new task is a new file
 here defining a ``TaskData``, registered in :data:`~.datamodule.TASKS`.
 """

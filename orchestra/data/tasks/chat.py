@@ -67,7 +67,11 @@ def as_messages(example: Mapping[str, Any] | Sequence[Mapping[str, str]]) -> Mes
 
 
 def render_chat(
-    messages: Sequence[Mapping[str, str]], template: str | None = None, eos_token: str = EOS_TOKEN
+    messages: Sequence[Mapping[str, str]],
+    template: str | None = None,
+    eos_token: str = EOS_TOKEN,
+    bos_token: str = "",
+    where: str = "task.chat_template",
 ) -> Segments:
     """The conversation as text segments, each with whether it is trained on.
 
@@ -84,10 +88,12 @@ def render_chat(
         <|endoftext|>
 
     Otherwise ``template`` is a Hugging Face style Jinja2 chat template over ``messages`` and
-    ``add_generation_prompt`` (``eos_token`` and an empty ``bos_token`` are also defined). The
-    assistant spans are found the standard way: the prompt before assistant message i is the
-    render of ``messages[:i]`` with ``add_generation_prompt=True``, the turn ends where the render
-    of ``messages[:i+1]`` ends, and both must be prefixes of the full render.
+    ``add_generation_prompt``, with ``bos_token``, ``eos_token`` and ``tools=None`` defined, as
+    transformers' ``apply_chat_template`` calls it (:func:`render_template`). The assistant spans
+    are found the standard way: the prompt before assistant message i is the render of
+    ``messages[:i]`` with ``add_generation_prompt=True``, the turn ends where the render of
+    ``messages[:i+1]`` ends, and both must be prefixes of the full render. ``where`` names the
+    template in errors (the config key, or the base's file).
     """
     if template is None:
         segments: Segments = []
@@ -99,7 +105,9 @@ def render_chat(
                 segments.append((header + message["content"] + "\n", False))
         return _merge(segments)
 
-    render = functools.partial(_render_template, _compile_template(template), eos_token=eos_token)
+    render = functools.partial(
+        render_template, template, eos_token=eos_token, bos_token=bos_token, where=where
+    )
     full = render(messages, add_generation_prompt=False)
     segments, pos = [], 0
     for i, message in enumerate(messages):
@@ -109,7 +117,7 @@ def render_chat(
         turn = render(messages[: i + 1], add_generation_prompt=False)
         if not (turn.startswith(prompt) and full.startswith(turn) and len(prompt) >= pos):
             raise DataError(
-                f"task.chat_template: the render of the first {i} messages (with add_generation_prompt=true) "
+                f"{where}: the render of the first {i} messages (with add_generation_prompt=true) "
                 f"is not a prefix of the render with message {i}, so the assistant's text cannot be located; "
                 "the template must render a conversation as its turns one after another"
             )
@@ -132,36 +140,65 @@ def _merge(segments: Segments) -> Segments:
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def _compile_template(template: str) -> Any:
+def render_template(
+    template: str,
+    messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool,
+    eos_token: str,
+    bos_token: str = "",
+    where: str = "task.chat_template",
+) -> str:
+    """One render of a Hugging Face style chat template, as ``apply_chat_template(tokenize=False)``.
+
+    The variables are the ones transformers passes without tools or documents. ``strftime_now``
+    is left undefined on purpose: templates that use it for "today's date" (Llama 3.2/3.3) fall
+    back to their fixed date, so training data does not depend on the day it is tokenized.
+    """
     import jinja2
+
+    try:
+        return _compile_template(template, where).render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            eos_token=eos_token,
+            bos_token=bos_token,
+            tools=None,
+            documents=None,
+        )
+    except jinja2.exceptions.TemplateError as err:
+        raise DataError(f"{where}: rendering failed ({err})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str, where: str = "task.chat_template") -> Any:
+    import json
+
+    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        # transformers' override: jinja's own tojson escapes HTML characters.
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
     # The environment Hugging Face's apply_chat_template uses, so their templates render the same.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as err:
-        raise DataError(
-            f"task.chat_template: not a valid Jinja2 template (line {err.lineno}: {err.message})"
-        ) from None
-
-
-def _render_template(
-    compiled: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, eos_token: str
-) -> str:
-    import jinja2
-
-    try:
-        return compiled.render(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            eos_token=eos_token,
-            bos_token="",
-        )
-    except jinja2.exceptions.TemplateError as err:
-        raise DataError(f"task.chat_template: rendering failed ({err})") from None
+        raise DataError(f"{where}: not a valid Jinja2 template (line {err.lineno}: {err.message})") from None

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch.utils.data import Dataset
 from orchestra.config import TaskConfig
 from orchestra.data.errors import DataError
 from orchestra.data.tasks.formats import read_records, text_field
+
+if TYPE_CHECKING:  # see sft.py
+    from orchestra.data.hf_tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,8 @@ class ClassificationTask:
     file may only use those.
     """
 
-    def __init__(self, task: TaskConfig) -> None:
+    def __init__(self, task: TaskConfig, tokens: TokenizerSpec | None = None) -> None:
+        # ``tokens`` (a base's chat template, BOS) is unused: texts are classified as they are.
         self.configured = list(task.labels) or None
         self.label_names: list[str] = []  # known once read() has seen the train file
 

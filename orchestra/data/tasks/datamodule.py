@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import numpy as np
@@ -28,11 +28,15 @@ from orchestra.data.tasks.dpo import DPOTask
 from orchestra.data.tasks.sft import SFTTask
 from orchestra.data.tokenizer import vocab_size_of
 
+if TYPE_CHECKING:  # see sft.py
+    from orchestra.data.hf_tokenizer import TokenizerSpec
+
 log = logging.getLogger(__name__)
 
 
 class TaskData(Protocol):
-    """What :class:`TaskDataModule` needs from one task, built from the task config."""
+    """What :class:`TaskDataModule` needs from one task, built from the task config and the base's
+    tokens (its chat template and BOS, or None)."""
 
     label_names: list[str]  # the classes in class-index order, known after read(); empty if none
 
@@ -51,7 +55,7 @@ class TaskData(Protocol):
         ...
 
 
-TASKS: dict[TaskName, Callable[[TaskConfig], TaskData]] = {
+TASKS: dict[TaskName, Callable[[TaskConfig, TokenizerSpec | None], TaskData]] = {
     TaskName.sft: SFTTask,
     TaskName.classification: ClassificationTask,
     TaskName.dpo: DPOTask,
@@ -101,6 +105,9 @@ def hold_out(n: int, fraction: float, seed: int, where: str) -> tuple[list[int],
 class TaskDataModule(L.LightningDataModule):
     """Train/val loaders of one fine-tuning task over jsonl files, resumable like pretraining.
 
+    ``tokens`` is a Hugging Face base's :class:`~orchestra.data.hf_tokenizer.TokenizerSpec`: sft and
+    dpo render with its chat template (unless task.chat_template is set) and its BOS.
+
     The records are read and checked at construction (a bad file fails before any model is
     built); tokenization happens once per split on first use, on every rank alike. Sampling,
     resume and the validation batches are the :class:`BatchPlan`'s, as for TokenDataModule, so
@@ -122,6 +129,7 @@ class TaskDataModule(L.LightningDataModule):
         val_batches: int,
         loader_workers: int = 0,
         skip_steps: tuple[int, ...] = (),
+        tokens: TokenizerSpec | None = None,
     ) -> None:
         super().__init__()
         self.task = task
@@ -130,7 +138,7 @@ class TaskDataModule(L.LightningDataModule):
             raise ConfigError(
                 "task.name: TaskDataModule serves sft, classification and dpo; pretrain uses TokenDataModule"
             )
-        self.task_data = TASKS[self.task_name](task)
+        self.task_data = TASKS[self.task_name](task, tokens)
         self.train_path, self.val_path = Path(train_path), Path(val_path) if val_path is not None else None
         self.plan = BatchPlan(
             seq_len,

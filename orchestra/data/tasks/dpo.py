@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch.utils.data import Dataset
 from orchestra.config import ConfigError, TaskConfig
 from orchestra.data.tasks.formats import IGNORE_INDEX, read_records, text_field
 from orchestra.data.tasks.sft import encode_sft_batch
+
+if TYPE_CHECKING:  # see sft.py
+    from orchestra.data.hf_tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,8 @@ def collate_dpo(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dic
 class DPOTask:
     """dpo for :class:`~orchestra.data.tasks.datamodule.TaskDataModule` (see its ``TaskData``)."""
 
-    def __init__(self, task: TaskConfig) -> None:
-        self.task = task
+    def __init__(self, task: TaskConfig, tokens: TokenizerSpec | None = None) -> None:
+        self.task, self.tokens = task, tokens
         self.label_names: list[str] = []
 
     def read(self, train_path: Path, val_path: Path | None) -> tuple[list[Any], list[Any] | None]:
@@ -156,7 +159,7 @@ class DPOTask:
             for prompt, chosen, rejected in records
             for answer in (chosen, rejected)
         ]
-        encoded = encode_sft_batch(conversations, tokenizer, eos_id, self.task.chat_template)
+        encoded = encode_sft_batch(conversations, tokenizer, eos_id, self.task.chat_template, self.tokens)
         pairs = [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded), 2)]
         return DPODataset.from_rendered(pairs, seq_len, where=where)
 

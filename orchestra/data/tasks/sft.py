@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from orchestra.data.errors import DataError
 from orchestra.data.tasks.chat import Messages, as_messages, conversation, render_chat
 from orchestra.data.tasks.formats import IGNORE_INDEX, read_records
 from orchestra.data.tokenizer import EOS_TOKEN
+
+if TYPE_CHECKING:  # a runtime import would run orchestra.data.tasks from inside hf_tokenizer's import
+    from orchestra.data.hf_tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +50,45 @@ def encode_sft_batch(
     tokenizer: Tokenizer,
     eos_id: int,
     template: str | None = None,
+    tokens: TokenizerSpec | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """:func:`encode_sft` of many examples, with one batched tokenizer call."""
     eos_token = tokenizer.id_to_token(eos_id)
-    rendered = [render_chat(as_messages(ex), template, eos_token or EOS_TOKEN) for ex in examples]
+    where = "task.chat_template"
+    if template is None and tokens is not None and tokens.chat_template is not None:
+        template, where = tokens.chat_template, tokens.chat_template_source or "the base's chat_template"
+    if template is None:  # Orchestra's plain template: each turn closed by the primary EOS
+        render_eos, bos_token = eos_token or EOS_TOKEN, ""
+    else:  # the variables transformers' apply_chat_template gives a template
+        render_eos = (tokens.eos_token if tokens is not None else None) or eos_token or EOS_TOKEN
+        bos_token = (tokens.bos_token if tokens is not None else None) or ""
+    stop = set(tokens.eos_ids if tokens is not None and tokens.eos_ids else ()) | {eos_id}
+    bos_id = tokens.bos_id if tokens is not None and tokens.add_bos else None
+    bos_text = tokenizer.id_to_token(bos_id) if bos_id is not None else None
+    rendered = [
+        render_chat(as_messages(ex), template, render_eos, bos_token=bos_token, where=where)
+        for ex in examples
+    ]
     pieces = _encode_texts(tokenizer, [text for segs in rendered for text, _ in segs], eos_id, eos_token)
     out, k = [], 0
     for segs in rendered:
         ids: list[int] = []
         labels: list[int] = []
+        if bos_id is not None and not (bos_text and segs and segs[0][0].startswith(bos_text)):
+            # The base's tokenizer starts a sequence with BOS, and the template did not write it.
+            ids, labels = [bos_id], [IGNORE_INDEX]
         last_trained = 0  # one past the last trained token
+        last_piece: list[int] = []
         for _, trained in segs:
             piece = pieces[k]
             k += 1
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
             if trained and piece:
-                last_trained = len(ids)
+                last_trained, last_piece = len(ids), piece
         if last_trained == 0:
-            raise DataError(
-                "an sft example renders to no trained (assistant) tokens; check task.chat_template"
-            )
-        if ids[last_trained - 1] != eos_id:
+            raise DataError(f"an sft example renders to no trained (assistant) tokens; check {where}")
+        if stop.isdisjoint(last_piece):
             # A custom template ends turns with its own marker; the model must still learn to stop.
             ids.insert(last_trained, eos_id)
             labels.insert(last_trained, eos_id)
@@ -81,13 +101,22 @@ def encode_sft(
     tokenizer: Tokenizer,
     eos_id: int,
     template: str | None = None,
+    tokens: TokenizerSpec | None = None,
 ) -> tuple[list[int], list[int]]:
     """(token ids, labels) of one sft example, labels ``-100`` wherever the text is not trained.
 
     Tokenized segment by segment (see :func:`render_chat`), so the mask boundary falls exactly
-    between tokens of the prompt and of the response. The response always ends with a trained EOS.
+    between tokens of the prompt and of the response. The last response always ends with a trained
+    EOS: one of ``tokens.eos_ids`` the template writes (``<|eot_id|>``, ``<|im_end|>``), else
+    ``eos_id`` appended.
+
+    ``template`` (task.chat_template) wins; else a Hugging Face base's own template
+    (``tokens.chat_template``, rendered with its ``bos_token`` and ``eos_token`` as
+    ``apply_chat_template`` renders it); else Orchestra's plain one. With ``tokens.add_bos`` the
+    sequence starts with ``tokens.bos_id``, unless the render already starts with the BOS text
+    (Llama 3 and Gemma templates write it themselves).
     """
-    return encode_sft_batch([example], tokenizer, eos_id, template)[0]
+    return encode_sft_batch([example], tokenizer, eos_id, template, tokens)[0]
 
 
 class SFTDataset(Dataset[dict[str, torch.Tensor]]):
@@ -171,8 +200,8 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
 class SFTTask:
     """sft for :class:`~orchestra.data.tasks.datamodule.TaskDataModule` (see its ``TaskData``)."""
 
-    def __init__(self, task: TaskConfig) -> None:
-        self.task = task
+    def __init__(self, task: TaskConfig, tokens: TokenizerSpec | None = None) -> None:
+        self.task, self.tokens = task, tokens
         self.label_names: list[str] = []
 
     def read(self, train_path: Path, val_path: Path | None) -> tuple[list[Any], list[Any] | None]:
@@ -181,7 +210,7 @@ class SFTTask:
     def dataset(
         self, records: list[Any], tokenizer: Tokenizer, eos_id: int, seq_len: int, where: str
     ) -> Dataset[Any]:
-        encoded = encode_sft_batch(records, tokenizer, eos_id, self.task.chat_template)
+        encoded = encode_sft_batch(records, tokenizer, eos_id, self.task.chat_template, self.tokens)
         return SFTDataset(encoded, seq_len, self.task.pack, eos_id, where=where)
 
     def collate_fn(self, pad_id: int) -> Callable[[Any], dict[str, torch.Tensor]]:

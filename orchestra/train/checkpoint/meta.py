@@ -26,8 +26,10 @@ from orchestra.config import (
 )
 
 META_KEY = "orchestra"
-# Format 1: model_config, vocab_size, tokenizer_json, task, and optional eos_id, labels, peft,
-# last_row. Bump it when a field changes meaning; readers refuse a format they do not know.
+# Format 1: model_config, vocab_size, tokenizer_json, task, and optional eos_id, eos_ids, labels,
+# peft, last_row. Bump it when a field changes meaning; readers refuse a format they do not know.
+# (eos_ids came later without a bump: it is optional, and a reader that predates it keeps it in
+# `extra` and stops on eos_id, the first of them.)
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
 
@@ -85,12 +87,21 @@ class CheckpointMeta:
     task: str = "pretrain"
     # A base's own end token (an HF model's may not be <|endoftext|>); None: the tokenizer's.
     eos_id: int | None = None
+    # Every id generation stops on, eos_id first (Llama 3.x Instruct: three); empty: (eos_id,).
+    eos_ids: tuple[int, ...] = ()
     # task=classification: label names in class-index order.
     labels: tuple[str, ...] = ()
     peft: PeftRecord | None = None
     last_row: LastRow | None = None
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids generation stops on: eos_ids, else eos_id (a checkpoint from before eos_ids), else none."""
+        if self.eos_ids:
+            return self.eos_ids
+        return (self.eos_id,) if self.eos_id is not None else ()
 
     @property
     def is_classifier(self) -> bool:
@@ -109,6 +120,8 @@ class CheckpointMeta:
             out["last_row"] = self.last_row.to_dict()
         if self.eos_id is not None:
             out["eos_id"] = int(self.eos_id)
+        if self.eos_ids:
+            out["eos_ids"] = [int(i) for i in self.eos_ids]
         if self.labels:
             out["labels"] = list(self.labels)
         if self.peft is not None:
@@ -134,8 +147,12 @@ class CheckpointMeta:
         try:
             peft = d.get("peft")
             last_row = d.get("last_row")
-            known = {"format", "model_config", "vocab_size", "tokenizer_json", "task", "eos_id", "labels", "peft",
-                     "last_row"}  # fmt: skip
+            known = {"format", "model_config", "vocab_size", "tokenizer_json", "task", "eos_id", "eos_ids",
+                     "labels", "peft", "last_row"}  # fmt: skip
+            eos_id = int(d["eos_id"]) if d.get("eos_id") is not None else None
+            eos_ids = tuple(int(i) for i in d.get("eos_ids") or ())
+            if eos_ids and eos_ids[0] != eos_id:
+                raise ValueError(f"eos_ids {list(eos_ids)} must start with eos_id {eos_id}")
             model_config = model_config_from_dict(dict(d["model_config"]))
             _check_shape_fields(model_config)
             model_config.validate("model_config")
@@ -144,7 +161,8 @@ class CheckpointMeta:
                 vocab_size=int(d["vocab_size"]),
                 tokenizer_json=str(d.get("tokenizer_json") or ""),
                 task=str(d.get("task", "pretrain")),
-                eos_id=int(d["eos_id"]) if d.get("eos_id") is not None else None,
+                eos_id=eos_id,
+                eos_ids=eos_ids,
                 labels=tuple(str(x) for x in d.get("labels") or ()),
                 peft=None
                 if peft is None

@@ -1,8 +1,8 @@
 """task=sft: supervised fine-tuning on chat or prompt/response examples (loss on responses only).
 
 Data: jsonl ``{"prompt", "response"}`` or ``{"messages": [...]}``, rendered through the chat
-template (task.chat_template) and packed several to a row (task.pack) with attention masked at
-example boundaries. The module is the causal LM's own.
+template (task.chat_template, else a Hugging Face base's own) and packed several to a row
+(task.pack) with attention masked at example boundaries. The module is the causal LM's own.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def task_datamodule(plan: RunPlan) -> Any:
 
     cfg = plan.config
     train_path, val_path = resolve_task_paths(cfg.task, cfg.data.cache_dir)
+    tokens = plan.base.tokens if plan.base is not None else None  # its chat template and BOS
     return TaskDataModule(
-        cfg.task, train_path, val_path, plan.tokenizer_json, plan.eos_id, **plan.batch_args()
+        cfg.task, train_path, val_path, plan.tokenizer_json, plan.eos_id, **plan.batch_args(), tokens=tokens
     )
 
 
