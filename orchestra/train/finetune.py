@@ -171,8 +171,15 @@ def load_base(init_from: str | Path) -> BaseModel:
     Not its weights; everything is checked here, before a run writes anything.
     """
     from orchestra.model.hf import HFImportError, model_config_from_hf
+    from orchestra.model.hub import HubError, is_hub_id, resolve_model_path
 
     path = Path(init_from)
+    if not path.exists() and is_hub_id(str(init_from)):
+        # A Hub id (org/name[@revision]): its snapshot in huggingface_hub's cache is the base.
+        try:
+            path = resolve_model_path(init_from, "finetune.init_from")
+        except HubError as err:
+            raise ConfigError(str(err)) from err
     if not path.exists():
         raise ConfigError(
             f"finetune.init_from: {str(path)!r} does not exist; expected an Orchestra checkpoint "

@@ -206,3 +206,43 @@ def test_a_bad_base_folder_is_one_clear_error_and_nothing_is_written(
         train(sft_config(corpus_dir, examples_cache, tmp_path / "run", "lora", base, steps=2))
     assert not (tmp_path / "run").exists()
     assert {p: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_a_hub_id_fine_tunes_from_the_huggingface_cache_offline(
+    corpus_dir: Path,
+    examples_cache: Path,
+    tokenizer_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """finetune.init_from=org/name resolves to its snapshot in a cache laid out as huggingface_hub writes it."""
+    from orchestra.config import ConfigError
+    from tests.model.test_model_hub import COMMIT, fake_cache
+
+    folder = tmp_path / "downloaded"
+    hf_base("qwen2", folder, tokenizer_file)
+    files = {p.name: p for p in folder.iterdir()}
+    home = tmp_path / "hf-home"
+    root = fake_cache(home, "tiny-org/tiny-qwen", {COMMIT: {}}, main=COMMIT)
+    for name, src in files.items():  # blobs named by content hash, snapshot entries linking to them
+        blob = root / "blobs" / f"{name}-blob"
+        blob.write_bytes(src.read_bytes())
+        (root / "snapshots" / COMMIT / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    run = tmp_path / "run"
+    result = train(sft_config(corpus_dir, examples_cache, run, "lora", Path("tiny-org/tiny-qwen"), steps=2))
+    assert result.summary["steps"] == 2
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
+    assert ckpt["orchestra"]["peft"]["base"]["path"] == str((root / "snapshots" / COMMIT).resolve())
+
+    with pytest.raises(
+        ConfigError, match=r"finetune.init_from: 'tiny-org/absent' is not in the Hugging Face cache"
+    ):
+        train(
+            sft_config(
+                corpus_dir, examples_cache, tmp_path / "run2", "lora", Path("tiny-org/absent"), steps=2
+            )
+        )
+    assert not (tmp_path / "run2").exists()
