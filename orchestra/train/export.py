@@ -104,9 +104,15 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
     tokenizer = Tokenizer.from_str(meta.tokenizer_json)
     eos_id = meta.eos_id if meta.eos_id is not None else tokenizer.token_to_id(EOS_TOKEN)
     eos_token = tokenizer.id_to_token(eos_id) if eos_id is not None else EOS_TOKEN
+    # Every eos id generation stops on (a Llama 3.x Instruct base has three), as transformers lists them.
+    stop = list(meta.stop_ids) or ([eos_id] if eos_id is not None else [])
+    eos_ids: int | list[int] | None = stop[0] if len(stop) == 1 else (stop or None)
+    # A base's own BOS (None: ours, which reuses the end-of-text token, as before).
+    bos_id = meta.bos_id if meta.bos_id is not None else eos_id
+    bos_token = tokenizer.id_to_token(bos_id) if bos_id is not None else eos_token
     with staged_dir(out) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config_dict(cfg, vocab_size, bos_id=eos_id, eos_id=eos_id, torch_dtype=dtype)
+        config = hf_config_dict(cfg, vocab_size, bos_id=bos_id, eos_id=eos_ids, torch_dtype=dtype)
         if labels:
             # <Family>ForSequenceClassification reads the last token before the first pad: pad = eos,
             # which classification texts never contain (the data module pads with it too).
@@ -120,24 +126,21 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
             )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}) + "\n"
+            json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_ids}) + "\n"
         )
         tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    "bos_token": eos_token,
-                    "eos_token": eos_token,
-                    "model_max_length": cfg.max_seq_len,
-                    "clean_up_tokenization_spaces": False,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        tokenizer_config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": bos_token,
+            "eos_token": eos_token,
+            "model_max_length": cfg.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+        }
+        if meta.chat_template is not None:  # the base's own, so the fine-tune chats as it was trained
+            tokenizer_config["chat_template"] = meta.chat_template
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         (tmp / "special_tokens_map.json").write_text(
-            json.dumps({"bos_token": eos_token, "eos_token": eos_token}) + "\n"
+            json.dumps({"bos_token": bos_token, "eos_token": eos_token}) + "\n"
         )
     return out
 

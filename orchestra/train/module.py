@@ -36,6 +36,9 @@ class CausalLMModule(L.LightningModule):
         self.cfg = plan.config
         self.eos_id = plan.eos_id
         self.eos_ids = plan.stop_ids
+        # A Hugging Face base's template and BOS, recorded so an export writes them back.
+        self.chat_template = plan.base.chat_template if plan.base is not None else None
+        self.bos_id = plan.base.bos_id if plan.base is not None else None
         self.method = plan.method
         self.vocab_size = plan.vocab_size
         self.tokenizer_json = plan.tokenizer_json
@@ -232,6 +235,8 @@ class CausalLMModule(L.LightningModule):
             task=self.plan.task.name,
             eos_id=self.eos_id,
             eos_ids=self.eos_ids,
+            chat_template=self.chat_template,
+            bos_id=self.bos_id,
             labels=tuple(self.label_names),
             peft=peft,
             last_row=last_row,

@@ -279,6 +279,19 @@ def test_an_hf_bases_chat_template_and_eos_ids_reach_sft_and_its_checkpoints(
     trained = tokenizer.decode([y for y in labels if y != IGNORE_INDEX], skip_special_tokens=False)
     assert trained == "The capital of France is Paris.<|eot_id|>"
 
+    # Exported back: the base's template, BOS and every eos id, as transformers reads them.
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out = export_hf(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "hf")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == list(base.eos_ids)
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == base.bos_id
+    exported, original = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(base_dir)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert exported.bos_token == "<|begin_of_text|>"
+    assert exported.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(
+        chat, tokenize=False
+    )
+
 
 def test_an_eos_token_the_tokenizer_lacks_is_one_clear_error_and_nothing_is_written(
     corpus_dir: Path, data_cache: Path, tmp_path: Path

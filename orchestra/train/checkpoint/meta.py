@@ -28,8 +28,8 @@ from orchestra.config import (
 META_KEY = "orchestra"
 # Format 1: model_config, vocab_size, tokenizer_json, task, and optional eos_id, eos_ids, labels,
 # peft, last_row. Bump it when a field changes meaning; readers refuse a format they do not know.
-# (eos_ids came later without a bump: it is optional, and a reader that predates it keeps it in
-# `extra` and stops on eos_id, the first of them.)
+# (eos_ids, chat_template and bos_id came later without a bump: they are optional, and a reader that
+# predates them keeps them in `extra`, stops on eos_id, the first eos id, and exports without them.)
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
 
@@ -89,6 +89,9 @@ class CheckpointMeta:
     eos_id: int | None = None
     # Every id generation stops on, eos_id first (Llama 3.x Instruct: three); empty: (eos_id,).
     eos_ids: tuple[int, ...] = ()
+    # A Hugging Face base's own chat template and BOS id, written back by export; None: none / ours.
+    chat_template: str | None = None
+    bos_id: int | None = None
     # task=classification: label names in class-index order.
     labels: tuple[str, ...] = ()
     peft: PeftRecord | None = None
@@ -122,6 +125,10 @@ class CheckpointMeta:
             out["eos_id"] = int(self.eos_id)
         if self.eos_ids:
             out["eos_ids"] = [int(i) for i in self.eos_ids]
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        if self.bos_id is not None:
+            out["bos_id"] = int(self.bos_id)
         if self.labels:
             out["labels"] = list(self.labels)
         if self.peft is not None:
@@ -148,7 +155,7 @@ class CheckpointMeta:
             peft = d.get("peft")
             last_row = d.get("last_row")
             known = {"format", "model_config", "vocab_size", "tokenizer_json", "task", "eos_id", "eos_ids",
-                     "labels", "peft", "last_row"}  # fmt: skip
+                     "chat_template", "bos_id", "labels", "peft", "last_row"}  # fmt: skip
             eos_id = int(d["eos_id"]) if d.get("eos_id") is not None else None
             eos_ids = tuple(int(i) for i in d.get("eos_ids") or ())
             if eos_ids and eos_ids[0] != eos_id:
@@ -163,6 +170,8 @@ class CheckpointMeta:
                 task=str(d.get("task", "pretrain")),
                 eos_id=eos_id,
                 eos_ids=eos_ids,
+                chat_template=None if d.get("chat_template") is None else str(d["chat_template"]),
+                bos_id=None if d.get("bos_id") is None else int(d["bos_id"]),
                 labels=tuple(str(x) for x in d.get("labels") or ()),
                 peft=None
                 if peft is None
