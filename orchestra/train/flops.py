@@ -117,16 +117,25 @@ def device_peak_flops(device_name: str, dtype: str, compute_units: int | None = 
 def model_flops_per_token(
     m: ModelConfig, vocab_size: int, seq_len: int, *, weight_grads: bool = True, lm_head: bool = True
 ) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x dim x seq).
+    """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x heads x head_dim x keys).
 
     The matmul parameters are every weight used in a matrix product: attention and MLP
-    projections and the lm head (the input embedding is a lookup, so it is not counted).
-    This is the llm-foundry / torchtitan convention, so MFU numbers compare across tools.
-    Fine-tuning changes two terms: with a frozen base (LoRA, adapters, prompt tuning) backward
-    computes input gradients but no weight gradients, 4 x instead of 6 x (the small PEFT weights
-    are left out); a classifier never runs the lm head (``lm_head=False``).
+    projections (q and o are n_heads x head_dim wide, k and v n_kv_heads x head_dim, which is
+    not dim when a family sets its own head_dim) and the lm head (the input embedding is a
+    lookup, so it is not counted; biases and norms are elementwise and left out). The attention
+    term counts QK^T and AV forward and backward for ``seq_len`` keys per query, the llm-foundry /
+    torchtitan convention (no causal halving), so MFU numbers compare across tools; a layer with
+    a sliding window shorter than the sequence counts ``sliding_window`` keys instead. Fine-tuning
+    changes two terms: with a frozen base (LoRA, adapters, prompt tuning) backward computes input
+    gradients but no weight gradients, 4 x instead of 6 x (the small PEFT weights are left out);
+    a classifier never runs the lm head (``lm_head=False``).
     """
+    q_dim = m.n_heads * m.head_size
     kv_dim = m.n_kv_heads * m.head_size
-    per_layer = m.dim * (m.dim + 2 * kv_dim) + m.dim * m.dim + 3 * m.dim * m.ffn_dim
+    per_layer = m.dim * (q_dim + 2 * kv_dim) + q_dim * m.dim + 3 * m.dim * m.ffn_dim
     n_matmul = m.n_layers * per_layer + (vocab_size * m.dim if lm_head else 0)
-    return (6.0 if weight_grads else 4.0) * n_matmul + 12.0 * m.n_layers * m.dim * seq_len
+    window = m.sliding_window
+    keys = sum(
+        min(seq_len, window) if window is not None and m.is_windowed(i) else seq_len for i in range(m.n_layers)
+    )
+    return (6.0 if weight_grads else 4.0) * n_matmul + 12.0 * q_dim * keys

@@ -86,3 +86,66 @@ def test_frozen_base_and_classifier_terms_against_torch_flop_counter() -> None:
     assert (
         model_flops_per_token(cfg, 320, 32, lm_head=False) == model_flops_per_token(cfg, 320, 32) - 6 * head
     )
+
+
+FAMILY_SHAPES = {
+    "head_dim_gqa_bias": dict(head_dim=24, n_kv_heads=1, qkv_bias=True, o_bias=True, mlp_bias=True),
+    "qk_norm": dict(head_dim=8, qk_norm=True),
+    "gemma": dict(
+        head_dim=32, norm_offset=1.0, activation="gelu_tanh", scale_embeddings=True, tie_embeddings=True
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(FAMILY_SHAPES))
+def test_family_matmul_terms_against_torch_flop_counter(shape: str) -> None:
+    """Projections n_heads x head_dim wide; biases, norms and activations add no matmul FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32, kernels="torch")
+    cfg = ModelConfig.from_dict({**base, **FAMILY_SHAPES[shape]})
+    model = Transformer(cfg, 320)
+    tokens, targets = torch.randint(0, 320, (2, 32)), torch.randint(0, 320, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, targets).backward()
+    attention = 12 * 3 * cfg.n_heads * cfg.head_size * 32  # SDPA's matmuls: not seen by the counter on CPU
+    assert counter.get_total_flops() / 64 == model_flops_per_token(cfg, 320, 32) - attention
+
+
+def test_softcapped_attention_is_counted_in_full_by_torch_flop_counter() -> None:
+    """Gemma 2's soft-capped attention runs as explicit matmuls, which the counter sees: the whole formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=96, max_seq_len=32,
+        attn_softcap=20.0, final_softcap=10.0, sandwich_norm=True, kernels="torch",
+    )  # fmt: skip
+    model = Transformer(cfg, 320)
+    tokens, targets = torch.randint(0, 320, (2, 32)), torch.randint(0, 320, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, targets).backward()
+    assert counter.get_total_flops() / 64 == model_flops_per_token(cfg, 320, 32)
+
+
+def test_sliding_window_layers_count_the_keys_they_see() -> None:
+    """A windowed layer attends to `window` keys instead of the sequence; every k-th layer stays full."""
+    from dataclasses import replace
+
+    full = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    per_layer_key = 12 * 4 * 16  # 12 x n_heads x head_dim per key a query sees
+    mistral = replace(full, sliding_window=8)
+    assert (
+        model_flops_per_token(full, 320, 64) - model_flops_per_token(mistral, 320, 64)
+        == 4 * per_layer_key * 56
+    )
+    gemma2 = replace(full, sliding_window=8, global_every=2)  # layers 0 and 2 windowed
+    assert (
+        model_flops_per_token(full, 320, 64) - model_flops_per_token(gemma2, 320, 64)
+        == 2 * per_layer_key * 56
+    )
+    assert model_flops_per_token(mistral, 320, 8) == model_flops_per_token(full, 320, 8)  # window covers it
+    # The mask itself: a windowed query sees min(position + 1, window) keys; the convention counts the
+    # window (as it counts seq_len, not the causal average, for a full layer).
+    attn = Transformer(mistral, 320).layers[0].attention
+    mask = attn._mask(64, 64, torch.device("cpu"), None)
+    assert isinstance(mask, torch.Tensor) and int(mask.sum(-1).max()) == 8
