@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestra.model.build import build_model
+from orchestra.model.build import load_into_meta_model
 from orchestra.model.config import KernelBackend, ModelConfig
 from orchestra.model.families import BY_ARCHITECTURE, BY_MODEL_TYPE, Family, family
 from orchestra.model.families.spec import HFImportError
@@ -254,20 +254,55 @@ def _header_tensors(file: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_hf_state_dict(folder: str | os.PathLike[str], meta_only: bool = False) -> dict[str, torch.Tensor]:
+def load_hf_state_dict(
+    folder: str | os.PathLike[str], meta_only: bool = False, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors weights, single-file or sharded (with its index).
+
+    Nothing is copied that need not be: a tensor stored in ``dtype`` (any tensor with
+    ``dtype=None``, and any non-floating one) is a view of the file's memory map, paged in when
+    first read. The mapping is private (copy-on-write), so the tensor is writable -- an optimizer
+    may update it in place -- and the file is never written. A floating tensor stored in another
+    dtype is read into fresh memory and converted on its own (safetensors' ``pread`` backend where
+    it has one, else a mapping opened for that tensor alone), so converting a checkpoint holds one
+    source tensor at a time, never the whole file beside the result.
 
     ``meta_only`` reads the headers only and returns meta tensors: enough to check names and
     shapes before anything is loaded. pytorch_model.bin is refused: it is a pickle, and loading
     pickles can run code (the design allows weights_only checkpoints or safetensors only).
     """
-    from safetensors.torch import load_file as load_tensors
+    from safetensors import safe_open
 
-    load_file = _header_tensors if meta_only else load_tensors
+    def read(file: str) -> dict[str, torch.Tensor]:
+        if meta_only:
+            return _header_tensors(file)
+        tensors: dict[str, torch.Tensor] = {}
+        convert: list[str] = []
+        with safe_open(file, framework="pt") as f:  # memory-mapped: getting a tensor reads nothing yet
+            for key in f.keys():  # noqa: SIM118 -- safe_open handles have keys(), not iteration
+                tensor = f.get_tensor(key)
+                if dtype is None or tensor.dtype == dtype or not tensor.is_floating_point():
+                    tensors[key] = tensor
+                else:
+                    convert.append(key)
+        if convert:
+            assert dtype is not None
+            try:
+                handle = safe_open(file, framework="pt", backend="pread")
+            except TypeError:  # safetensors < 0.8 has no backend: one mapping per tensor, closed after it
+                for key in convert:
+                    with safe_open(file, framework="pt") as f:
+                        tensors[key] = f.get_tensor(key).to(dtype)
+            else:
+                with handle as f:
+                    for key in convert:
+                        tensors[key] = f.get_tensor(key).to(dtype)
+        return tensors
+
     path = _folder(folder)
     single, index = path / "model.safetensors", path / _INDEX
     if single.is_file():
-        return load_file(str(single))
+        return read(str(single))
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -281,7 +316,7 @@ def load_hf_state_dict(folder: str | os.PathLike[str], meta_only: bool = False) 
             )
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            tensors = load_file(str(path / shard))
+            tensors = read(str(path / shard))
             expected = {k for k, s in weight_map.items() if s == shard}
             if not expected <= tensors.keys():
                 lost = sorted(expected - tensors.keys())
@@ -338,9 +373,11 @@ def load_hf_pretrained(
 
     The public way to use a Hugging Face Llama/Mistral folder directly: the config is checked
     (:func:`model_config_from_hf`), the weights are checked and renamed (:func:`from_hf_state_dict`)
-    and loaded strictly into a model from ``build_model(init=False)``, so a large checkpoint is
-    never randomly initialised first. A missing tokenizer.json is not an error (the weights are
-    still useful); the reason is logged and also available from :func:`load_hf_tokenizer`.
+    and become the parameters of a model built on the meta device (:func:`load_into_meta_model`),
+    so a large checkpoint is never randomly initialised first nor held twice: in the file's own
+    dtype the parameters are its copy-on-write memory map (writable; the file is never written).
+    A missing tokenizer.json is not an error (the weights are still useful); the reason is
+    logged and also available from :func:`load_hf_tokenizer`.
     """
     path = _folder(folder)
     config_file = path / "config.json"
@@ -353,11 +390,11 @@ def load_hf_pretrained(
     cfg, vocab = model_config_from_hf(config)
     cfg = replace(cfg, kernels=kernels)
 
-    state = from_hf_state_dict(load_hf_state_dict(path), cfg)
-    model = build_model(cfg, vocab, device="cpu", init=False)
-    model.to(dtype)
-    model.load_state_dict(state, strict=True)
-    model.reset_rope_cache()  # fp32 tables, as in a model built directly
+    # Read in ``dtype`` (one tensor converted at a time), then made the parameters themselves:
+    # the weights are in memory once (memory-mapped when the file already has ``dtype``).
+    state = from_hf_state_dict(load_hf_state_dict(path, dtype=dtype), cfg)
+    model = load_into_meta_model(cfg, vocab, state, device="cpu", dtype=dtype)
+    del state
     model.eval()
 
     tokenizer, reason = load_hf_tokenizer(path)

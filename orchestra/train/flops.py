@@ -136,6 +136,7 @@ def model_flops_per_token(
     n_matmul = m.n_layers * per_layer + (vocab_size * m.dim if lm_head else 0)
     window = m.sliding_window
     keys = sum(
-        min(seq_len, window) if window is not None and m.is_windowed(i) else seq_len for i in range(m.n_layers)
+        min(seq_len, window) if window is not None and m.is_windowed(i) else seq_len
+        for i in range(m.n_layers)
     )
     return (6.0 if weight_grads else 4.0) * n_matmul + 12.0 * q_dim * keys

@@ -86,12 +86,16 @@ class CausalLMModule(L.LightningModule):
         Base weights go in before the method wraps layers and before sharding, so FSDP shards the
         pretrained weights; they are read from the base's files here and not kept afterwards.
         """
-        # Random initialisation only without a base: a base's weights are loaded instead.
-        decoder = build_model(self.cfg.model, self.vocab_size, init=self.base is None)
+        from orchestra.model.build import load_into_meta_model
+
         mesh = self.device_mesh if self.cfg.strategy.name == StrategyName.fsdp else None
-        if self.base is not None:
+        if self.base is None:
+            decoder = build_model(self.cfg.model, self.vocab_size)
+        else:
+            # No random initialisation and no second copy: the base's tensors become the
+            # parameters (converted one at a time to the device and dtype of the init context).
             weights = self.base.state_dict
-            decoder.load_state_dict(weights, strict=True)
+            decoder = load_into_meta_model(self.cfg.model, self.vocab_size, weights)
             self._after_base(weights, mesh)
             del weights
             self.base = None
