@@ -114,29 +114,69 @@ def device_peak_flops(device_name: str, dtype: str, compute_units: int | None = 
     return PEAK_FLOPS[max(matches, key=len)].get(dtype)
 
 
+def visible_pairs(seq_len: int, window: int | None = None) -> int:
+    """(query, key) pairs a causal layer scores over ``seq_len`` positions.
+
+    Query i sees keys max(0, i - window + 1) .. i, i.e. min(i + 1, window) of them (the model's
+    mask, transformer.Attention._mask). Summed over i: T(T + 1)/2 with full attention (or a window
+    of at least T), and w(w + 1)/2 + (T - w)w = Tw - w(w - 1)/2 for a window w < T: on average
+    (T + 1)/2 and w - w(w - 1)/(2T) visible keys per query.
+    """
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return seq_len * window - window * (window - 1) // 2
+
+
+def attention_keys(seq_len: int, window: int | None = None) -> float:
+    """Keys per query the attention term counts for one layer: ``seq_len`` for full attention.
+
+    Full causal attention is counted as the whole T x T score matrix, T keys per query, although
+    its queries see (T + 1)/2 on average: the llm-foundry / torchtitan / PaLM convention (no causal
+    halving), kept so that MFU compares across tools. A windowed layer is counted in the same units,
+    scaled by its share of a full layer's visible pairs: T * visible_pairs(T, w) / visible_pairs(T),
+    which is w(2T - w + 1)/(T + 1) for w < T (about 2w when T >> w) and exactly T once the window
+    covers the sequence. Either plain rule would be wrong: ``min(T, w)`` counts a windowed layer at
+    half its share (Mistral at T = 8192, w = 4096 scores 75% of a full layer's pairs, not 50%), and
+    the raw average w - w(w - 1)/(2T) drops to about T/2 at w = T - 1 (Phi-3-mini's 2047 window at
+    T = 2048 masks one pair, yet the term would halve).
+    """
+    return seq_len * visible_pairs(seq_len, window) / visible_pairs(seq_len)
+
+
+def attention_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of attention's scores and values: 12 x n_heads x head_dim x keys per layer.
+
+    Per (query, key) pair, QK^T and AV each take n_heads x head_dim multiply-adds, 4 x that many
+    FLOPs forward and twice as many backward: 12 x the query width n_heads x head_dim (not dim when
+    a family sets its own head_dim; grouped kv heads are repeated to the query heads, so those set
+    the width). ``keys`` is :func:`attention_keys` of the layer's window. A frozen base leaves the
+    term as it is: backward still needs dQ, dK and dV.
+    """
+    q_dim = m.n_heads * m.head_size
+    keys = sum(
+        attention_keys(seq_len, m.sliding_window if m.is_windowed(i) else None) for i in range(m.n_layers)
+    )
+    return 12.0 * q_dim * keys
+
+
 def model_flops_per_token(
     m: ModelConfig, vocab_size: int, seq_len: int, *, weight_grads: bool = True, lm_head: bool = True
 ) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention (12 x layers x heads x head_dim x keys).
+    """Training FLOPs per token: 6 x matmul parameters + attention (:func:`attention_flops_per_token`).
 
     The matmul parameters are every weight used in a matrix product: attention and MLP
     projections (q and o are n_heads x head_dim wide, k and v n_kv_heads x head_dim, which is
     not dim when a family sets its own head_dim) and the lm head (the input embedding is a
-    lookup, so it is not counted; biases and norms are elementwise and left out). The attention
-    term counts QK^T and AV forward and backward for ``seq_len`` keys per query, the llm-foundry /
-    torchtitan convention (no causal halving), so MFU numbers compare across tools; a layer with
-    a sliding window shorter than the sequence counts ``sliding_window`` keys instead. Fine-tuning
-    changes two terms: with a frozen base (LoRA, adapters, prompt tuning) backward computes input
-    gradients but no weight gradients, 4 x instead of 6 x (the small PEFT weights are left out);
-    a classifier never runs the lm head (``lm_head=False``).
+    lookup, so it is not counted). Biases (Qwen2's q/k/v), norms (q/k norms, sandwich norms),
+    activations, soft-caps and RoPE are elementwise: O(width) per token against O(dim x width) for
+    a projection (bias and norm weights are about 1e-4 of the matrices' in every preset), well under
+    1% of the total, so they are left out, as the convention does.
+    Fine-tuning changes two terms: with a frozen base (LoRA, adapters, prompt tuning) backward
+    computes input gradients but no weight gradients, 4 x instead of 6 x (the small PEFT weights
+    are left out); a classifier never runs the lm head (``lm_head=False``).
     """
     q_dim = m.n_heads * m.head_size
     kv_dim = m.n_kv_heads * m.head_size
     per_layer = m.dim * (q_dim + 2 * kv_dim) + q_dim * m.dim + 3 * m.dim * m.ffn_dim
     n_matmul = m.n_layers * per_layer + (vocab_size * m.dim if lm_head else 0)
-    window = m.sliding_window
-    keys = sum(
-        min(seq_len, window) if window is not None and m.is_windowed(i) else seq_len
-        for i in range(m.n_layers)
-    )
-    return (6.0 if weight_grads else 4.0) * n_matmul + 12.0 * q_dim * keys
+    return (6.0 if weight_grads else 4.0) * n_matmul + attention_flops_per_token(m, seq_len)

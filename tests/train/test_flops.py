@@ -1,8 +1,11 @@
-"""FLOPs per token against a hand count, the peak table lookup, and MFU with an overridden peak."""
+"""FLOPs per token against a hand count and torch's FlopCounterMode (projections exactly; attention by
+the (query, key) pairs the model's own masks leave visible), the peak table lookup, and MFU with an
+overridden peak."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,13 @@ import torch
 
 from orchestra.config import ModelConfig
 from orchestra.model import Transformer
-from orchestra.train.flops import device_peak_flops, model_flops_per_token
+from orchestra.train.flops import (
+    attention_flops_per_token,
+    attention_keys,
+    device_peak_flops,
+    model_flops_per_token,
+    visible_pairs,
+)
 from tests.helpers import tiny_config
 
 
@@ -88,64 +97,125 @@ def test_frozen_base_and_classifier_terms_against_torch_flop_counter() -> None:
     )
 
 
-FAMILY_SHAPES = {
-    "head_dim_gqa_bias": dict(head_dim=24, n_kv_heads=1, qkv_bias=True, o_bias=True, mlp_bias=True),
-    "qk_norm": dict(head_dim=8, qk_norm=True),
+SEQ = 32
+VARIANTS = {
+    "llama_mha": dict(n_kv_heads=4),
+    "gqa": dict(n_kv_heads=1),
+    "head_dim_wider_bias": dict(head_dim=24, n_kv_heads=1, qkv_bias=True, o_bias=True, mlp_bias=True),
+    "head_dim_narrower_qk_norm": dict(head_dim=8, qk_norm=True),
     "gemma": dict(
         head_dim=32, norm_offset=1.0, activation="gelu_tanh", scale_embeddings=True, tie_embeddings=True
+    ),
+    "mistral_window": dict(sliding_window=8, head_dim=24),  # every layer windowed: explicit bool masks
+    "window_one_short": dict(sliding_window=SEQ - 1),  # masks one pair per layer
+    "window_covers_sequence": dict(sliding_window=SEQ),  # the window changes nothing: is_causal
+    "gemma2": dict(
+        head_dim=24,
+        sliding_window=8,
+        global_every=2,
+        attn_softcap=20.0,
+        final_softcap=10.0,
+        sandwich_norm=True,
+        norm_offset=1.0,
+        activation="gelu_tanh",
+        tie_embeddings=True,
     ),
 }
 
 
-@pytest.mark.parametrize("shape", list(FAMILY_SHAPES))
-def test_family_matmul_terms_against_torch_flop_counter(shape: str) -> None:
-    """Projections n_heads x head_dim wide; biases, norms and activations add no matmul FLOPs."""
+def _variant(name: str) -> ModelConfig:
+    base = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=SEQ, kernels="torch")
+    return ModelConfig.from_dict({**base, **VARIANTS[name]})
+
+
+def _mask_pairs(model: Transformer, layer: int) -> int:
+    """Unmasked (query, key) pairs of one layer, counted from the model's own attention mask."""
+    mask = model.layers[layer].attention._mask(SEQ, SEQ, torch.device("cpu"), None)
+    if isinstance(mask, str):  # "causal": SDPA's is_causal, the lower triangle
+        assert mask == "causal"
+        return int(torch.ones(SEQ, SEQ, dtype=torch.bool).tril().sum())
+    assert isinstance(mask, torch.Tensor) and mask.shape == (SEQ, SEQ)
+    return int(mask.sum())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_family_terms_against_torch_flop_counter(variant: str) -> None:
+    """Forward + backward under FlopCounterMode, with SDPA on its math backend so that the counter
+    sees attention's matmuls as bmm (its fused CPU kernel is invisible to it).
+
+    Projections (mm/addmm) must equal 6 x the formula's matmul parameters exactly: q/o n_heads x
+    head_dim wide; biases, norms and activations add no matmul FLOPs. Attention (bmm) is counted for
+    the whole T x S score matrix, masked or not; the formula scales each layer's share of it by the
+    pairs its mask leaves visible over those of a full causal layer, counted from the model's mask.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    base = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32, kernels="torch")
-    cfg = ModelConfig.from_dict({**base, **FAMILY_SHAPES[shape]})
+    cfg = _variant(variant)
     model = Transformer(cfg, 320)
-    tokens, targets = torch.randint(0, 320, (2, 32)), torch.randint(0, 320, (2, 32))
-    with FlopCounterMode(display=False) as counter:
+    tokens, targets = torch.randint(0, 320, (2, SEQ)), torch.randint(0, 320, (2, SEQ))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(tokens, targets).backward()
-    attention = 12 * 3 * cfg.n_heads * cfg.head_size * 32  # SDPA's matmuls: not seen by the counter on CPU
-    assert counter.get_total_flops() / 64 == model_flops_per_token(cfg, 320, 32) - attention
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) <= {"aten.mm", "aten.addmm", "aten.bmm"}, counts
+    n_tokens = tokens.numel()
+
+    projections = (counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)) / n_tokens
+    attention = attention_flops_per_token(cfg, SEQ)
+    # Both sides are whole numbers; the tolerance only absorbs the float subtraction of a fractional term.
+    assert projections == pytest.approx(model_flops_per_token(cfg, 320, SEQ) - attention, abs=1e-6)
+
+    q_dim = cfg.n_heads * cfg.head_size
+    full_matrix = counts["aten.bmm"] / n_tokens
+    assert full_matrix == 12 * q_dim * SEQ * cfg.n_layers  # every layer: T x S scores, masked or not
+    causal = visible_pairs(SEQ)
+    assert causal == SEQ * (SEQ + 1) // 2
+    pairs = [_mask_pairs(model, i) for i in range(cfg.n_layers)]
+    window = cfg.sliding_window
+    assert pairs == [visible_pairs(SEQ, window if cfg.is_windowed(i) else None) for i in range(cfg.n_layers)]
+    assert attention == pytest.approx(sum(full_matrix / cfg.n_layers * p / causal for p in pairs), rel=1e-12)
 
 
-def test_softcapped_attention_is_counted_in_full_by_torch_flop_counter() -> None:
-    """Gemma 2's soft-capped attention runs as explicit matmuls, which the counter sees: the whole formula."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = ModelConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=96, max_seq_len=32,
-        attn_softcap=20.0, final_softcap=10.0, sandwich_norm=True, kernels="torch",
-    )  # fmt: skip
-    model = Transformer(cfg, 320)
-    tokens, targets = torch.randint(0, 320, (2, 32)), torch.randint(0, 320, (2, 32))
-    with FlopCounterMode(display=False) as counter:
-        model(tokens, targets).backward()
-    assert counter.get_total_flops() / 64 == model_flops_per_token(cfg, 320, 32)
+def test_full_attention_term_is_the_whole_score_matrix() -> None:
+    """The convention for full causal layers, unchanged: 12 x n_heads x head_dim x seq_len per layer."""
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=96, max_seq_len=64)
+    assert attention_flops_per_token(cfg, 64) == 12 * 3 * 4 * 24 * 64
+    assert attention_flops_per_token(replace(cfg, sliding_window=64), 64) == 12 * 3 * 4 * 24 * 64
+    assert attention_flops_per_token(replace(cfg, sliding_window=1000), 64) == 12 * 3 * 4 * 24 * 64
 
 
-def test_sliding_window_layers_count_the_keys_they_see() -> None:
-    """A windowed layer attends to `window` keys instead of the sequence; every k-th layer stays full."""
-    from dataclasses import replace
+def test_visible_pairs_and_keys_of_a_causal_window() -> None:
+    """Query i sees min(i + 1, w) keys: the closed forms against a brute-force count."""
+    for seq in (1, 2, 7, 32, 33):
+        for window in (None, 1, 2, 5, 31, 32, 40):
+            brute = sum(min(i + 1, window or seq) for i in range(seq))
+            assert visible_pairs(seq, window) == brute
+            assert attention_keys(seq, window) == pytest.approx(
+                seq * brute / (seq * (seq + 1) / 2), rel=1e-15
+            )
+    # w(2T - w + 1)/(T + 1): about 2w when T >> w, T once the window covers the sequence, continuous.
+    assert attention_keys(64, 8) == 8 * (128 - 8 + 1) / 65
+    assert attention_keys(64, 64) == attention_keys(64, None) == 64
+    assert attention_keys(2048, 2047) == pytest.approx(2048, rel=1e-6)  # Phi-3-mini's window at T = 2048
+    # Mistral-7B at 8192 with its 4096 window scores 75% of a full layer's pairs.
+    assert attention_keys(8192, 4096) / 8192 == pytest.approx(0.75, abs=1e-4)
 
+
+def test_sliding_window_layers_count_their_share_of_the_pairs() -> None:
+    """A windowed layer counts attention_keys(T, w) keys instead of T; every k-th layer stays full."""
     full = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
-    per_layer_key = 12 * 4 * 16  # 12 x n_heads x head_dim per key a query sees
+    per_key = 12 * 4 * 16  # 12 x n_heads x head_dim per counted key
+    saved = per_key * (64 - attention_keys(64, 8))
     mistral = replace(full, sliding_window=8)
-    assert (
-        model_flops_per_token(full, 320, 64) - model_flops_per_token(mistral, 320, 64)
-        == 4 * per_layer_key * 56
+    assert model_flops_per_token(full, 320, 64) - model_flops_per_token(mistral, 320, 64) == pytest.approx(
+        4 * saved
     )
     gemma2 = replace(full, sliding_window=8, global_every=2)  # layers 0 and 2 windowed
-    assert (
-        model_flops_per_token(full, 320, 64) - model_flops_per_token(gemma2, 320, 64)
-        == 2 * per_layer_key * 56
+    assert model_flops_per_token(full, 320, 64) - model_flops_per_token(gemma2, 320, 64) == pytest.approx(
+        2 * saved
     )
     assert model_flops_per_token(mistral, 320, 8) == model_flops_per_token(full, 320, 8)  # window covers it
-    # The mask itself: a windowed query sees min(position + 1, window) keys; the convention counts the
-    # window (as it counts seq_len, not the causal average, for a full layer).
-    attn = Transformer(mistral, 320).layers[0].attention
-    mask = attn._mask(64, 64, torch.device("cpu"), None)
-    assert isinstance(mask, torch.Tensor) and int(mask.sum(-1).max()) == 8
+    # Frozen base: attention's term does not change (backward still needs dQ, dK, dV).
+    assert model_flops_per_token(mistral, 320, 64) - model_flops_per_token(
+        mistral, 320, 64, weight_grads=False
+    ) == model_flops_per_token(full, 320, 64) - model_flops_per_token(full, 320, 64, weight_grads=False)
