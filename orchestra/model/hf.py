@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,12 +73,16 @@ def _layer_map(fam: Family, i: int, ours: str) -> str | None:
     return f"model.layers.{i}.{fam.layer_names[module]}.{leaf}"
 
 
-def name_map(cfg: ModelConfig) -> dict[str, str]:
+def name_map(cfg: ModelConfig, params: Iterable[str] | None = None) -> dict[str, str]:
     """Our parameter name -> HF name, for every tensor HF stores under its own name (lm_head only
-    when untied); tensors a family stores fused (Phi-3's qkv_proj) are not in it."""
+    when untied); tensors a family stores fused (Phi-3's qkv_proj) are not in it.
+
+    ``params`` are the model's parameter names when the caller already has them (from
+    :func:`_expected_shapes`), so a conversion builds the meta model once.
+    """
     fam = family(cfg.family)
     names: dict[str, str] = {}
-    for ours in _expected_shapes(cfg, 1):
+    for ours in params if params is not None else _expected_shapes(cfg, 1):
         if ours.startswith("layers."):
             _, i, rest = ours.split(".", 2)
             theirs = _layer_map(fam, int(i), rest)
@@ -143,7 +147,7 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -
     ours = _expected_shapes(cfg, vocab)
     ignore = {"lm_head.weight"} if cfg.tie_embeddings else set()
     _check(state_dict, ours, "Orchestra", ignore)
-    out = {theirs: state_dict[name] for name, theirs in name_map(cfg).items()}
+    out = {theirs: state_dict[name] for name, theirs in name_map(cfg, ours).items()}
     for theirs, parts in _fused_groups(cfg):
         if parts[0] in ours:
             out[theirs] = torch.cat([state_dict[p] for p in parts], dim=0)
@@ -158,9 +162,9 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> d
     With tied embeddings the result holds the embedding under both ``tok_embeddings.weight`` and
     ``lm_head.weight``, as our own state_dict() does.
     """
-    names = name_map(cfg)
     vocab = _vocab_size(hf_sd, "model.embed_tokens.weight", "Hugging Face")
     shapes = _expected_shapes(cfg, vocab)
+    names = name_map(cfg, shapes)
     expected = {names[k]: shape for k, shape in shapes.items() if k in names}
     fused = [(theirs, parts) for theirs, parts in _fused_groups(cfg) if parts[0] in shapes]
     for theirs, parts in fused:

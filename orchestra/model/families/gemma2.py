@@ -35,14 +35,12 @@ def _cap(config: HFConfig, key: str, default: float | None) -> float | None:
 
 def read(config: HFConfig) -> ModelConfig:
     kw = gemma_fields(config, "gemma2", "hidden_activation")
-    scalar = positive_int(config, "query_pre_attn_scalar", 256) if "query_pre_attn_scalar" in config else 256
+    scalar = positive_int(config, "query_pre_attn_scalar", 256)
     window = config.get("sliding_window", 4096)
     types = config.get("layer_types") or [
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(kw["n_layers"])
     ]
     window, every = window_pattern({"layer_types": types}, window, kw["n_layers"])
-    if window is not None and window >= kw["max_seq_len"]:
-        window, every = None, 0
     return build(
         {
             **kw,

@@ -49,7 +49,7 @@ def read(config: HFConfig) -> ModelConfig:
     )
     config, local_theta = _split_rope({"rope_theta": 1000000.0, **config})
     kw = gemma_fields(config, "gemma3", "hidden_activation")
-    scalar = positive_int(config, "query_pre_attn_scalar", 256) if "query_pre_attn_scalar" in config else 256
+    scalar = positive_int(config, "query_pre_attn_scalar", 256)
     window = config.get("sliding_window", 4096)
     pattern = config.get("sliding_window_pattern", 6)
     types = config.get("layer_types") or [

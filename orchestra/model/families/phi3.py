@@ -16,6 +16,7 @@ from orchestra.model.families.spec import (
     build,
     common_fields,
     common_keys,
+    positive_int,
     refuse_if,
 )
 
@@ -42,17 +43,8 @@ def read(config: HFConfig) -> ModelConfig:
         "Phi-3 uses default or longrope RoPE",
     )
     if kw["rope"].type == RopeType.longrope:
-        kw["rope"].original_max_seq_len = positive_int_or(config, "original_max_position_embeddings", 4096)
-    window = config.get("sliding_window")
-    if window is not None and window >= kw["max_seq_len"]:
-        window = None
-    return build({**kw, "sliding_window": window})
-
-
-def positive_int_or(config: HFConfig, key: str, default: int) -> int:
-    from orchestra.model.families.spec import positive_int
-
-    return positive_int(config, key, default)
+        kw["rope"].original_max_seq_len = positive_int(config, "original_max_position_embeddings", 4096)
+    return build({**kw, "sliding_window": config.get("sliding_window")})
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from orchestra.model.families.llama import SILU
 from orchestra.model.families.spec import (
     Family,
     HFConfig,
+    HFImportError,
     activation,
     build,
     common_fields,
@@ -27,7 +28,7 @@ def sliding(config: HFConfig, n_layers: int) -> tuple[int | None, int]:
         return None, 0
     start = config.get("max_window_layers", 28)
     if start != 0 and start < n_layers:
-        raise ValueError(  # re-raised as HFImportError by the caller's message
+        raise HFImportError(
             f"config.json: use_sliding_window=true with max_window_layers={start} (the first {start} layers full, "
             "the rest windowed) is not supported; only every layer windowed (max_window_layers=0) is"
         )
@@ -37,14 +38,9 @@ def sliding(config: HFConfig, n_layers: int) -> tuple[int | None, int]:
 
 
 def read_common(config: HFConfig, family: str) -> dict[str, Any]:
-    from orchestra.model.families.spec import HFImportError
-
     kw = common_fields(config, DEFAULTS, family)
     activation(config, "hidden_act", "silu", SILU)
-    try:
-        window, every = sliding(config, kw["n_layers"])
-    except ValueError as err:
-        raise HFImportError(str(err)) from None
+    window, every = sliding(config, kw["n_layers"])
     return {**kw, "sliding_window": window, "global_every": every}
 
 
