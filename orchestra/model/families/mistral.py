@@ -17,10 +17,7 @@ def read(config: HFConfig) -> ModelConfig:
     kw = common_fields(config, DEFAULTS, "mistral")
     activation(config, "hidden_act", "silu", SILU)
     # MistralConfig defaults sliding_window to 4096 when the key is absent; null means none.
-    window = config.get("sliding_window", 4096)
-    if window is not None and window >= kw["max_seq_len"]:
-        window = None  # a window as long as the context changes nothing
-    return build({**kw, "sliding_window": window})
+    return build({**kw, "sliding_window": config.get("sliding_window", 4096)})
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
