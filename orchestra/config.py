@@ -598,6 +598,117 @@ class ExportConfig:
     """true: write only the trainable PEFT weights (LoRA in peft's adapter format), not a merged model."""
 
 
+EVAL_TASKS = ("perplexity", "classification", "generation", "lm_eval", "bias", "pii")
+
+
+@dataclass
+class EvalConfig:
+    """Root of `orchestra-eval`: a model, the tasks to run on it, where the results go.
+
+    Task data default to the bundled example sets (``<data_cache>/examples``), so every task
+    runs offline; the sections below pick other files.
+    """
+
+    ckpt: str = ""
+    """The model: a training checkpoint (file or sharded dir, PEFT ones too) or an exported / Hugging Face folder."""
+    tasks: list[str] = field(default_factory=lambda: ["perplexity"])
+    """perplexity, classification, generation, lm_eval, bias, pii (see docs/evaluation.md)."""
+    out: str = ""
+    """Folder of eval.json and the per-example samples; empty = <run dir>/eval/<checkpoint name> for a
+    checkpoint inside a run dir, else eval/<checkpoint name>."""
+    overwrite: bool = False
+    """Replace the results of an earlier evaluation in ``out``."""
+    device: str = "auto"
+    """auto (a GPU if present), cpu, cuda, cuda:N; under torchrun/srun each rank takes its local GPU."""
+    batch_size: int = 16
+    """Sequences per forward."""
+    limit: int | None = None
+    """Examples per task (the first N, deterministic): a quick look before the full run; null = all."""
+    seed: int = 1234
+    """Seed of sampling and of the bootstrap."""
+    data_cache: str = "data"
+    """Where the bundled example sets are built (as data.cache_dir of training)."""
+    paths: list[str] = field(default_factory=list)
+    """perplexity: .txt (one document per file) or .jsonl files / globs; empty = the val split of ``dataset``."""
+    text_field: str = "text"
+    """perplexity: the jsonl field holding a document."""
+    dataset: str = ""
+    """perplexity: a prepared dataset folder (orchestra-prepare's <cache_dir>/<name>) whose val split is scored."""
+    stride: int | None = None
+    """perplexity: tokens newly scored per window of a document longer than the context (each after up to
+    context - stride tokens of context); null = disjoint windows of the full context."""
+    classification_path: str = ""
+    """classification: jsonl {"text", "label"}; empty = the bundled classification set's val split."""
+    labels: list[str] = field(default_factory=list)
+    """classification: label names in class order; empty = the checkpoint's own (a classifier) or the file's."""
+    generation_path: str = ""
+    """generation: jsonl {"prompt", "response"} or {"messages"}; empty = the bundled SFT set's val split."""
+    max_new_tokens: int = 64
+    """generation, pii: tokens generated per prompt at most."""
+    temperature: float = 0.0
+    """generation, pii: 0 = greedy; above 0 samples (seeded)."""
+    top_k: int | None = None
+    """generation, pii: sample among the k most likely tokens; null: all."""
+    top_p: float | None = None
+    """generation, pii: nucleus sampling threshold; null: off."""
+    lm_eval_tasks: list[str] = field(default_factory=lambda: ["orchestra_genre", "orchestra_continue"])
+    """lm_eval: task names (the shipped ones for the bundled sets, or any whose data lm-eval has cached)."""
+    lm_eval_include: str = ""
+    """lm_eval: a folder of further task YAMLs."""
+    num_fewshot: int | None = None
+    """lm_eval: few-shot examples per prompt; null = each task's default."""
+    bias_dimensions: list[str] = field(default_factory=lambda: ["gender", "ethnicity"])
+    """bias: which counterfactual dimensions to probe."""
+    pii_samples: int = 32
+    """pii: samples generated (from the generation prompts) and scanned for personal data."""
+
+    def validate(self) -> None:
+        require(bool(self.ckpt), "ckpt", "give the model to evaluate: a checkpoint or an exported folder")
+        require(len(self.tasks) > 0, "tasks", f"give at least one of {list(EVAL_TASKS)}")
+        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        require(not unknown, "tasks", f"unknown task(s) {unknown}; known: {list(EVAL_TASKS)}")
+        require(len(set(self.tasks)) == len(self.tasks), "tasks", f"{list(self.tasks)} names a task twice")
+        for key in ("batch_size", "max_new_tokens", "pii_samples"):
+            require(getattr(self, key) > 0, key, f"must be a positive integer, got {getattr(self, key)}")
+        require(self.limit is None or self.limit > 0, "limit", f"must be positive or null, got {self.limit}")
+        require(
+            self.stride is None or self.stride > 0, "stride", f"must be positive or null, got {self.stride}"
+        )
+        require(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+        require(self.top_k is None or self.top_k > 0, "top_k", f"must be positive or null, got {self.top_k}")
+        require(
+            self.top_p is None or 0 < self.top_p <= 1, "top_p", f"must be in (0, 1] or null, got {self.top_p}"
+        )
+        require(
+            not ("perplexity" in self.tasks and self.paths and self.dataset),
+            "paths",
+            "perplexity reads either paths or dataset, not both",
+        )
+
+
+@dataclass
+class CompareConfig:
+    """Root of `orchestra-eval compare`: two models (or two eval folders) on the same tasks."""
+
+    a: str = ""
+    """Model A: a checkpoint, an exported folder, or a folder with an eval.json from orchestra-eval."""
+    b: str = ""
+    """Model B, the same kinds as ``a``."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """How models are evaluated when ``a`` / ``b`` are models (eval.ckpt is ignored)."""
+    out: str = "compare"
+    """Folder of compare.json (and each model's evaluation under a/ and b/)."""
+    alpha: float = 0.05
+    """Significance level of the verdicts."""
+    n_resamples: int = 10_000
+    """Bootstrap / permutation resamples."""
+
+    def validate(self) -> None:
+        require(bool(self.a) and bool(self.b), "a", "give both models: a=... b=...")
+        require(0 < self.alpha < 0.5, "alpha", f"must be in (0, 0.5), got {self.alpha}")
+        require(self.n_resamples >= 100, "n_resamples", f"must be >= 100, got {self.n_resamples}")
+
+
 def job_id() -> str:
     """Identity of the launch, the same on every rank: SLURM job, torchrun run id, else the time.
 
@@ -635,6 +746,8 @@ def register_configs() -> None:
     cs.store(name="base_prepare", node=PrepareConfig)
     cs.store(name="base_generate", node=GenerateConfig)
     cs.store(name="base_export", node=ExportConfig)
+    cs.store(name="base_eval", node=EvalConfig)
+    cs.store(name="base_compare", node=CompareConfig)
 
 
 def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:

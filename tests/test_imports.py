@@ -35,6 +35,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "orchestra.config": ("orchestra.train", "orchestra.data", "orchestra.cli", "orchestra.report"),
     "orchestra.io": ("orchestra.",),
     "orchestra.train": ("orchestra.cli",),
+    # Evaluation sits below training (the in-training evaluation callback uses it): it reads
+    # models through orchestra.model and data through orchestra.data, never the training loop.
+    "orchestra.eval": ("orchestra.train", "orchestra.cli", "orchestra.report", "lightning", "hydra"),
     "orchestra.report": ("orchestra.train", "orchestra.cli"),
 }
 

@@ -181,17 +181,44 @@ def run_harness(
     include_path: str | Path | None = None,
     seed: int = 1234,
     log_samples: bool = True,
+    examples_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on our model for ``tasks`` (shipped YAMLs + any in ``include_path``).
 
     Returns lm-eval's results dict (rank 0; other ranks get an empty dict). Tasks whose data
     are not cached locally fail in lm-eval's loader, which names the dataset.
     """
+    import tempfile
+
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else [])
-    manager = TaskManager(include_path=paths)
+    with tempfile.TemporaryDirectory(prefix="orchestra-lm-eval-") as shipped:
+        # The shipped YAMLs name the bundled examples' folder only once it is known.
+        for yaml in TASKS_DIR.glob("*.yaml"):
+            text = yaml.read_text()
+            if "__EXAMPLES__" in text:
+                if examples_dir is None:
+                    continue
+                text = text.replace("__EXAMPLES__", str(Path(examples_dir).resolve()))
+            (Path(shipped) / yaml.name).write_text(text)
+        paths = [shipped] + ([str(include_path)] if include_path else [])
+        return _evaluate(simple_evaluate, TaskManager(include_path=paths), evaluated, tasks, batch_size=batch_size,
+                         limit=limit, num_fewshot=num_fewshot, seed=seed, log_samples=log_samples)  # fmt: skip
+
+
+def _evaluate(
+    simple_evaluate: Any,
+    manager: Any,
+    evaluated: EvalModel,
+    tasks: Sequence[str],
+    *,
+    batch_size: int,
+    limit: int | float | None,
+    num_fewshot: int | None,
+    seed: int,
+    log_samples: bool,
+) -> dict[str, Any]:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(

@@ -13,9 +13,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from orchestra.eval.model import EvalModel
 from orchestra.train.checkpoint.io import consolidated_state_dict
 from orchestra.train.checkpoint.meta import CheckpointError, CheckpointMeta
-from orchestra.train.finetune import rebuild_peft_model
+from orchestra.train.finetune import rebuild_peft_model, with_task_head
 from orchestra.train.methods import method_spec
 
 
@@ -25,7 +26,9 @@ class LoadedModel(NamedTuple):
     meta: CheckpointMeta
 
 
-def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> LoadedModel:
+def load_model_from_checkpoint(
+    path: str | Path, map_location: Any = "cpu", allow_classifier: bool = False
+) -> LoadedModel:
     """The model (eval mode), its tokenizer and its metadata, from a training checkpoint.
 
     The model is a Transformer, or for a prompt-tuning checkpoint a PromptTunedModel around one
@@ -41,7 +44,7 @@ def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> L
     path = Path(path)
     # Any layout: a file, a sharded (FSDP2) directory or a DeepSpeed directory, names stripped.
     state, meta = consolidated_state_dict(path)
-    if meta.is_classifier:
+    if meta.is_classifier and not allow_classifier:
         raise CheckpointError(
             f"checkpoint {path} is a sequence classifier (task=classification): it has "
             "no language-model head to generate with"
@@ -66,7 +69,7 @@ def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> L
         if spec.merge is not None:
             spec.merge(model)
     else:
-        model = build_model(meta.model_config, meta.vocab_size, init=False)
+        model = with_task_head(build_model(meta.model_config, meta.vocab_size, init=False), meta)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -80,3 +83,35 @@ def load_model_from_checkpoint(path: str | Path, map_location: Any = "cpu") -> L
             f"checkpoint {path}: its tokenizer is not a valid tokenizer.json ({err})"
         ) from None
     return LoadedModel(model.eval(), tokenizer, meta)
+
+
+def load_for_eval(path: str | Path, device: Any = "cpu") -> EvalModel:
+    """Any artifact orchestra-eval takes, as an :class:`~orchestra.eval.model.EvalModel`.
+
+    A folder with config.json is an exported / Hugging Face model; anything else is a training
+    checkpoint (a file or a sharded directory; a PEFT one rebuilt on its recorded base; a
+    classifier with its head and labels).
+    """
+    from orchestra.eval.model import from_hf_folder, tokenizer_sha256
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"ckpt: {path} does not exist")
+    if path.is_dir() and (path / "config.json").is_file():
+        evaluated = from_hf_folder(path)
+    else:
+        model, tokenizer, meta = load_model_from_checkpoint(path, allow_classifier=True)
+        evaluated = EvalModel(
+            model=model,
+            tokenizer=tokenizer,
+            eos_ids=meta.stop_ids or (tokenizer.token_to_id("<|endoftext|>") or 0,),
+            bos_id=meta.bos_id,
+            add_bos=meta.bos_id is not None,
+            chat_template=meta.chat_template,
+            kind="peft checkpoint" if meta.peft is not None else "checkpoint",
+            source=str(path),
+            tokenizer_sha256=tokenizer_sha256(meta.tokenizer_json),
+            labels=tuple(meta.labels),
+        )
+    evaluated.model.to(torch.device(device))
+    return evaluated
