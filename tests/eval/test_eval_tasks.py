@@ -52,7 +52,7 @@ def test_generation_checkpoint_and_export_agree_and_metrics_recompute(
     ckpt_doc, ckpt_samples = _run(
         tmp_path, "g1", ckpt=str(trained_run / "checkpoints" / "last.ckpt"), **common
     )
-    hf_doc, hf_samples = _run(tmp_path, "g2", ckpt=str(exported_folder), **common)
+    _, hf_samples = _run(tmp_path, "g2", ckpt=str(exported_folder), **common)
     assert [r["prediction"] for r in ckpt_samples["generation"]] == [
         r["prediction"] for r in hf_samples["generation"]
     ]
