@@ -525,79 +525,6 @@ class TaskConfig:
         )
 
 
-@dataclass
-class TrainConfig:
-    """The root of a training job's configuration."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    energy: EnergyConfig = field(default_factory=EnergyConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    name: str = "default"
-    """Experiment name: runs go to runs/<name>/<job id>."""
-    seed: int = 1234
-    """Seed of initialisation, data order and sampling."""
-    resume: str = "auto"
-    """auto: continue from the newest complete checkpoint in the run dir; never; or a checkpoint path."""
-    run_dir: str = ""
-    """Filled from Hydra's run dir at start-up when left empty."""
-
-
-@dataclass
-class PrepareConfig:
-    """Root of `orchestra-prepare`: only the data group (plus a seed)."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    seed: int = 1234
-    """Seed of the validation split."""
-    force: bool = False
-    """Rebuild the dataset even if a complete one is there."""
-
-
-@dataclass
-class GenerateConfig:
-    """Root of `orchestra-generate`."""
-
-    ckpt: str = ""
-    """The checkpoint to sample from (a file or a sharded checkpoint directory)."""
-    prompt: str = "ROMEO:"
-    """Text to continue."""
-    max_new_tokens: int = 128
-    """Tokens to generate at most (fewer when the context fills up or eos comes)."""
-    temperature: float = 0.8
-    """Sampling temperature; 0 is greedy."""
-    top_k: int | None = 50
-    """Sample among the k most likely tokens; null: all."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of tokens whose probability reaches p; null: off."""
-    seed: int = 1234
-    """Seed of the sampling."""
-    device: str = "auto"
-    """auto (a GPU if present), cpu, cuda, cuda:N."""
-
-
-@dataclass
-class ExportConfig:
-    """Root of `orchestra-export`."""
-
-    ckpt: str = ""
-    """The checkpoint to export (any layout: file, FSDP2 or DeepSpeed directory)."""
-    out: str = ""
-    """The folder to write (replaced atomically)."""
-    dtype: str = "float32"
-    """Weights dtype in the folder: float32, bfloat16 or float16."""
-    overwrite: bool = False
-    """Replace a non-empty ``out``."""
-    peft_only: bool = False
-    """true: write only the trainable PEFT weights (LoRA in peft's adapter format), not a merged model."""
-
-
 EVAL_TASKS = ("perplexity", "classification", "generation", "lm_eval", "bias", "pii")
 
 
@@ -684,6 +611,135 @@ class EvalConfig:
             "paths",
             "perplexity reads either paths or dataset, not both",
         )
+
+
+@dataclass
+class TrainEvalConfig:
+    """Evaluation during training (orchestra/train/callbacks/evaluation.py) and early stopping.
+
+    At a validation every ``every_n_steps`` the model as it is runs the orchestra-eval tasks
+    named here over the first ``limit`` examples; their metrics go to metrics.csv, W&B and the
+    report as ``eval/<task>/<metric>``. ``early_stopping`` stops the run when that metric (or
+    val/loss) has not improved for ``patience`` checks: the overfitting check of a fine-tune.
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    """orchestra-eval tasks to run (perplexity, classification, generation, ...); empty = none."""
+    every_n_steps: int = 0
+    """Steps between evaluations, a multiple of trainer.val_every_n_steps; 0 = at every validation."""
+    limit: int | None = 64
+    """Examples per task (the first N): a fixed subset, the same at every evaluation; null = all."""
+    early_stopping: str | None = None
+    """Metric to stop on: val/loss, val/ppl or eval/<task>/<metric>; null = never stop early."""
+    mode: str = "min"
+    """min: lower is better (losses, perplexity); max: higher is better (accuracy)."""
+    patience: int = 3
+    """Checks without an improvement of more than min_delta before the run stops."""
+    min_delta: float = 0.0
+    """The smallest change that counts as an improvement."""
+    options: EvalConfig = field(default_factory=EvalConfig)
+    """Task settings as orchestra-eval takes them (paths, dataset, classification_path, max_new_tokens, ...);
+    options.ckpt, options.out, options.tasks and options.limit are not read here."""
+
+    def validate(self, prefix: str = "eval", val_every_n_steps: int = 1) -> None:
+        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        require(not unknown, f"{prefix}.tasks", f"unknown task(s) {unknown}; known: {list(EVAL_TASKS)}")
+        require(self.every_n_steps >= 0, f"{prefix}.every_n_steps", "must be >= 0 (0: every validation)")
+        require(
+            self.every_n_steps % val_every_n_steps == 0,
+            f"{prefix}.every_n_steps",
+            f"{self.every_n_steps} is not a multiple of trainer.val_every_n_steps={val_every_n_steps} "
+            "(evaluations run at validations)",
+        )
+        require(self.limit is None or self.limit > 0, f"{prefix}.limit", "must be positive or null")
+        require(self.mode in ("min", "max"), f"{prefix}.mode", f"must be min or max, got {self.mode!r}")
+        require(self.patience > 0, f"{prefix}.patience", f"must be positive, got {self.patience}")
+        require(self.min_delta >= 0, f"{prefix}.min_delta", f"must be >= 0, got {self.min_delta}")
+        if self.early_stopping is not None:
+            metric = self.early_stopping
+            named = metric in ("val/loss", "val/ppl") or (
+                metric.startswith("eval/") and metric.split("/")[1] in self.tasks and metric.count("/") >= 2
+            )
+            require(
+                named,
+                f"{prefix}.early_stopping",
+                f"{metric!r} is not val/loss, val/ppl or eval/<task>/<metric> of a task in {prefix}.tasks "
+                f"({list(self.tasks)})",
+            )
+
+
+@dataclass
+class TrainConfig:
+    """The root of a training job's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    name: str = "default"
+    """Experiment name: runs go to runs/<name>/<job id>."""
+    seed: int = 1234
+    """Seed of initialisation, data order and sampling."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in the run dir; never; or a checkpoint path."""
+    run_dir: str = ""
+    """Filled from Hydra's run dir at start-up when left empty."""
+
+
+@dataclass
+class PrepareConfig:
+    """Root of `orchestra-prepare`: only the data group (plus a seed)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+    """Seed of the validation split."""
+    force: bool = False
+    """Rebuild the dataset even if a complete one is there."""
+
+
+@dataclass
+class GenerateConfig:
+    """Root of `orchestra-generate`."""
+
+    ckpt: str = ""
+    """The checkpoint to sample from (a file or a sharded checkpoint directory)."""
+    prompt: str = "ROMEO:"
+    """Text to continue."""
+    max_new_tokens: int = 128
+    """Tokens to generate at most (fewer when the context fills up or eos comes)."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
+    top_k: int | None = 50
+    """Sample among the k most likely tokens; null: all."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p; null: off."""
+    seed: int = 1234
+    """Seed of the sampling."""
+    device: str = "auto"
+    """auto (a GPU if present), cpu, cuda, cuda:N."""
+
+
+@dataclass
+class ExportConfig:
+    """Root of `orchestra-export`."""
+
+    ckpt: str = ""
+    """The checkpoint to export (any layout: file, FSDP2 or DeepSpeed directory)."""
+    out: str = ""
+    """The folder to write (replaced atomically)."""
+    dtype: str = "float32"
+    """Weights dtype in the folder: float32, bfloat16 or float16."""
+    overwrite: bool = False
+    """Replace a non-empty ``out``."""
+    peft_only: bool = False
+    """true: write only the trainable PEFT weights (LoRA in peft's adapter format), not a merged model."""
 
 
 @dataclass
@@ -781,6 +837,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     cfg.finetune.validate("finetune")
     cfg.task.validate("task")
     cfg.energy.validate("energy")
+    cfg.eval.validate("eval", cfg.trainer.val_every_n_steps)
+    require(
+        not (cfg.eval.tasks and cfg.strategy.name.value.startswith("deepspeed_zero3")),
+        "eval.tasks",
+        "evaluation during training reads the model's full weights, which ZeRO-3 partitions; use "
+        "deepspeed_zero2, fsdp or ddp, or evaluate the checkpoints with orchestra-eval",
+    )
 
     t, st, f, m = cfg.trainer, cfg.strategy, cfg.finetune, cfg.model
     if m.vocab_size is not None and cfg.data.tokenizer_path is None:

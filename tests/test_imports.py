@@ -38,7 +38,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # Evaluation sits below training (the in-training evaluation callback uses it): it reads
     # models through orchestra.model and data through orchestra.data, never the training loop.
     "orchestra.eval": ("orchestra.train", "orchestra.cli", "orchestra.report", "lightning", "hydra"),
-    "orchestra.report": ("orchestra.train", "orchestra.cli"),
+    "orchestra.report": ("orchestra.train", "orchestra.cli", "orchestra.eval"),
 }
 
 

@@ -47,7 +47,7 @@ def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None
         if arg.startswith("-") or not ("=" in arg or arg.startswith("~")):
             continue  # a flag (--cfg job) or its value: Hydra's own command line
         try:
-            parser.parse_override(arg)
+            parsed = parser.parse_override(arg)
         except HydraException as err:  # Hydra's message does not say which override
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             return f"override `{arg}` does not parse: {first}"
@@ -57,6 +57,11 @@ def misspelled_override(args: list[str], root: type = TrainConfig) -> str | None
         if not key.strip():
             return f"override `{arg}`: an override needs a key before '=' (e.g. trainer.max_steps=100)"
         if "." not in key:  # a group choice (experiment=debug) or a top-level value: Hydra checks those
+            group = Path(CONF_DIR) / key
+            value = parsed.value()
+            if group.is_dir() and not isinstance(value, (str, list)):  # Hydra raises a bare ValueError
+                choices = sorted(p.stem for p in group.glob("*.yaml"))
+                return f"{key}: {value!r} is not a {key} preset; choose one of {', '.join(choices)}"
             continue
         node: Any = root
         path: list[str] = []

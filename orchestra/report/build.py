@@ -1,6 +1,12 @@
 """Build a run's report from what the run itself wrote: summary.json, metrics.csv, energy.csv and
-the per-node CodeCarbon files. No W&B needed, so it works offline, on a cluster login node and for
-a run that crashed before its summary (then it says what is missing).
+the per-node CodeCarbon files, plus the evaluations stored in it (orchestra-eval's
+``eval/<name>/eval.json``, orchestra-eval compare's ``compare.json``, the in-training
+evaluation's ``eval/...`` metrics and ``early_stopping.json``). No W&B needed, so it works
+offline, on a cluster login node and for a run that crashed before its summary (then it says
+what is missing).
+
+The report reads those files only, never the code that wrote them: an evaluation file it cannot
+read or does not understand gets one line naming it and why, and the rest of the report stands.
 """
 
 from __future__ import annotations
@@ -8,21 +14,43 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from orchestra.report.plots import Series, energy_figure, loss_figure, throughput_figure
+from orchestra.report.plots import Series, energy_figure, eval_figure, loss_figure, throughput_figure
 
 REPORT_NAME = "report.md"
 J_PER_KWH = 3.6e6
+# The files orchestra-eval and the in-training evaluation write into a run dir (their layout, read
+# here by name only: the report never imports orchestra.eval).
+EVAL_DIR = "eval"
+EVAL_FILE = "eval.json"
+EVAL_FORMAT = 1
+COMPARE_FILE = "compare.json"
+EARLY_STOPPING_FILE = "early_stopping.json"
+EVAL_COLUMN_PREFIX = "eval/"
+COMPARISON_KEYS = ("task", "metric", "a", "b", "difference", "ci_low", "ci_high", "p_value", "n", "verdict")
 
 
 class ReportError(ValueError):
     """A run dir the report cannot be built from; the message names the missing file."""
+
+
+@dataclass
+class EvalData:
+    """The evaluation files of a run dir, each as (path relative to the run dir, parsed JSON)."""
+
+    evaluations: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # eval/*/eval.json
+    comparisons: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # compare.json files
+    early_stopping: tuple[str, dict[str, Any]] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why it was skipped)
+
+    def __bool__(self) -> bool:
+        return bool(self.evaluations or self.comparisons or self.early_stopping or self.skipped)
 
 
 @dataclass
@@ -32,6 +60,7 @@ class RunData:
     metrics: list[dict[str, float]]
     energy: list[dict[str, float]]
     nodes: list[dict[str, str]]  # one row per node and tracker run, from emissions/emissions-node*.csv
+    evaluation: EvalData = field(default_factory=EvalData)
 
 
 @dataclass
@@ -84,7 +113,90 @@ def load_run(run_dir: Path) -> RunData:
         metrics=_floats(_read_csv(metrics_path)),
         energy=_floats(_read_csv(run_dir / "energy.csv")),
         nodes=nodes,
+        evaluation=load_evaluation(run_dir),
     )
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(parsed JSON, None), or (None, why the file could not be read)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"cannot be read ({type(err).__name__}: {err})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"is not valid JSON ({err})"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _eval_problem(doc: Any) -> str | None:
+    """Why an eval.json cannot be reported, or None when it has the shape orchestra-eval writes."""
+    if not isinstance(doc, dict):
+        return f"is not an orchestra-eval result (a JSON {type(doc).__name__}, not an object)"
+    if doc.get("format") != EVAL_FORMAT:
+        return f"has results format {doc.get('format')!r}; this report reads format {EVAL_FORMAT}"
+    tasks = doc.get("tasks")
+    if not isinstance(tasks, dict):
+        return "has no `tasks` object"
+    for name, task in tasks.items():
+        if not isinstance(task, dict) or not isinstance(task.get("metrics"), dict):
+            return f"has a task {name!r} without a `metrics` object"
+    if not isinstance(doc.get("model", {}), dict):
+        return "has a `model` that is not an object"
+    return None
+
+
+def _compare_problem(doc: Any) -> str | None:
+    """Why a compare.json cannot be reported, or None when it has the shape orchestra-eval writes."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("comparisons"), list):
+        return "is not an orchestra-eval comparison (no `comparisons` list)"
+    for i, row in enumerate(doc["comparisons"]):
+        missing = [k for k in COMPARISON_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            return f"has comparison {i} without {', '.join(missing)}"
+        bad = [k for k in ("a", "b", "difference", "ci_low", "ci_high", "p_value") if not _is_number(row[k])]
+        if bad:
+            return f"has comparison {i} with non-numeric {', '.join(bad)}"
+    return None
+
+
+def _early_stopping_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict) or "monitor" not in doc:
+        return "is not an early-stopping record (no `monitor`)"
+    return None
+
+
+def load_evaluation(run_dir: Path) -> EvalData:
+    """Every evaluation file of the run dir; a damaged one goes to ``skipped`` with the reason."""
+    run_dir = Path(run_dir)
+    data = EvalData()
+
+    def read(path: Path, problem: Callable[[Any], str | None]) -> tuple[str, dict[str, Any]] | None:
+        rel = path.relative_to(run_dir).as_posix()
+        doc, why = _read_json(path)
+        why = why or problem(doc)
+        if why is not None:
+            data.skipped.append((rel, why))
+            return None
+        return rel, doc
+
+    eval_dir = run_dir / EVAL_DIR
+    folders = sorted(p for p in eval_dir.iterdir() if p.is_dir()) if eval_dir.is_dir() else []
+    for folder in folders:
+        if (folder / EVAL_FILE).exists() and (found := read(folder / EVAL_FILE, _eval_problem)):
+            data.evaluations.append(found)
+    compare_paths = [f / COMPARE_FILE for f in folders]
+    compare_paths += sorted(p / COMPARE_FILE for p in run_dir.glob("compare*") if p.is_dir())
+    for path in compare_paths:
+        if path.exists() and (found := read(path, _compare_problem)):
+            data.comparisons.append(found)
+    if (run_dir / EARLY_STOPPING_FILE).exists():
+        data.early_stopping = read(run_dir / EARLY_STOPPING_FILE, _early_stopping_problem)
+    return data
 
 
 def metric_series(rows: list[dict[str, float]], key: str) -> Series:
@@ -202,6 +314,157 @@ def _sustainability(run: RunData) -> list[str]:
     return lines
 
 
+def _cell(value: Any) -> str:
+    """A markdown table cell: numbers to 4 significant digits, pipes and newlines escaped."""
+    text = _fmt(value) if not isinstance(value, bool) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _quote(text: str) -> list[str]:
+    return [f"> {ln}".rstrip() for ln in text.strip().splitlines()]
+
+
+def _confusion(details: dict[str, Any]) -> list[str]:
+    """details.confusion_matrix (row = true class, column = predicted) with details.labels, if well-formed."""
+    labels, matrix = details.get("labels"), details.get("confusion_matrix")
+    if not isinstance(labels, list) or not isinstance(matrix, list) or len(matrix) != len(labels):
+        return []
+    if not all(isinstance(row, list) and len(row) == len(labels) for row in matrix):
+        return []
+    names = [_cell(label) for label in labels]
+    lines = ["| true \\ predicted | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [
+        f"| {name} | " + " | ".join(_cell(v) for v in row) + " |"
+        for name, row in zip(names, matrix, strict=True)
+    ]
+    return lines
+
+
+def _evaluation(rel: str, doc: dict[str, Any]) -> list[str]:
+    """One orchestra-eval folder: who was evaluated and when, then task | metric | value."""
+    model = doc.get("model") or {}
+    tasks: dict[str, Any] = doc["tasks"]
+    folder = rel.rsplit("/", 1)[0]
+    lines = [f"### `{folder}`", ""]
+    source = f"`{model['source']}`" if model.get("source") else "—"
+    lines.append(f"Model {source} ({_fmt(model.get('kind'))}), evaluated {_fmt(doc.get('created'))}.")
+    if tasks:
+        lines.append(
+            "Examples per task: "
+            + ", ".join(f"{_cell(name)} {_fmt(task.get('n'), ',')}" for name, task in tasks.items())
+            + "."
+        )
+    lines.append("")
+    rows = [(name, m, v) for name, task in tasks.items() for m, v in task["metrics"].items()]
+    if not rows:
+        return [*lines, "This evaluation holds no metrics.", ""]
+    lines += ["| task | metric | value |", "|---|---|---|"]
+    lines += [f"| {_cell(t)} | {_cell(m)} | {_cell(v)} |" for t, m, v in rows]
+    lines.append("")
+    for name, task in tasks.items():
+        details = task.get("details")
+        if not isinstance(details, dict):
+            continue
+        if isinstance(details.get("measures"), str) and details["measures"].strip():
+            lines += [f"What `{name}` measures:", "", *_quote(details["measures"]), ""]
+        confusion = _confusion(details)
+        if confusion:
+            lines += [f"Confusion matrix of `{name}` (rows: true class, columns: predicted):", ""]
+            lines += [*confusion, ""]
+    return lines
+
+
+def _comparison(rel: str, doc: dict[str, Any]) -> list[str]:
+    """One compare.json as a verdict table (difference = b - a, with its confidence interval)."""
+    alpha = doc.get("alpha")
+    level = f"{1 - alpha:.0%} CI" if isinstance(alpha, float) and 0 < alpha < 1 else "CI"
+    lines = [
+        f"### `{rel}`",
+        "",
+        f"b = `{_fmt(doc.get('b'))}` vs a = `{_fmt(doc.get('a'))}`, alpha = {_fmt(alpha)}; "
+        "difference = b − a, paired by example.",
+        "",
+    ]
+    if not doc["comparisons"]:
+        return [*lines, "No paired metric to compare.", ""]
+    lines += [
+        f"| task | metric | a | b | b − a | {level} | p | test | n | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in doc["comparisons"]:
+        metric = _cell(c["metric"]) + (" (lower is better)" if c.get("higher_is_better") is False else "")
+        lines.append(
+            f"| {_cell(c['task'])} | {metric} | {c['a']:.4g} | {c['b']:.4g} | {c['difference']:+.4g} | "
+            f"[{c['ci_low']:+.3g}, {c['ci_high']:+.3g}] | {c['p_value']:.3g} | {_cell(c.get('test'))} | "
+            f"{_cell(c['n'])} | {_cell(c['verdict'])} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _early_stopping(doc: dict[str, Any]) -> list[str]:
+    stopped = doc.get("stopped_step")
+    best, best_step = doc.get("best"), doc.get("best_step")
+    outcome = (
+        f"stopped early at step {_fmt(stopped, ',')}"
+        if stopped is not None
+        else "did not stop early (training ran to its end)"
+    )
+    mode = f" ({_cell(doc['mode'])})" if doc.get("mode") else ""
+    rows = [
+        ("monitor", f"`{_cell(doc.get('monitor'))}`{mode}"),
+        ("patience", f"{doc['patience']} checks" if _is_number(doc.get("patience")) else "—"),
+        ("best", f"{_cell(best)} at step {_fmt(best_step, ',')}" if best is not None else "—"),
+        ("outcome", outcome),
+    ]
+    return ["Early stopping (`early_stopping.json`):", "", *_table(rows), ""]
+
+
+def eval_columns(run: RunData) -> list[str]:
+    """The metrics.csv columns the in-training evaluation logged (``eval/<task>/<metric>``)."""
+    return sorted({k for row in run.metrics for k in row if k.startswith(EVAL_COLUMN_PREFIX)})
+
+
+def _evaluation_section(run: RunData, has_figure: bool) -> list[str]:
+    """The report's "Evaluation" section; nothing at all for a run dir without any evaluation."""
+    data = run.evaluation
+    if not data and not has_figure:
+        return []
+    lines = ["## Evaluation", ""]
+    if has_figure or data.early_stopping:
+        lines += ["### During training", ""]
+        if has_figure:
+            lines += [
+                "What the evaluation callback logged to metrics.csv (`eval/<task>/<metric>`), by step:",
+                "",
+                "![evaluation during training](eval.png)",
+                "",
+            ]
+        if data.early_stopping:
+            lines += _early_stopping(data.early_stopping[1])
+    for rel, doc in data.evaluations:
+        lines += _guarded(rel, doc, _evaluation, data)
+    for rel, doc in data.comparisons:
+        lines += _guarded(rel, doc, _comparison, data)
+    for rel, why in data.skipped:
+        lines.append(f"- skipped `{rel}`: it {why}")
+    if data.skipped:
+        lines.append("")
+    return lines
+
+
+def _guarded(
+    rel: str, doc: dict[str, Any], render: Callable[[str, dict[str, Any]], list[str]], data: EvalData
+) -> list[str]:
+    """render(rel, doc), or nothing (and a skip line) when the file's content surprises it."""
+    try:
+        lines = render(rel, doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        data.skipped.append((rel, f"has unexpected content ({type(err).__name__}: {err})"))
+        return []
+    return lines
+
+
 def _num(value: str | None) -> float | None:
     try:
         return float(value) if value not in (None, "") else None
@@ -222,6 +485,11 @@ def build_report(run_dir: Path) -> Report:
     }
     if "energy/kwh" in series:
         figures["energy.png"] = energy_figure(series["energy/power_w"], series["energy/kwh"])
+    eval_series = {k: metric_series(run.metrics, k) for k in eval_columns(run)}
+    eval_series = {k: v for k, v in eval_series.items() if v[0]}
+    if eval_series:
+        series.update(eval_series)
+        figures["eval.png"] = eval_figure(eval_series)
 
     lines = [f"# Run report — {run.run_dir.name}", ""]
     if not s:
@@ -276,6 +544,7 @@ def build_report(run_dir: Path) -> Report:
     lines += _sustainability(run)
     if "energy.png" in figures:
         lines += ["![energy](energy.png)", ""]
+    lines += _evaluation_section(run, "eval.png" in figures)
     lines += [
         "## Files",
         "",
@@ -284,6 +553,15 @@ def build_report(run_dir: Path) -> Report:
         "- `emissions/emissions-node<k>.csv`: each node's CodeCarbon record",
         "- `summary.json`: the run's final numbers",
     ]
+    ev = run.evaluation
+    if ev.evaluations:
+        lines.append(
+            "- `eval/<name>/`: orchestra-eval results (`eval.json`, one record per example in `samples/<task>.jsonl`)"
+        )
+    if ev.comparisons:
+        lines.append("- `compare.json`: orchestra-eval compare's paired tests of two evaluations")
+    if ev.early_stopping:
+        lines.append("- `early_stopping.json`: the in-training evaluation's early-stopping outcome")
     if (run.run_dir / "wandb").is_dir():
         lines.append(
             f"- `wandb/`: W&B run files; upload an offline run with `wandb sync {run.run_dir.resolve()}/wandb/offline-run-*`"

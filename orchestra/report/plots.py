@@ -69,3 +69,28 @@ def energy_figure(power_w: Series, kwh: Series) -> Figure:
     bottom.set_xlabel("wall time (min)")
     bottom.grid(alpha=0.3)
     return fig
+
+
+def eval_figure(series: dict[str, Series]) -> Figure:
+    """Each metric the in-training evaluation logged (``eval/<task>/<metric>``) against optimizer step.
+
+    One panel per metric, as their scales differ (accuracy in [0, 1], perplexity in the hundreds);
+    each line is labelled with its metrics.csv column.
+    """
+    names = list(series)
+    ncols = 1 if len(names) <= 3 else 2
+    nrows = max(1, -(-len(names) // ncols))
+    fig = Figure(figsize=(7 if ncols == 1 else 10, 0.6 + 2.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig.suptitle("Evaluation during training")
+    for i, ax in enumerate(axes.flat):
+        if i >= len(names):
+            ax.set_axis_off()
+            continue
+        name = names[i]
+        ax.plot(*series[name], label=name, marker="o", markersize=3)
+        ax.set_title(name, fontsize="medium")
+        ax.grid(alpha=0.3)
+        if i >= len(names) - ncols:  # the bottom panel of each column
+            ax.set_xlabel("optimizer step")
+    return fig

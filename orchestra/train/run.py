@@ -46,6 +46,7 @@ from orchestra.config import (
 from orchestra.io import atomic_write_text
 from orchestra.train.callbacks import EnergyCallback, ThroughputCallback
 from orchestra.train.callbacks.checkpointing import RunCheckpoint
+from orchestra.train.callbacks.evaluation import EvaluationCallback, RunEarlyStopping
 from orchestra.train.callbacks.loss_guard import (
     GUARD_FILE,
     GuardRecord,
@@ -348,6 +349,19 @@ def build_callbacks(
         extra.append(energy)
     if t.progress_bar:
         extra.append(StepProgressBar(leave=True))
+    if cfg.eval.tasks:
+        base = plan.base
+        extra.append(
+            EvaluationCallback(
+                cfg.eval,
+                plan.tokenizer_json,
+                plan.stop_ids,
+                bos_id=base.bos_id if base is not None and base.add_bos else None,
+                chat_template=cfg.task.chat_template or (base.chat_template if base is not None else None),
+            )
+        )
+    if cfg.eval.early_stopping is not None:
+        extra.append(RunEarlyStopping(cfg.eval, plan.run_dir))
     checkpointing = RunCheckpoint(
         dirpath=plan.run_dir / CHECKPOINT_DIRNAME,
         filename="step{step:07d}",
