@@ -588,6 +588,8 @@ class EvalConfig:
     """bias: which counterfactual dimensions to probe."""
     pii_samples: int = 32
     """pii: samples generated (from the generation prompts) and scanned for personal data."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """logger.name=wandb also logs the results to W&B (a run of job_type eval, grouped with its training)."""
 
     def validate(self) -> None:
         require(bool(self.ckpt), "ckpt", "give the model to evaluate: a checkpoint or an exported folder")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from orchestra.cli.common import CONF_DIR, console, fail
-from orchestra.config import CompareConfig, ConfigError, EvalConfig, register_configs
+from orchestra.config import CompareConfig, ConfigError, EvalConfig, LoggerName, register_configs
 
 register_configs()
 
@@ -69,9 +70,36 @@ def run_eval(cfg: EvalConfig, out: Path | None = None) -> Path | None:
     results = evaluate(evaluated, cfg)
     if _rank() != 0:
         return None
-    path = write_results(out, results_document(evaluated, cfg, results), results)
+    document = results_document(evaluated, cfg, results)
+    path = write_results(out, document, results)
     console.print(results_table(path.parent))
+    if cfg.logger.name == LoggerName.wandb:
+        log_to_wandb(cfg, document, out)
     return path
+
+
+def log_to_wandb(cfg: EvalConfig, document: dict[str, Any], out: Path) -> None:
+    """One W&B run (job_type eval) with every metric as ``<task>/<metric>`` and the table of them."""
+    import wandb
+
+    from orchestra.eval.run import summary_rows
+    from orchestra.train.loggers import wandb_mode
+
+    run = wandb.init(
+        project=cfg.logger.wandb_project,
+        entity=cfg.logger.wandb_entity,
+        group=cfg.logger.group,
+        tags=list(cfg.logger.tags),
+        job_type="eval",
+        name=f"eval-{Path(cfg.ckpt).stem}",
+        mode=wandb_mode(cfg.logger),  # type: ignore[arg-type]
+        dir=str(out),
+        config={"ckpt": cfg.ckpt, "tasks": list(cfg.tasks), "limit": cfg.limit, "model": document["model"]},
+    )
+    rows = summary_rows(document)
+    run.log({f"{task}/{metric}": value for task, metric, value in rows})
+    run.log({"eval_results": wandb.Table(columns=["task", "metric", "value"], data=[list(r) for r in rows])})
+    run.finish()
 
 
 def results_table(folder: Path) -> Table:

@@ -165,3 +165,26 @@ def test_compare_longer_training_is_better_and_self_is_not_different(
     assert c.difference < 0 and c.ci_high < 0 and c.verdict == "b better", c
     _, same = compare_folders(folders["last"], folders["last"], tmp_path / "self", n_resamples=2000)
     assert same[0][1].verdict == "no significant difference" and same[0][1].difference == 0
+
+
+def test_results_go_to_an_offline_wandb_run(trained_run: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    from orchestra.config import LoggerConfig, LoggerName, WandbMode
+    from tests.report.wandb_records import history, read_records
+
+    out = tmp_path / "wb"
+    path = run_eval(
+        EvalConfig(
+            ckpt=str(trained_run / "checkpoints" / "last.ckpt"),
+            tasks=["perplexity"],
+            paths=[str(corpus_dir / "glob.py.txt")],
+            out=str(out),
+            logger=LoggerConfig(name=LoggerName.wandb, wandb_mode=WandbMode.offline),
+        )
+    )
+    assert path is not None
+    metrics = read_results(out)[0]["tasks"]["perplexity"]["metrics"]
+    files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    rows = history(list(read_records(files[0])))
+    logged = {k: v for row in rows for k, v in row.items() if k.startswith("perplexity/")}
+    assert logged["perplexity/ppl"] == pytest.approx(metrics["ppl"])
