@@ -29,6 +29,7 @@ from orchestra.train.checkpoint.io import PREFIX, check_shapes, consolidated_sta
 from orchestra.train.checkpoint.meta import CheckpointError, CheckpointMeta, check_tensors
 from orchestra.train.methods import method_spec
 from orchestra.train.methods.spec import trainable_layout
+from orchestra.train.model_card import write_model_card
 
 EOS_TOKEN = "<|endoftext|>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,6 +143,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", overwri
         (tmp / "special_tokens_map.json").write_text(
             json.dumps({"bos_token": bos_token, "eos_token": eos_token}) + "\n"
         )
+        write_model_card(tmp, ckpt, meta, name=out.resolve().name)  # README.md, from the run's records
     return out
 
 
@@ -216,6 +218,7 @@ def export_peft(ckpt: str | Path, out: str | Path, dtype: str = "float32", overw
             (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / ORCHESTRA_PEFT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(meta.tokenizer_json)
+        write_model_card(tmp, ckpt, meta, name=out.resolve().name, peft_only=True)
     return out
 
 
