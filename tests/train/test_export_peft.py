@@ -164,6 +164,7 @@ def test_lora_export_loads_in_peft_with_our_logits(
     ours = write_peft_checkpoint(base, "lora", tmp_path / "lora.ckpt", lora_targets=targets)
     out = export_peft(tmp_path / "lora.ckpt", tmp_path / "adapter")
     assert {p.name for p in out.iterdir()} == {
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "orchestra_peft.json",
