@@ -176,8 +176,8 @@ def build_workloads(
     """The three workloads' requests from token slices of ``texts`` decoded back to text."""
     rng = random.Random(seed)
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer.encode(text).ids)
+    for source in texts:
+        ids.extend(tokenizer.encode(source).ids)
 
     def text(n: int) -> str:
         return str(tokenizer.decode(_piece(ids, rng, n)))
