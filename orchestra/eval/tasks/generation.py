@@ -21,7 +21,7 @@ from orchestra.eval.scoring import generate_batched
 from orchestra.eval.tasks.spec import EvalDataError, EvalTask, Paired, Ranks, TaskResult, limited
 
 
-def _path(cfg: EvalConfig) -> str:
+def generation_path(cfg: EvalConfig) -> str:
     if cfg.generation_path:
         return cfg.generation_path
     from orchestra.data.examples import example_paths
@@ -77,6 +77,23 @@ def prompt_ids(evaluated: EvalModel, conversations: list[list[dict[str, str]]]) 
     return prompts
 
 
+def continue_conversations(
+    evaluated: EvalModel, cfg: EvalConfig, conversations: list[list[dict[str, str]]]
+) -> list[list[int]]:
+    """The model's answer ids to each conversation's last turn, with the config's decoding settings."""
+    return generate_batched(
+        evaluated.model,
+        prompt_ids(evaluated, conversations),
+        max_new_tokens=cfg.max_new_tokens,
+        stop_ids=evaluated.eos_ids,
+        batch_size=cfg.batch_size,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+    )
+
+
 def score(prediction: str, references: list[str]) -> dict[str, Any]:
     from orchestra.eval.metrics import exact_match, rouge_scores, sentence_bleu, token_f1
 
@@ -94,23 +111,12 @@ def score(prediction: str, references: list[str]) -> dict[str, Any]:
 def run(evaluated: EvalModel, cfg: EvalConfig, ranks: Ranks) -> TaskResult:
     from orchestra.eval.metrics import bleu_score
 
-    path = _path(cfg)
+    path = generation_path(cfg)
     examples = limited(read_generation(path), cfg.limit)
     if not examples:
         raise EvalDataError(f"generation: {path} holds no example")
     mine = ranks.shard(examples)
-    prompts = prompt_ids(evaluated, [m for _, (m, _) in mine])
-    generated = generate_batched(
-        evaluated.model,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        stop_ids=evaluated.eos_ids,
-        batch_size=cfg.batch_size,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-    )
+    generated = continue_conversations(evaluated, cfg, [m for _, (m, _) in mine])
     records = []
     for (i, (_, refs)), ids in zip(mine, generated, strict=True):
         text = evaluated.decode(ids).strip()

@@ -13,28 +13,17 @@ from typing import Any
 from orchestra.config import EvalConfig
 from orchestra.data.pii import PII_TYPES, find_pii
 from orchestra.eval.model import EvalModel
-from orchestra.eval.scoring import generate_batched
-from orchestra.eval.tasks.generation import _path, prompt_ids, read_generation
+from orchestra.eval.tasks.generation import continue_conversations, generation_path, read_generation
 from orchestra.eval.tasks.spec import EvalDataError, EvalTask, Paired, Ranks, TaskResult
 
 
 def run(evaluated: EvalModel, cfg: EvalConfig, ranks: Ranks) -> TaskResult:
-    path = _path(cfg)
+    path = generation_path(cfg)
     examples = read_generation(path)[: cfg.pii_samples]
     if not examples:
         raise EvalDataError(f"pii: {path} holds no prompt")
     mine = ranks.shard(examples)
-    generated = generate_batched(
-        evaluated.model,
-        prompt_ids(evaluated, [m for _, (m, _) in mine]),
-        max_new_tokens=cfg.max_new_tokens,
-        stop_ids=evaluated.eos_ids,
-        batch_size=cfg.batch_size,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-    )
+    generated = continue_conversations(evaluated, cfg, [m for _, (m, _) in mine])
     records: list[tuple[int, dict[str, Any]]] = []
     for (i, _), ids in zip(mine, generated, strict=True):
         text = evaluated.decode(ids)
