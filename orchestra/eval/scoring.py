@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestra.model.generate import context_length, generate
+from orchestra.model.generate import context_length, generate, supports_left_padding
 from orchestra.model.ops import softcap
 from orchestra.model.transformer import Transformer
 
@@ -167,10 +167,12 @@ def generate_batched(
 ) -> list[list[int]]:
     """The generated ids of every prompt (without the prompt; cut at the first stop id, which is dropped).
 
-    Prompts of one length share a batch and one KV cache (the cache has no padding mask, so a
-    batch never mixes lengths). A prompt longer than the context less ``max_new_tokens`` keeps
-    its newest tokens. Sampling (temperature > 0) is seeded per batch, so results do not
-    depend on the order of other requests.
+    Prompts are sorted by length and batched left-padded through one KV cache (the padding is
+    masked, see :func:`~orchestra.model.generate.generate`), so neighbours differ by a few
+    tokens of padding at most. Where padding would change the outputs (a soft prompt, dynamic
+    NTK / LongRoPE past the original context) a batch holds prompts of one length only. A prompt
+    longer than the context less ``max_new_tokens`` keeps its newest tokens. Sampling
+    (temperature > 0) is seeded per batch.
     """
     max_len = context_length(model)  # type: ignore[arg-type]
     if max_new_tokens <= 0 or max_new_tokens >= max_len:
@@ -182,30 +184,39 @@ def generate_batched(
     for i, p in enumerate(clipped):
         if not p:
             raise ValueError(f"prompt {i} has no tokens")
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(clipped):
-        groups.setdefault(len(p), []).append(i)
+    order = sorted(range(len(clipped)), key=lambda i: (len(clipped[i]), i))
+    pad_ok = supports_left_padding(model, max(map(len, clipped), default=0) + max_new_tokens)  # type: ignore[arg-type]
+    batches: list[list[int]] = []
+    for i in order:
+        joins = bool(batches) and len(batches[-1]) < batch_size
+        if joins and not pad_ok:
+            joins = len(clipped[batches[-1][0]]) == len(clipped[i])
+        if joins:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
     device = _device(model)
     out: list[list[int]] = [[] for _ in clipped]
     stops = set(stop_ids)
-    for length in sorted(groups):
-        members = groups[length]
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            batch = torch.tensor([clipped[i] for i in chunk], device=device)
-            generator = torch.Generator(device=device).manual_seed(seed + chunk[0])
-            full = generate(
-                model,  # type: ignore[arg-type]
-                batch,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_id=list(stop_ids),
-                generator=generator,
-            )
-            for r, i in enumerate(chunk):
-                new = full[r, length:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in stops), len(new))
-                out[i] = new[:cut]
+    for chunk in batches:
+        lengths = [len(clipped[i]) for i in chunk]
+        width = max(lengths)
+        pad_id = clipped[chunk[0]][0]  # any id: padding is never attended to
+        rows = [[pad_id] * (width - len(clipped[i])) + clipped[i] for i in chunk]
+        generator = torch.Generator(device=device).manual_seed(seed + chunk[0])
+        full = generate(
+            model,  # type: ignore[arg-type]
+            torch.tensor(rows, device=device),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=list(stop_ids),
+            generator=generator,
+            prompt_lengths=lengths,
+        )
+        for r, i in enumerate(chunk):
+            new = full[r, width:].tolist()
+            cut = next((j for j, t in enumerate(new) if t in stops), len(new))
+            out[i] = new[:cut]
     return out

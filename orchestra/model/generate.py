@@ -71,6 +71,37 @@ def _switches_rope(base: Transformer, virtual: int, pos: int) -> bool:
     )
 
 
+def supports_left_padding(model: Transformer | PromptTunedModel, end: int) -> bool:
+    """Whether prompts of different lengths may share a left-padded batch filling ``end`` positions.
+
+    Not with a soft prompt (padding would sit between it and the prompt) nor with dynamic NTK /
+    LongRoPE past their original context (their tables depend on absolute length).
+    """
+    base, virtual = _unwrap(model)
+    return not virtual and not (length_dependent(base.cfg) and end > original_length(base.cfg))
+
+
+def _left_padding(
+    model: Transformer | PromptTunedModel, prompt_lengths: Sequence[int] | None, B: int, T: int, end: int
+) -> torch.Tensor | None:
+    """Padding count per row [B] for a left-padded prompt, or None when no row is padded."""
+    if prompt_lengths is None:
+        return None
+    lengths = list(prompt_lengths)
+    if len(lengths) != B or any(not 1 <= n <= T for n in lengths):
+        raise ValueError(f"prompt_lengths must be {B} lengths in [1, {T}] (the padded width), got {lengths}")
+    if all(n == T for n in lengths):
+        return None
+    if not supports_left_padding(model, end):
+        base, virtual = _unwrap(model)
+        what = "a soft prompt" if virtual else f"rope.type={RopeType(base.cfg.rope.type).value}"
+        raise ValueError(
+            f"prompts of different lengths cannot share a batch with {what}: its outputs depend on "
+            "absolute positions, which left padding shifts; batch prompts of one length"
+        )
+    return torch.tensor([T - n for n in lengths], dtype=torch.long)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer | PromptTunedModel,
@@ -81,6 +112,7 @@ def generate(
     top_p: float | None = None,
     eos_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` ([B, T] or [T] token ids) by up to ``max_new_tokens`` tokens.
 
@@ -89,6 +121,11 @@ def generate(
     on any of three): a row that has produced one of them is finished and keeps emitting the
     first, and generation stops as soon as every row is, so n may be < max_new_tokens.
     The model is put in eval mode for the call and its previous mode restored afterwards.
+
+    ``prompt_lengths`` batches prompts of different lengths: ``prompt`` is left-padded and row
+    b's prompt is its last ``prompt_lengths[b]`` tokens; the padding is never attended to (see
+    :class:`~orchestra.model.transformer.KVCache`). Not for a soft prompt, nor for dynamic NTK /
+    LongRoPE past their original context, whose outputs depend on absolute positions.
     """
     squeeze = prompt.dim() == 1
     if squeeze:
@@ -117,6 +154,7 @@ def generate(
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     stop = [eos_id] if isinstance(eos_id, int) else list(eos_id or ())
+    pad = _left_padding(model, prompt_lengths, B, T, T + max_new_tokens)
 
     was_training = model.training
     model.eval()
@@ -126,9 +164,11 @@ def generate(
         if max_new_tokens > 0:
             # Positions count from the soft prompt's first virtual token; start_pos counts real ones.
             cache = KVCache(B, base.cfg, virtual + T + max_new_tokens, device=param.device, dtype=param.dtype)
+            if pad is not None:
+                cache.set_left_padding(pad.to(param.device))
             finished = torch.zeros(B, dtype=torch.bool, device=param.device)
             stop_ids = torch.tensor(stop, dtype=torch.long, device=param.device)
-            logits = model(out, kv_cache=cache, start_pos=0)[:, -1]
+            logits = model(out, kv_cache=cache, start_pos=0, last_only=True)[:, -1]
             pos = T
             for step in range(max_new_tokens):
                 tok = _next_token(logits, temperature, top_k, top_p, generator)
@@ -142,7 +182,7 @@ def generate(
                     # LongRoPE changes every position's rotation once the sequence passes the
                     # original context: recompute the whole cache with the long factors, as
                     # transformers' Phi-3 does, instead of mixing short- and long-rotated keys.
-                    logits = model(out, kv_cache=cache, start_pos=0)[:, -1]
+                    logits = model(out, kv_cache=cache, start_pos=0, last_only=True)[:, -1]
                 else:
                     logits = model(tok, kv_cache=cache, start_pos=pos)[:, -1]
                 pos += 1

@@ -36,6 +36,11 @@ class KVCache:
 
     Keys are stored after RoPE, so a cached position never has to be rotated again. Windowed
     layers keep every position too and mask the old ones out, which keeps one layout for all.
+
+    Prompts of different lengths share one cache left-padded (:meth:`set_left_padding`): every
+    query then skips its row's padding keys. Rows keep the column positions, so a row's tokens
+    sit ``pad`` positions later than on their own; RoPE scores depend on relative offsets only,
+    so the outputs are the same up to rounding.
     """
 
     def __init__(
@@ -53,6 +58,23 @@ class KVCache:
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.key_valid: torch.Tensor | None = None  # [B, max_len] bool: False at padding
+
+    def set_left_padding(self, pad: torch.Tensor) -> None:
+        """Mark the first ``pad[b]`` positions of row b as padding, never attended to."""
+        if pad.shape != (self.batch_size,) or bool((pad < 0).any()) or bool((pad >= self.max_len).any()):
+            raise ValueError(
+                f"left padding must be [{self.batch_size}] counts in [0, {self.max_len - 1}], "
+                f"got {pad.tolist()}"
+            )
+        columns = torch.arange(self.max_len, device=pad.device)
+        self.key_valid = columns[None, :] >= pad[:, None]
+
+    def key_mask(self, length: int) -> torch.Tensor | None:
+        """[B, 1, 1, length] bool (True = a real key) for the first ``length`` positions, or None."""
+        if self.key_valid is None:
+            return None
+        return self.key_valid[:, None, None, :length]
 
     def update(
         self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
@@ -137,7 +159,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
 
-        mask = self._mask(T, k.shape[2], x.device, attn_mask)
+        pad_mask = kv_cache.key_mask(k.shape[2]) if kv_cache is not None else None
+        mask = self._mask(T, k.shape[2], x.device, attn_mask, pad_mask)
         if self.softcap is not None:
             y = self._softcapped(q, k, v, mask)
         elif isinstance(mask, torch.Tensor):
@@ -148,15 +171,23 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
     def _mask(
-        self, T: int, S: int, device: torch.device, attn_mask: torch.Tensor | None
+        self,
+        T: int,
+        S: int,
+        device: torch.device,
+        attn_mask: torch.Tensor | None,
+        pad_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | str | None:
         """Which of the S keys each of the T newest queries sees: a bool mask [.., T, S], or
         "causal" / None where SDPA's own is_causal / no mask says the same more cheaply.
 
         Query i sits at absolute position S - T + i (a KV cache holds the S - T before it).
+        ``pad_mask`` [B, 1, 1, S] drops padding keys; a padding query still sees itself, so no
+        row of scores is all -inf (SDPA would return NaN there, and NaN values poison later
+        layers even through a zero attention weight).
         """
         windowed = self.window is not None and self.window < S
-        if attn_mask is None and not windowed:
+        if attn_mask is None and pad_mask is None and not windowed:
             if S == T:
                 return "causal"
             if T == 1:
@@ -170,6 +201,8 @@ class Attention(nn.Module):
         if attn_mask is not None:
             # Packed examples: causal within each example, nothing across (see Transformer.forward).
             mask = attn_mask & mask
+        if pad_mask is not None:
+            mask = (mask & pad_mask) | (k_pos == q_pos)
         return mask
 
     def _softcapped(
@@ -306,6 +339,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         prefix_embeds: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V] in fp32, or with ``targets`` the mean cross-entropy (ignoring IGNORE_INDEX).
 
@@ -315,7 +349,8 @@ class Transformer(nn.Module):
         returns each row's summed loss [B] instead (negative log-likelihood of its targets, as
         DPO needs). ``segment_ids`` [B, T] marks packed examples and ``prefix_embeds`` are input
         embeddings placed before the tokens (see :meth:`hidden_states`); logits and targets cover
-        the tokens only.
+        the tokens only. ``last_only`` returns the last position's logits [B, 1, V] alone, as a
+        generation prefill needs: the output projection then costs one position, not T.
         """
         h = self.hidden_states(
             tokens,
@@ -326,7 +361,7 @@ class Transformer(nn.Module):
         )
         cap = self.cfg.final_softcap
         if targets is None:
-            logits = self.lm_head(h).float()
+            logits = self.lm_head(h[:, -1:] if last_only else h).float()
             return logits if cap is None else softcap(logits, cap)
         B, T = tokens.shape
         if per_sequence:

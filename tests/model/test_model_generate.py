@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from orchestra.model import Transformer, build_model, generate
+from orchestra.model.config import RopeScaling, RopeType
 from orchestra.model.generate import _filter_logits
 
 V = 97
@@ -135,3 +136,84 @@ def test_a_row_finished_on_a_later_eos_id_keeps_emitting_the_first(model):
     first = next(t for t in range(V) if t not in set(greedy[:, 4:].flatten().tolist()))
     out = generate(model, prompt, 6, temperature=0, eos_id=[first, second])
     assert out[0, 4].item() == second and (out[0, 5:] == first).all()
+
+
+PADDED_SHAPES = {
+    "llama_gqa": {},
+    "mistral_window": {"sliding_window": 3},
+    "gemma2_softcap_window": {
+        "sliding_window": 4,
+        "global_every": 2,
+        "attn_softcap": 50.0,
+        "final_softcap": 30.0,
+        "sandwich_norm": True,
+    },
+    "qwen3_qk_norm_bias": {"qk_norm": True, "qkv_bias": True},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(PADDED_SHAPES))
+def test_left_padded_batch_equals_each_prompt_alone(make_cfg, shape):
+    """Prompts of lengths 2..9 in one left-padded batch: the tokens and last logits each prompt
+    gets on its own, with garbage in the padding (it must never be attended to)."""
+    model = build_model(make_cfg(max_seq_len=32, **PADDED_SHAPES[shape]), V).eval()
+    lengths = [2, 9, 5, 3, 9, 1]
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, V, (n,), generator=gen) for n in lengths]
+    width = max(lengths)
+    batch = torch.randint(0, V, (len(lengths), width), generator=gen)  # random padding ids
+    for b, p in enumerate(prompts):
+        batch[b, width - len(p) :] = p
+    out = generate(model, batch, max_new_tokens=8, temperature=0.0, prompt_lengths=lengths)
+    assert out.shape == (len(lengths), width + 8)
+    for b, p in enumerate(prompts):
+        alone = generate(model, p, max_new_tokens=8, temperature=0.0)
+        assert out[b, width:].tolist() == alone[len(p) :].tolist(), f"row {b} (length {len(p)})"
+
+    # The cached prefill's last-position logits match each prompt's own forward pass.
+    from orchestra.model import KVCache
+
+    cache = KVCache(len(lengths), model.cfg, width)
+    cache.set_left_padding(torch.tensor([width - n for n in lengths]))
+    with torch.no_grad():
+        logits = model(batch, kv_cache=cache)[:, -1]
+        assert torch.isfinite(model(batch, kv_cache=cache)).all()  # padding rows stay finite too
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(logits[b], model(p[None])[0, -1], atol=2e-5, rtol=1e-5)
+
+
+def test_left_padded_sampling_matches_alone_rows_for_one_row(model):
+    """A seeded sample of a padded batch of one row equals the same prompt unpadded: padding
+    changes neither the distribution nor the random stream."""
+    prompt = torch.randint(0, V, (4,))
+    padded = torch.cat([torch.zeros(3, dtype=torch.long), prompt])[None]
+    out = generate(
+        model, padded, 6, temperature=0.9, generator=torch.Generator().manual_seed(5), prompt_lengths=[4]
+    )
+    alone = generate(model, prompt[None], 6, temperature=0.9, generator=torch.Generator().manual_seed(5))
+    assert out[0, 7:].tolist() == alone[0, 4:].tolist()
+
+
+def test_prompt_lengths_errors(model, make_cfg):
+    batch = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"prompt_lengths must be 2 lengths in \[1, 4\]"):
+        generate(model, batch, 2, prompt_lengths=[4])
+    with pytest.raises(ValueError, match=r"prompt_lengths must be 2 lengths in \[1, 4\]"):
+        generate(model, batch, 2, prompt_lengths=[0, 4])
+    with pytest.raises(ValueError, match=r"prompt_lengths must be 2 lengths in \[1, 4\]"):
+        generate(model, batch, 2, prompt_lengths=[5, 4])
+    assert generate(model, batch, 2, temperature=0, prompt_lengths=[4, 4]).shape == (2, 6)  # no padding
+
+    from orchestra.model.peft import PromptTunedModel
+
+    tuned = PromptTunedModel(model, num_virtual_tokens=3)
+    with pytest.raises(ValueError, match="cannot share a batch with a soft prompt"):
+        generate(tuned, batch, 2, prompt_lengths=[2, 4])
+    dynamic = build_model(
+        make_cfg(max_seq_len=32, rope=RopeScaling(type=RopeType.dynamic, factor=2.0, original_max_seq_len=8)),
+        V,
+    )
+    with pytest.raises(ValueError, match=r"cannot share a batch with rope\.type=dynamic"):
+        generate(dynamic, batch, 6, prompt_lengths=[2, 4])
+    # Within the original context the tables are the static ones: padding is allowed.
+    assert generate(dynamic, batch, 2, temperature=0, prompt_lengths=[2, 4]).shape == (2, 6)

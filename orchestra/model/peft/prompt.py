@@ -76,6 +76,7 @@ class PromptTunedModel(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V] for the real positions only, or the mean loss over real targets.
 
@@ -100,11 +101,11 @@ class PromptTunedModel(nn.Module):
                     "KV cache; pass kv_cache (or start_pos=0 with the whole sequence)"
                 )
             # Keys/values of the soft prompt are in the cache: a plain base-model step, shifted by P.
-            return m(tokens, targets, kv_cache=kv_cache, start_pos=P + start_pos)
+            return m(tokens, targets, kv_cache=kv_cache, start_pos=P + start_pos, last_only=last_only)
         if kv_cache is not None and (kv_cache.max_len < P + T or kv_cache.batch_size != B):
             raise ValueError(
                 f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions; the prefill needs "
                 f"batch {B} x {P + T} ({P} virtual + {T} real tokens)"
             )
         # Virtual positions predict nothing: logits and loss cover the real tokens only.
-        return m(tokens, targets, kv_cache=kv_cache, prefix_embeds=self.soft_prompt(B))
+        return m(tokens, targets, kv_cache=kv_cache, prefix_embeds=self.soft_prompt(B), last_only=last_only)
