@@ -767,6 +767,152 @@ class CompareConfig:
         require(self.n_resamples >= 100, "n_resamples", f"must be >= 100, got {self.n_resamples}")
 
 
+class ServeEngine(str, Enum):
+    """Who runs the model behind orchestra-serve's HTTP API."""
+
+    orchestra = "orchestra"
+    vllm = "vllm"
+
+
+@dataclass
+class ServeConfig:
+    """Root of `orchestra-serve`: an OpenAI-compatible HTTP API over one model."""
+
+    ckpt: str = ""
+    """A training checkpoint (PEFT ones too), an exported folder or a Hugging Face folder."""
+    model_name: str = ""
+    """The model id clients send and /v1/models lists; empty: the checkpoint's folder or file stem."""
+    version: str = ""
+    """Version label on every metric and response header (what the A/B router calls it); empty: model_name."""
+    engine: ServeEngine = ServeEngine.orchestra
+    """orchestra: our continuous-batching engine in this process; vllm: `vllm serve` on the exported folder."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 to serve other machines)."""
+    port: int = 8000
+    """TCP port."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda[:N]."""
+    dtype: str = "auto"
+    """Weights' dtype: auto (bf16 on a GPU that has it, else fp32), float32, bfloat16 or float16."""
+    max_batch_size: int = 16
+    """Sequences decoded together; a request waits in the queue while the batch is full."""
+    max_queue: int = 64
+    """Requests waiting for a batch slot; one more is answered 429."""
+    max_tokens_limit: int = 1024
+    """Largest max_tokens a request may ask for (400 above it)."""
+    default_max_tokens: int = 128
+    """max_tokens of a request that gives none (capped by the context left)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted, in tokens; None: the model's context less one."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body (413 above it)."""
+    max_n: int = 8
+    """Largest n (choices per request)."""
+    request_timeout_s: float = 120.0
+    """A request still running after this long is ended (finish_reason "length" so far, or 504 before any token)."""
+    api_keys_file: str = ""
+    """A file of accepted Bearer keys, one per line; empty: the ORCHESTRA_API_KEYS environment variable
+    (comma-separated); neither: no authentication (a warning says so)."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM: stop accepting, let requests in flight finish for at most this long, then exit."""
+    log_path: str = ""
+    """JSONL file of sampled requests and responses (PII redacted); empty: no request log."""
+    log_sample_rate: float = 0.1
+    """Fraction of requests written to log_path."""
+    drift_window: int = 500
+    """Requests per drift window (prompt length, language, the model's perplexity on prompts)."""
+    seed: int = 0
+    """Seed of sampled requests that give none."""
+    vllm_args: list[str] = field(default_factory=list)
+    """engine=vllm: extra arguments passed to `vllm serve` as they are."""
+
+    def validate(self) -> None:
+        require(bool(self.ckpt), "ckpt", "give the model to serve: ckpt=<checkpoint or folder>")
+        require(1 <= self.port <= 65535, "port", f"must be in [1, 65535], got {self.port}")
+        for key in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_n"):
+            value = getattr(self, key)
+            require(value >= 1, key, f"must be a positive integer, got {value}")
+        require(self.max_queue >= 0, "max_queue", f"must be >= 0, got {self.max_queue}")
+        require(
+            self.default_max_tokens <= self.max_tokens_limit,
+            "default_max_tokens",
+            f"{self.default_max_tokens} exceeds max_tokens_limit={self.max_tokens_limit}",
+        )
+        if self.max_prompt_tokens is not None:
+            require(
+                self.max_prompt_tokens >= 1,
+                "max_prompt_tokens",
+                f"must be >= 1, got {self.max_prompt_tokens}",
+            )
+        require(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+        require(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
+        require(
+            0.0 <= self.log_sample_rate <= 1.0,
+            "log_sample_rate",
+            f"must be in [0, 1], got {self.log_sample_rate}",
+        )
+        require(self.drift_window >= 10, "drift_window", f"must be >= 10, got {self.drift_window}")
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")  # fmt: skip
+
+
+@dataclass
+class RouteConfig:
+    """Root of `orchestra-route`: an A/B router in front of several served model versions."""
+
+    versions_file: str = ""
+    """YAML routing table (versions: name, url, weight, shadow); re-read on SIGHUP or POST /admin/reload."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8080
+    """TCP port."""
+    api_keys_file: str = ""
+    """Bearer keys clients must send (as ServeConfig.api_keys_file; ORCHESTRA_API_KEYS otherwise)."""
+    upstream_api_key: str = ""
+    """Key the router sends to the versions; empty: the environment's ORCHESTRA_UPSTREAM_API_KEY, else none."""
+    admin_api_keys_file: str = ""
+    """Keys allowed to call /admin/*; empty: the client keys."""
+    control: str = ""
+    """The version the others are compared with; empty: the first non-shadow version of the table."""
+    alpha: float = 0.05
+    """Error rate of the sequential test (always valid: it holds however often the dashboard is read)."""
+    min_samples: int = 20
+    """Feedback per version before a verdict is shown."""
+    upstream_timeout_s: float = 120.0
+    """Longest wait for a version's answer (504 after it)."""
+    shadow_timeout_s: float = 30.0
+    """Longest wait for a shadow version's answer (which is never returned)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body (413 above it)."""
+    responses_tracked: int = 100_000
+    """Response ids remembered for /v1/feedback (oldest forgotten first)."""
+    state_path: str = ""
+    """JSON file the online comparison is saved to and restored from; empty: kept in memory only."""
+    log_path: str = ""
+    """JSONL file of sampled routed requests (PII redacted); empty: none."""
+    log_sample_rate: float = 0.1
+    """Fraction of requests written to log_path."""
+
+    def validate(self) -> None:
+        require(bool(self.versions_file), "versions_file", "give the routing table: versions_file=<yaml>")
+        require(1 <= self.port <= 65535, "port", f"must be in [1, 65535], got {self.port}")
+        require(0 < self.alpha < 0.5, "alpha", f"must be in (0, 0.5), got {self.alpha}")
+        require(self.min_samples >= 2, "min_samples", f"must be >= 2, got {self.min_samples}")
+        require(
+            self.upstream_timeout_s > 0, "upstream_timeout_s", f"must be > 0, got {self.upstream_timeout_s}"
+        )
+        require(self.shadow_timeout_s > 0, "shadow_timeout_s", f"must be > 0, got {self.shadow_timeout_s}")
+        require(self.max_body_bytes >= 1, "max_body_bytes", f"must be >= 1, got {self.max_body_bytes}")
+        require(
+            self.responses_tracked >= 1, "responses_tracked", f"must be >= 1, got {self.responses_tracked}"
+        )
+        require(
+            0.0 <= self.log_sample_rate <= 1.0,
+            "log_sample_rate",
+            f"must be in [0, 1], got {self.log_sample_rate}",
+        )
+
+
 def job_id() -> str:
     """Identity of the launch, the same on every rank: SLURM job, torchrun run id, else the time.
 
@@ -806,6 +952,8 @@ def register_configs() -> None:
     cs.store(name="base_export", node=ExportConfig)
     cs.store(name="base_eval", node=EvalConfig)
     cs.store(name="base_compare", node=CompareConfig)
+    cs.store(name="base_serve", node=ServeConfig)
+    cs.store(name="base_route", node=RouteConfig)
 
 
 def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
