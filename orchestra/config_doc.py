@@ -16,7 +16,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from orchestra.config import ExportConfig, GenerateConfig, PrepareConfig, TrainConfig
+from orchestra.config import (
+    CompareConfig,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PrepareConfig,
+    RouteConfig,
+    ServeConfig,
+    TrainConfig,
+)
 
 DOC_PATH = Path("docs") / "configs.md"
 
@@ -129,8 +138,16 @@ def render() -> str:
         ("orchestra-prepare", PrepareConfig),
         ("orchestra-generate", GenerateConfig),
         ("orchestra-export", ExportConfig),
+        ("orchestra-eval", EvalConfig),
+        ("orchestra-eval compare", CompareConfig),
+        ("orchestra-serve", ServeConfig),
+        ("orchestra-route", RouteConfig),
     ):
         lines += [f"## {title}", "", *_table("(top level)", root, "")]
+        for f in dataclasses.fields(root):
+            section = _default(f)
+            if dataclasses.is_dataclass(section):  # eval.logger, compare's eval
+                lines += _table(f.name, type(section), f"{f.name}.")
     return "\n".join(lines).rstrip() + "\n"
 
 
