@@ -22,13 +22,28 @@ applies the configured initialisation (init.py), or leaves that out when weights
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orchestra.model.config import IGNORE_INDEX, Activation, ModelConfig
-from orchestra.model.ops import DeviceOps, device_ops, softcap
+from orchestra.model.ops import DeviceOps, device_ops, softcap, torch_apply_rope
 from orchestra.model.rope import length_dependent, local_rope_tables, original_length, rope_tables
+
+
+@dataclass(frozen=True)
+class RowPositions:
+    """Where each row's tokens of one forward call go when rows are at different lengths.
+
+    Continuous batching decodes sequences that started at different times in one batch: row b's
+    tokens take positions ``positions[b]`` (in the cache too), and its queries see its own
+    keys up to their position only. Built once per call by :meth:`Transformer.hidden_states`.
+    """
+
+    positions: torch.Tensor  # [B, T] long
+    end: int  # one past the largest position: the keys attention reads
 
 
 class KVCache:
@@ -77,9 +92,20 @@ class KVCache:
         return self.key_valid[:, None, None, :length]
 
     def update(
-        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start_pos: int | RowPositions, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, Hkv, T, hd] at start_pos and return all keys/values up to start_pos + T."""
+        """Write k/v [B, Hkv, T, hd] at start_pos and return all keys/values up to start_pos + T.
+
+        With :class:`RowPositions` the batch is the cache's first B rows, each written at its own
+        positions; the keys returned run to the furthest row's end (the others mask the rest).
+        """
+        if isinstance(start_pos, RowPositions):
+            B = k.shape[0]
+            rows = torch.arange(B, device=k.device)[:, None]
+            # Advanced indices on dims 0 and 2 around a slice: the target is [B, T, Hkv, hd].
+            self.k[layer][rows, :, start_pos.positions] = k.transpose(1, 2)
+            self.v[layer][rows, :, start_pos.positions] = v.transpose(1, 2)
+            return self.k[layer][:B, :, : start_pos.end], self.v[layer][:B, :, : start_pos.end]
         end = start_pos + k.shape[2]
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
@@ -135,7 +161,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None,
-        start_pos: int,
+        start_pos: int | RowPositions,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -145,7 +171,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if cos.dim() == 3:  # per-row positions: tables [B, T, hd], broadcast over heads
+            q, k = torch_apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos[:, None], sin[:, None])
+        else:
+            q, k = self.ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
@@ -159,8 +188,11 @@ class Attention(nn.Module):
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
 
-        pad_mask = kv_cache.key_mask(k.shape[2]) if kv_cache is not None else None
-        mask = self._mask(T, k.shape[2], x.device, attn_mask, pad_mask)
+        if isinstance(start_pos, RowPositions):
+            mask: torch.Tensor | str | None = self._row_mask(start_pos, k.shape[2])
+        else:
+            pad_mask = kv_cache.key_mask(k.shape[2]) if kv_cache is not None else None
+            mask = self._mask(T, k.shape[2], x.device, attn_mask, pad_mask)
         if self.softcap is not None:
             y = self._softcapped(q, k, v, mask)
         elif isinstance(mask, torch.Tensor):
@@ -203,6 +235,15 @@ class Attention(nn.Module):
             mask = attn_mask & mask
         if pad_mask is not None:
             mask = (mask & pad_mask) | (k_pos == q_pos)
+        return mask
+
+    def _row_mask(self, rows: RowPositions, S: int) -> torch.Tensor:
+        """[B, 1, T, S]: row b's query at position p sees its keys at positions <= p (and in the window)."""
+        q_pos = rows.positions[:, None, :, None]
+        k_pos = torch.arange(S, device=q_pos.device)
+        mask = k_pos <= q_pos
+        if self.window is not None:
+            mask = mask & (k_pos > q_pos - self.window)
         return mask
 
     def _softcapped(
@@ -260,7 +301,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | RowPositions = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         a = self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask)
@@ -337,7 +378,7 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         per_sequence: bool = False,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         prefix_embeds: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -359,10 +400,9 @@ class Transformer(nn.Module):
             start_pos=start_pos,
             prefix_embeds=prefix_embeds,
         )
-        cap = self.cfg.final_softcap
         if targets is None:
-            logits = self.lm_head(h[:, -1:] if last_only else h).float()
-            return logits if cap is None else softcap(logits, cap)
+            return self.logits(h[:, -1:] if last_only else h)
+        cap = self.cfg.final_softcap
         B, T = tokens.shape
         if per_sequence:
             return torch.stack(
@@ -386,13 +426,19 @@ class Transformer(nn.Module):
             logit_softcap=cap,
         )
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states [..., dim] (soft-capped where the model caps them)."""
+        logits = self.lm_head(h).float()
+        cap = self.cfg.final_softcap
+        return logits if cap is None else softcap(logits, cap)
+
     def hidden_states(
         self,
         tokens: torch.Tensor,
         *,
         segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] of the tokens (the input of lm_head or of a task head).
@@ -405,10 +451,16 @@ class Transformer(nn.Module):
         ``prefix_embeds`` [B, P, dim] are input embeddings placed before the tokens' own (a soft
         prompt, for one): they take positions start_pos .. start_pos + P - 1, are written to a KV
         cache like tokens, and get no hidden states back, since nothing predicts them.
+
+        ``start_pos`` as a tensor [B] gives every row its own start (continuous batching: rows
+        at different lengths decode together); a KV cache is then required, the batch is its
+        first B rows, and each row sees only its own keys up to its position (:class:`RowPositions`).
         """
         B, T = tokens.shape
         P = 0 if prefix_embeds is None else prefix_embeds.shape[1]
         n = P + T  # positions this call fills
+        if isinstance(start_pos, torch.Tensor):
+            return self._row_hidden_states(tokens, kv_cache, start_pos, prefix_embeds)
         if n + start_pos > self.cfg.max_seq_len:
             what = f"{T} tokens" if P == 0 else f"{P} prefix embeddings + {T} tokens"
             raise ValueError(
@@ -431,17 +483,7 @@ class Transformer(nn.Module):
             attn_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # [B, T, T]
             attn_mask = attn_mask[:, None]  # broadcast over heads
 
-        h = self.tok_embeddings(tokens)
-        if self.cfg.scale_embeddings:
-            # sqrt(dim) rounded to the weights' dtype first, as transformers' Gemma does.
-            h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype, device=h.device)
-        if prefix_embeds is not None:
-            if prefix_embeds.shape[0] != B or prefix_embeds.shape[2] != self.cfg.dim:
-                raise ValueError(
-                    f"prefix_embeds must be [B, P, dim] with B={B}, dim={self.cfg.dim}; "
-                    f"got {tuple(prefix_embeds.shape)}"
-                )
-            h = torch.cat([prefix_embeds.to(h.dtype), h], dim=1)
+        h = self._embed(tokens, prefix_embeds)
         end = start_pos + n
         if length_dependent(self.cfg) and end > original_length(self.cfg):
             # Dynamic NTK / LongRoPE past the pretraining context: tables for this length.
@@ -455,6 +497,62 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             c, s = local if self.cfg.is_windowed(i) else (cos, sin)
             h = layer(h, c, s, kv_cache, start_pos, attn_mask)
+        return self.norm(h)[:, P:]
+
+    def _embed(self, tokens: torch.Tensor, prefix_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings [B, P + T, dim]: the prefix embeddings, then the tokens'."""
+        B = tokens.shape[0]
+        h = self.tok_embeddings(tokens)
+        if self.cfg.scale_embeddings:
+            # sqrt(dim) rounded to the weights' dtype first, as transformers' Gemma does.
+            h = h * torch.tensor(self.cfg.dim**0.5, dtype=h.dtype, device=h.device)
+        if prefix_embeds is not None:
+            if prefix_embeds.shape[0] != B or prefix_embeds.shape[2] != self.cfg.dim:
+                raise ValueError(
+                    f"prefix_embeds must be [B, P, dim] with B={B}, dim={self.cfg.dim}; "
+                    f"got {tuple(prefix_embeds.shape)}"
+                )
+            h = torch.cat([prefix_embeds.to(h.dtype), h], dim=1)
+        return h
+
+    def _row_hidden_states(
+        self,
+        tokens: torch.Tensor,
+        kv_cache: KVCache | None,
+        start_pos: torch.Tensor,
+        prefix_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states with a start position per row (see there)."""
+        B, T = tokens.shape
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+        n = P + T
+        if kv_cache is None or start_pos.shape != (B,):
+            raise ValueError(
+                f"per-row start positions must be [B] = [{B}] and come with a KV cache; "
+                f"got shape {tuple(start_pos.shape)}" + ("" if kv_cache is not None else " and no cache")
+            )
+        end = int(start_pos.max()) + n
+        limit = min(self.cfg.max_seq_len, kv_cache.max_len)
+        if kv_cache.batch_size < B or end > limit or int(start_pos.min()) < 0:
+            raise ValueError(
+                f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions "
+                f"(model.max_seq_len={self.cfg.max_seq_len}); got batch {B} reaching position {end - 1}"
+            )
+        if length_dependent(self.cfg) and end > original_length(self.cfg):
+            raise ValueError(
+                f"per-row positions reach {end}, past rope.original_max_seq_len={original_length(self.cfg)}: "
+                f"rope.type={self.cfg.rope.type} tables depend on the sequence length there"
+            )
+        positions = start_pos.to(tokens.device)[:, None] + torch.arange(n, device=tokens.device)
+        rows = RowPositions(positions, end)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, n, hd]
+        local = (cos, sin)
+        if self.cfg.rope_local_theta is not None:
+            local = (self.rope_local_cos[positions], self.rope_local_sin[positions])
+        h = self._embed(tokens, prefix_embeds)
+        for i, layer in enumerate(self.layers):
+            c, s = local if self.cfg.is_windowed(i) else (cos, sin)
+            h = layer(h, c, s, kv_cache, rows)
         return self.norm(h)[:, P:]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -217,3 +217,47 @@ def test_prompt_lengths_errors(model, make_cfg):
         generate(dynamic, batch, 6, prompt_lengths=[2, 4])
     # Within the original context the tables are the static ones: padding is allowed.
     assert generate(dynamic, batch, 2, temperature=0, prompt_lengths=[2, 4]).shape == (2, 6)
+
+
+@pytest.mark.parametrize("shape", sorted(PADDED_SHAPES))
+def test_per_row_positions_decode_each_row_as_alone(make_cfg, shape):
+    """Continuous batching's cached path: rows at different lengths in one call, each at its own
+    positions (a right-padded prefill, then one token per row per step) give every row the
+    logits of a full forward over its own sequence."""
+    from orchestra.model import KVCache
+
+    model = build_model(make_cfg(max_seq_len=32, **PADDED_SHAPES[shape]), V).eval()
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 9, 1, 6]
+    seqs = [torch.randint(0, V, (n,), generator=gen) for n in lengths]
+    width = max(lengths)
+    batch = torch.randint(0, V, (4, width), generator=gen)  # the padding on the right is garbage
+    for b, s in enumerate(seqs):
+        batch[b, : len(s)] = s
+    cache = KVCache(6, model.cfg, 32)  # more slots than rows: the batch is the first rows
+    with torch.no_grad():
+        h = model.hidden_states(batch, kv_cache=cache, start_pos=torch.zeros(4, dtype=torch.long))
+        last = model.logits(h[torch.arange(4), torch.tensor(lengths) - 1])
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(last[b], model(s[None])[0, -1], atol=2e-5, rtol=1e-5)
+        pos = torch.tensor(lengths)
+        for _ in range(5):
+            nxt = torch.randint(0, V, (4, 1), generator=gen)
+            step = model(nxt, kv_cache=cache, start_pos=pos)[:, -1]
+            for b in range(4):
+                seqs[b] = torch.cat([seqs[b], nxt[b]])
+                torch.testing.assert_close(step[b], model(seqs[b][None])[0, -1], atol=2e-5, rtol=1e-5)
+            pos = pos + 1
+
+
+def test_per_row_positions_errors(model):
+    from orchestra.model import KVCache
+
+    cache = KVCache(2, model.cfg, 16)
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="come with a KV cache"):
+        model(tok, start_pos=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="reaching position 16"):
+        model(tok, kv_cache=cache, start_pos=torch.tensor([3, 16]))
+    with pytest.raises(ValueError, match="batch 3"):
+        model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache, start_pos=torch.tensor([0, 1, 2]))
