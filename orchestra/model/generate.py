@@ -46,7 +46,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
     return logits
 
 
-def _next_token(
+def next_token(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
@@ -171,7 +171,7 @@ def generate(
             logits = model(out, kv_cache=cache, start_pos=0, last_only=True)[:, -1]
             pos = T
             for step in range(max_new_tokens):
-                tok = _next_token(logits, temperature, top_k, top_p, generator)
+                tok = next_token(logits, temperature, top_k, top_p, generator)
                 if stop:
                     tok = tok.masked_fill(finished[:, None], stop[0])
                     finished |= torch.isin(tok[:, 0], stop_ids)

@@ -74,6 +74,9 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.key_valid: torch.Tensor | None = None  # [B, max_len] bool: False at padding
+        # A per-row call's batch is rows first_row .. first_row + B - 1 (continuous batching
+        # prefills newcomers into the rows after the running ones).
+        self.first_row = 0
 
     def set_left_padding(self, pad: torch.Tensor) -> None:
         """Mark the first ``pad[b]`` positions of row b as padding, never attended to."""
@@ -96,16 +99,17 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, Hkv, T, hd] at start_pos and return all keys/values up to start_pos + T.
 
-        With :class:`RowPositions` the batch is the cache's first B rows, each written at its own
-        positions; the keys returned run to the furthest row's end (the others mask the rest).
+        With :class:`RowPositions` the batch is the cache's rows from ``first_row`` on, each
+        written at its own positions; the keys returned run to the furthest row's end (the
+        others mask the rest).
         """
         if isinstance(start_pos, RowPositions):
-            B = k.shape[0]
-            rows = torch.arange(B, device=k.device)[:, None]
+            lo, hi = self.first_row, self.first_row + k.shape[0]
+            rows = torch.arange(lo, hi, device=k.device)[:, None]
             # Advanced indices on dims 0 and 2 around a slice: the target is [B, T, Hkv, hd].
             self.k[layer][rows, :, start_pos.positions] = k.transpose(1, 2)
             self.v[layer][rows, :, start_pos.positions] = v.transpose(1, 2)
-            return self.k[layer][:B, :, : start_pos.end], self.v[layer][:B, :, : start_pos.end]
+            return self.k[layer][lo:hi, :, : start_pos.end], self.v[layer][lo:hi, :, : start_pos.end]
         end = start_pos + k.shape[2]
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
@@ -454,7 +458,8 @@ class Transformer(nn.Module):
 
         ``start_pos`` as a tensor [B] gives every row its own start (continuous batching: rows
         at different lengths decode together); a KV cache is then required, the batch is its
-        first B rows, and each row sees only its own keys up to its position (:class:`RowPositions`).
+        rows from ``kv_cache.first_row`` on, and each row sees only its own keys up to its
+        position (:class:`RowPositions`).
         """
         B, T = tokens.shape
         P = 0 if prefix_embeds is None else prefix_embeds.shape[1]
@@ -533,7 +538,7 @@ class Transformer(nn.Module):
             )
         end = int(start_pos.max()) + n
         limit = min(self.cfg.max_seq_len, kv_cache.max_len)
-        if kv_cache.batch_size < B or end > limit or int(start_pos.min()) < 0:
+        if kv_cache.batch_size < kv_cache.first_row + B or end > limit or int(start_pos.min()) < 0:
             raise ValueError(
                 f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions "
                 f"(model.max_seq_len={self.cfg.max_seq_len}); got batch {B} reaching position {end - 1}"
