@@ -821,6 +821,8 @@ class ServeConfig:
     """Fraction of requests written to log_path."""
     drift_window: int = 500
     """Requests per drift window (prompt length, language, the model's perplexity on prompts)."""
+    drift_sample_rate: float = 0.1
+    """Fraction of requests whose prompt the model also scores (its perplexity, a drift signal)."""
     seed: int = 0
     """Seed of sampled requests that give none."""
     vllm_args: list[str] = field(default_factory=list)
@@ -852,6 +854,11 @@ class ServeConfig:
             f"must be in [0, 1], got {self.log_sample_rate}",
         )
         require(self.drift_window >= 10, "drift_window", f"must be >= 10, got {self.drift_window}")
+        require(
+            0.0 <= self.drift_sample_rate <= 1.0,
+            "drift_sample_rate",
+            f"must be in [0, 1], got {self.drift_sample_rate}",
+        )
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                 f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")  # fmt: skip
 

@@ -39,6 +39,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # models through orchestra.model and data through orchestra.data, never the training loop.
     "orchestra.eval": ("orchestra.train", "orchestra.cli", "orchestra.report", "lightning", "hydra"),
     "orchestra.report": ("orchestra.train", "orchestra.cli", "orchestra.eval"),
+    # Serving takes a loaded model (the CLI loads it through train's checkpoint reader) and the
+    # tokenizer framing of eval's EvalModel; it never runs training, Lightning or Hydra.
+    "orchestra.serve": ("orchestra.train", "orchestra.cli", "orchestra.report", "lightning", "hydra"),
 }
 
 

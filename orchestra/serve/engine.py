@@ -260,9 +260,12 @@ class Engine:
         """Mean negative log-likelihood of the prompt's tokens after its first (None for one token)."""
         if len(prompt) < 2:
             return None
-        logprobs = torch.log_softmax(self.base.logits(h[:-1]), dim=-1)
         targets = torch.tensor(prompt[1:], device=h.device)
-        return float(-logprobs.gather(1, targets[:, None]).mean())
+        total = 0.0
+        for lo in range(0, len(prompt) - 1, 256):  # [256, V] logits at a time, whatever the vocabulary
+            logprobs = torch.log_softmax(self.base.logits(h[lo : min(lo + 256, len(prompt) - 1)]), dim=-1)
+            total -= float(logprobs.gather(1, targets[lo : lo + 256, None]).sum())
+        return total / (len(prompt) - 1)
 
     def _decode(self) -> None:
         """One token for every running row, each at its own position."""
