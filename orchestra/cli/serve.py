@@ -8,10 +8,13 @@ exits. ``engine=vllm`` runs `vllm serve` on the exported folder with the same se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,18 @@ def serve(cfg: ServeConfig) -> None:
         def handle_exit(self, sig: int, frame: Any) -> None:
             server.shutting_down = True  # /ready turns 503 and new requests are refused at once
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's own re-raises SIGTERM after the drain, so the process would die of it;
+            # a drained server exits 0 (what Slurm and process supervisors read as a clean stop).
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(
         app,
