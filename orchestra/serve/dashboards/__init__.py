@@ -1,0 +1,1 @@
+"""Grafana dashboards of the serving metrics, installed with the package for provisioning."""
