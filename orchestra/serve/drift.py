@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
+from orchestra.serve.metrics import is_finite_number, is_integer
+
 if TYPE_CHECKING:
     from langdetect.detector_factory import DetectorFactory
 
@@ -240,9 +242,9 @@ class DriftMonitor:
     """Reference-vs-current drift scores per model version, in a snapshot and as gauges."""
 
     def __init__(self, window: int, registry: CollectorRegistry | None = None) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        if not (is_integer(window) and window >= 2):
             raise ValueError(f"window must be an integer >= 2 (requests per drift window), got {window!r}")
-        self.window = window
+        self.window = int(window)
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         self._versions: dict[str, _VersionState] = {}
@@ -282,24 +284,23 @@ class DriftMonitor:
         self, *, version: str, prompt_tokens: int, text: str, prompt_nll: float | None = None
     ) -> None:
         """One served request: its prompt length, its text (for the language) and, if scored, its NLL."""
-        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 0:
+        if not (is_integer(prompt_tokens) and prompt_tokens >= 0):
             raise ValueError(f"prompt_tokens must be an integer >= 0, got {prompt_tokens!r}")
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
-        if prompt_nll is not None and not (
-            isinstance(prompt_nll, (int, float)) and math.isfinite(prompt_nll)
-        ):
+        if prompt_nll is not None and not is_finite_number(prompt_nll):
             raise ValueError(f"prompt_nll must be a finite number or None, got {prompt_nll!r}")
         language = identify_language(text)
         nll = None if prompt_nll is None else float(prompt_nll)
+        length = int(prompt_tokens)
         with self._lock:
             state = self._versions.setdefault(version, _VersionState())
             state.observed += 1
             if not state.reference_done:
-                state.reference.add(prompt_tokens, language, nll)
+                state.reference.add(length, language, nll)
                 state.reference_done = len(state.reference) >= self.window
                 return
-            state.filling.add(prompt_tokens, language, nll)
+            state.filling.add(length, language, nll)
             if len(state.filling) < self.window:
                 return
             finished, state.filling = state.filling, _Window()

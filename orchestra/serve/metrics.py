@@ -12,6 +12,7 @@ one piece of state kept here (the tokens-per-second window) has its own lock.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -26,6 +27,8 @@ __all__ = [
     "LATENCY_BUCKETS",
     "TTFT_BUCKETS",
     "ServingMetrics",
+    "is_finite_number",
+    "is_integer",
 ]
 
 # Whole-request latency: a cached short completion (~5 ms) up to a long generation (2 min).
@@ -44,13 +47,23 @@ FEEDBACK_BUCKETS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 DEFAULT_TOKENS_WINDOW_S = 10.0
 
 
+def is_finite_number(value: object) -> bool:
+    """A finite real number, numpy scalars included (a function, so type checkers keep the caller's type)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def is_integer(value: object) -> bool:
+    """An integer, numpy integers included, but not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
 def _check_non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if not (is_finite_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_code(code: int) -> None:
-    if not (isinstance(code, int) and 100 <= code <= 599):
+    if not (is_integer(code) and 100 <= code <= 599):
         raise ValueError(f"code must be an HTTP status code (100..599), got {code!r}")
 
 
@@ -237,10 +250,10 @@ class ServingMetrics:
         """One answered request; a status >= 400 also counts as an error of ``error_type``."""
         _check_code(code)
         _check_non_negative("latency_s", latency_s)
-        self.requests.labels(version=version, model=model, endpoint=endpoint, code=str(code)).inc()
+        self.requests.labels(version=version, model=model, endpoint=endpoint, code=str(int(code))).inc()
         if code >= 400:
             kind = error_type if error_type is not None else _default_error_type(code)
-            self.request_errors.labels(version=version, model=model, code=str(code), type=kind).inc()
+            self.request_errors.labels(version=version, model=model, code=str(int(code)), type=kind).inc()
         self.request_latency.labels(version=version, model=model, endpoint=endpoint).observe(latency_s)
 
     def observe_first_token(self, *, version: str, model: str, seconds: float) -> None:
@@ -283,7 +296,7 @@ class ServingMetrics:
             return window
 
     def observe_feedback(self, *, version: str, score: float) -> None:
-        if not (isinstance(score, (int, float)) and math.isfinite(score)):
+        if not is_finite_number(score):
             raise ValueError(f"score must be a finite number, got {score!r}")
         self.feedback.labels(version=version).inc()
         self.feedback_score.labels(version=version).observe(score)
@@ -291,7 +304,7 @@ class ServingMetrics:
     def observe_shadow(self, *, version: str, code: int, latency_s: float) -> None:
         _check_code(code)
         _check_non_negative("latency_s", latency_s)
-        self.shadow_requests.labels(version=version, code=str(code)).inc()
+        self.shadow_requests.labels(version=version, code=str(int(code))).inc()
         self.shadow_latency.labels(version=version).observe(latency_s)
 
     def render(self) -> tuple[bytes, str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from orchestra.data.pii import anonymize
+from orchestra.serve.metrics import is_finite_number
 
 __all__ = ["RequestLog", "RequestLogError", "sample_fraction"]
 
@@ -91,7 +91,7 @@ class RequestLog:
     """
 
     def __init__(self, path: str | Path, sample_rate: float, seed: int = 0) -> None:
-        if not (isinstance(sample_rate, (int, float)) and math.isfinite(sample_rate)):
+        if not is_finite_number(sample_rate):
             raise ValueError(f"sample_rate must be a number in [0, 1], got {sample_rate!r}")
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")

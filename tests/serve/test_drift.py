@@ -293,3 +293,17 @@ def test_bad_observations_name_the_field(kwargs: dict[str, object], culprit: str
 def test_bad_window(window: object) -> None:
     with pytest.raises(ValueError, match="window"):
         DriftMonitor(window)  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_are_accepted() -> None:
+    monitor = DriftMonitor(2)
+    for length, nll in [(5, 2.0), (6, 2.5), (50, 3.0), (60, 3.5)]:
+        monitor.observe(
+            version="v",
+            prompt_tokens=np.int64(length),
+            text="A short English sentence here.",
+            prompt_nll=np.float32(nll),
+        )
+    drift = monitor.snapshot()["versions"]["v"]["drift"]
+    json.dumps(monitor.snapshot(), allow_nan=False)
+    assert drift["prompt_length_ks"] == 1.0 and drift["prompt_nll_delta"] == pytest.approx(1.0)

@@ -219,3 +219,15 @@ def test_instances_do_not_share_a_registry() -> None:
 def test_bad_values_name_the_argument(call, culprit: str) -> None:
     with pytest.raises(ValueError, match=culprit):
         call(ServingMetrics())
+
+
+def test_numpy_scalars_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    m = ServingMetrics()
+    arm = {"version": "a", "model": "m"}
+    m.observe_request(**arm, endpoint="/v1/completions", code=np.int64(200), latency_s=np.float32(0.5))
+    m.add_tokens(**arm, prompt=np.int64(3), completion=np.int32(2))
+    m.observe_feedback(version="a", score=np.float32(0.5))
+    found = samples(m)
+    assert value(found, "orchestra_requests_total", **arm, endpoint="/v1/completions", code="200") == 1
+    assert value(found, "orchestra_prompt_tokens_total", **arm) == 3
