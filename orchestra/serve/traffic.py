@@ -62,6 +62,20 @@ def _redact(value: Any, counts: Counter[str] | None) -> Any:
     return value
 
 
+def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat message in the sft form: text parts joined, ``developer`` read as ``system``.
+
+    The router logs the client's request body as sent; the server has already done the same.
+    """
+    out = dict(message)
+    if out.get("role") == "developer":
+        out["role"] = "system"
+    content = out.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        out["content"] = "".join(str(p.get("text", "")) for p in content)
+    return out
+
+
 def _nonblank(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
@@ -82,8 +96,9 @@ class RequestLog:
     """Appends a deterministic sample of requests, PII redacted, one JSON object per line.
 
     ``maybe_write`` takes the request's fields: ``id`` (required), the metadata, and either
-    ``messages`` (the chat conversation; the answer is appended as an assistant turn unless the
-    conversation already ends with it) or ``prompt`` (a completion), with the answer in
+    ``messages`` (the chat conversation, as OpenAI's API takes it; the answer is appended as an
+    assistant turn unless the conversation already ends with it) or ``prompt`` (a completion),
+    with the answer in
     ``response`` or ``completion``. ``text`` is derived as prompt + answer when not given. A
     request without a usable answer (an error, an empty or whitespace-only answer, a turn of a
     role or content the eval cannot read) is not written: every line must stay scorable, and
@@ -134,6 +149,8 @@ class RequestLog:
         answer_key = "response" if "response" in record else "completion"
         answer = record.get(answer_key)
         for key, value in record.items():
+            if key == "messages" and isinstance(value, list):
+                value = [_plain_message(m) if isinstance(m, dict) else m for m in value]
             if key in _SERVER_FIELDS:
                 out[key] = value
             elif key == "text" or (key in ("response", "completion") and (chat or key != answer_key)):

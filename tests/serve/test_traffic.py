@@ -209,3 +209,21 @@ def test_record_without_id(tmp_path: Path) -> None:
         log.maybe_write({"prompt": "a", "completion": "b"})
     with pytest.raises(ValueError, match="messages"):
         log.maybe_write({"id": "x", "messages": "hello", "response": "b"})
+
+
+def test_openai_message_forms_are_logged_as_sft(tmp_path: Path) -> None:
+    path = tmp_path / "traffic.jsonl"
+    log = RequestLog(path, 1.0)
+    messages = [
+        {"role": "developer", "content": "Be terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Mail "}, {"type": "text", "text": EMAIL}]},
+    ]
+    assert log.maybe_write({**meta("chatcmpl-parts"), "messages": messages, "response": "Done."})
+    ((conversation, refs),) = read_generation(str(path))
+    assert conversation == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Mail <EMAIL>"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    assert refs == ["Done."]
+    assert lines(path)[0]["pii_redacted"] == {"email": 1}
