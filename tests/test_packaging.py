@@ -61,6 +61,7 @@ def test_wheel_contains_kernels_and_configs(tmp_path: Path) -> None:
     assert "orchestra/conf/config.yaml" in names
     assert "orchestra/conf/model/llama-8b.yaml" in names
     assert "orchestra/conf/experiment/debug.yaml" in names
+    assert "orchestra/serve/dashboards/grafana.json" in names
     assert not any(n.startswith(("tests/", "kernels/", "conf/")) for n in names)
     # Installed from the wheel (no source tree around), the CLIs find the packaged configs.
     site = tmp_path / "site"

@@ -14,9 +14,11 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,10 +204,14 @@ class Server:
         if cfg.log_path:
             from orchestra.serve.traffic import RequestLog
 
-            self.request_log = RequestLog(cfg.log_path, cfg.log_sample_rate, seed=cfg.seed)
+            self.request_log = RequestLog(cfg.log_path, cfg.log_sample_rate)  # seed 0: the router's sample
         from orchestra.serve.drift import DriftMonitor
 
         self.drift = DriftMonitor(cfg.drift_window, registry=self.metrics.registry)
+        # Drift and the request log run on one background thread, in request order: language
+        # identification and a window's tests would otherwise stall the event loop.
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestra-monitor")
+        self.drift_lock = threading.Lock()
 
     @property
     def labels(self) -> dict[str, str]:
@@ -341,28 +347,36 @@ class Server:
         self.metrics.add_tokens(
             **self.labels, prompt=usage["prompt_tokens"], completion=usage["completion_tokens"]
         )
-        completion = job.choices[0].text.sent
-        self.drift.observe(
-            version=self.version,
-            prompt_tokens=len(job.prompts[0]),
-            text=prompt_text,
-            prompt_nll=job.prompt_nll,
-        )
-        if self.request_log is not None:
-            self.request_log.maybe_write(
-                {
-                    "id": job.request_id,
-                    "created": time.time(),
-                    "version": self.version,
-                    "model": self.model_name,
-                    "endpoint": endpoint,
-                    "latency_s": round(time.monotonic() - job.started, 6),
-                    "usage": usage,
-                    "finish_reason": job.choices[0].finish_reason,
-                    "text": prompt_text + completion,
-                    **extra,
-                }
-            )
+        record = {
+            "id": job.request_id,
+            "created": time.time(),
+            "version": self.version,
+            "model": self.model_name,
+            "endpoint": endpoint,
+            "latency_s": round(time.monotonic() - job.started, 6),
+            "usage": usage,
+            "finish_reason": job.choices[0].finish_reason,
+            "text": prompt_text + job.choices[0].text.sent,
+            **extra,
+        }
+        self.background.submit(self._monitor, len(job.prompts[0]), prompt_text, job.prompt_nll, record)
+
+    def _monitor(
+        self, prompt_tokens: int, prompt_text: str, prompt_nll: float | None, record: dict[str, Any]
+    ) -> None:
+        try:
+            with self.drift_lock:
+                self.drift.observe(
+                    version=self.version, prompt_tokens=prompt_tokens, text=prompt_text, prompt_nll=prompt_nll
+                )
+            if self.request_log is not None:
+                self.request_log.maybe_write(record)
+        except Exception:  # monitoring never fails a request
+            log.exception("drift / request log update failed")
+
+    def drift_snapshot(self) -> dict[str, Any]:
+        with self.drift_lock:
+            return dict(self.drift.snapshot())
 
 
 def _chunk(job: Job, model: str, created: int, chat: bool, index: int, text: str, finish: str | None) -> str:
@@ -388,6 +402,7 @@ def create_app(server: Server) -> FastAPI:
         yield
         server.shutting_down = True
         await asyncio.to_thread(server.engine.stop, server.cfg.shutdown_grace_s)
+        server.background.shutdown(wait=True)
 
     app = FastAPI(title="Orchestra", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -598,7 +613,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/drift")
     async def drift(request: Request) -> JSONResponse:
         check_bearer(request, server.keys)
-        return JSONResponse(server.drift.snapshot())
+        return JSONResponse(server.drift_snapshot())
 
     return app
 

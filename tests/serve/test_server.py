@@ -286,8 +286,13 @@ def test_metrics_and_the_redacted_request_log(live: tuple[str, Server], client: 
     )
     assert "orchestra_time_to_first_token_seconds_count" in text
     server = live[1]
-    log = Path(server.cfg.log_path).read_text().splitlines()
-    record = next(json.loads(line) for line in log if json.loads(line)["id"] == reply.id)
+    record = None
+    deadline = time.monotonic() + 10
+    while record is None and time.monotonic() < deadline:  # written by the monitoring thread
+        log = Path(server.cfg.log_path).read_text().splitlines() if Path(server.cfg.log_path).exists() else []
+        record = next((json.loads(line) for line in log if json.loads(line)["id"] == reply.id), None)
+        time.sleep(0.05)
+    assert record is not None
     assert "jo@ex.io" not in json.dumps(record) and "<EMAIL>" in record["messages"][0]["content"]
     assert record["messages"][-1] == {"role": "assistant", "content": reply.choices[0].message.content}
     assert record["version"] == "v1" and record["usage"]["prompt_tokens"] == reply.usage.prompt_tokens  # type: ignore[union-attr]
