@@ -71,8 +71,8 @@ SAVE_INTERVAL_S = 2.0
 """How often changed comparison state is written to state_path (and once more on shutdown)."""
 READY_TIMEOUT_S = 2.0
 """How long /ready waits for a version's /health."""
-METRICS: dict[str, dict[str, bool]] = {
-    "score": {"higher_is_better": True, "binary": False},
+METRICS: dict[str, dict[str, Any]] = {
+    "score": {"higher_is_better": True, "binary": False, "bounds": (0.0, 1.0)},
     "thumbs": {"higher_is_better": True, "binary": True},
     "latency": {"higher_is_better": False, "binary": False},
 }
@@ -966,8 +966,13 @@ class Router:
             feedback = {}
             for metric in ("score", "thumbs"):
                 arm = stats.feedback[metric]
+                kind = METRICS[metric]
                 interval = mean_confidence_sequence(
-                    arm, self.cfg.alpha, binary=METRICS[metric]["binary"], min_samples=self.cfg.min_samples
+                    arm,
+                    self.cfg.alpha,
+                    binary=kind["binary"],
+                    min_samples=self.cfg.min_samples,
+                    bounds=kind.get("bounds"),
                 )
                 feedback[metric] = {
                     "n": arm.n,

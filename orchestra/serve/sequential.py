@@ -117,6 +117,14 @@ class ArmStats:
         return cls(n=n, mean=float(mean), m2=float(m2))
 
 
+def _bounds(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        raise ValueError(f"bounds: expected [low, high] or null, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 def _variance(stats: ArmStats, binary: bool) -> float:
     return stats.binary_variance() if binary else stats.variance
 
@@ -125,13 +133,23 @@ def _tau2(given: float | None, pooled_variance: float) -> float:
     return given if given is not None else DEFAULT_EFFECT_SCALE**2 * pooled_variance
 
 
+def _clip(interval: tuple[float, float], low: float, high: float) -> tuple[float, float]:
+    return min(max(interval[0], low), high), max(min(interval[1], high), low)
+
+
 def mean_confidence_sequence(
-    stats: ArmStats, alpha: float, tau2: float | None = None, binary: bool = False, min_samples: int = 2
+    stats: ArmStats,
+    alpha: float,
+    tau2: float | None = None,
+    binary: bool = False,
+    min_samples: int = 2,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[float, float] | None:
     """Always-valid interval for one arm's mean (the same mixture, one sample); None while undefined.
 
     It is the confidence sequence at the current n (not intersected over time), which is valid
-    at every n at once on its own.
+    at every n at once on its own. With ``bounds`` (the range of one observation; (0, 1) when
+    binary) the interval is clipped to it, which keeps it valid.
     """
     if stats.n < max(min_samples, 2):
         return None
@@ -140,7 +158,9 @@ def mean_confidence_sequence(
         return None
     var = variance / stats.n
     width = half_width(var, _tau2(tau2, variance), alpha)
-    return stats.mean - width, stats.mean + width
+    interval = (stats.mean - width, stats.mean + width)
+    bounds = (0.0, 1.0) if binary else bounds
+    return interval if bounds is None else _clip(interval, *bounds)
 
 
 @dataclass(frozen=True)
@@ -180,6 +200,7 @@ class SequentialComparison:
         min_samples: int = 20,
         higher_is_better: bool = True,
         binary: bool = False,
+        bounds: tuple[float, float] | None = None,
     ) -> None:
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -192,6 +213,9 @@ class SequentialComparison:
         self.min_samples = min_samples
         self.higher_is_better = higher_is_better
         self.binary = binary
+        self.bounds = (0.0, 1.0) if binary else bounds
+        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
         self.control = ArmStats()
         self.treatment = ArmStats()
         self.p_value = 1.0
@@ -204,6 +228,8 @@ class SequentialComparison:
     def add(self, arm: Arm, x: float) -> None:
         if self.binary and x not in (0, 1):
             raise ValueError(f"a binary outcome must be 0 or 1, got {x!r}")
+        if self.bounds is not None and not self.bounds[0] <= x <= self.bounds[1]:
+            raise ValueError(f"observation {x!r} lies outside the bounds {self.bounds}")
         if arm == "control":
             self.control.add(x)
         elif arm == "treatment":
@@ -231,12 +257,19 @@ class SequentialComparison:
         self.ci_high = high if self.ci_high is None else min(self.ci_high, high)
 
     def interval(self) -> tuple[float, float] | None:
-        """The running intersection of the confidence sequence (the latest interval, should it be empty)."""
+        """The running intersection of the confidence sequence (the latest interval, should it be empty).
+
+        With bounds on the observations, clipped to the differences they allow.
+        """
         if self.ci_low is None or self.ci_high is None:
             return None
+        interval = (self.ci_low, self.ci_high)
         if self.ci_low > self.ci_high and self._last is not None:
-            return self._last
-        return self.ci_low, self.ci_high
+            interval = self._last
+        if self.bounds is None:
+            return interval
+        span = self.bounds[1] - self.bounds[0]
+        return _clip(interval, -span, span)
 
     def result(self) -> ComparisonResult:
         c, t = self.control, self.treatment
@@ -270,6 +303,7 @@ class SequentialComparison:
             "min_samples": self.min_samples,
             "higher_is_better": self.higher_is_better,
             "binary": self.binary,
+            "bounds": None if self.bounds is None else list(self.bounds),
             "control": self.control.to_dict(),
             "treatment": self.treatment.to_dict(),
             "p_value": self.p_value,
@@ -290,6 +324,7 @@ class SequentialComparison:
                 min_samples=data["min_samples"],
                 higher_is_better=bool(data["higher_is_better"]),
                 binary=bool(data["binary"]),
+                bounds=_bounds(data.get("bounds")),
             )
         except KeyError as err:
             raise ValueError(f"{where}: missing field {err.args[0]!r}") from None
