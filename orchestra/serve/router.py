@@ -21,7 +21,7 @@ import random
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -549,7 +549,7 @@ class FeedbackBody(BaseModel):
     thumbs: Literal["up", "down"] | None = None
 
     @model_validator(mode="after")
-    def _something(self) -> FeedbackBody:
+    def _score_or_thumbs(self) -> FeedbackBody:
         if self.score is None and self.thumbs is None:
             raise ValueError("give a 'score' in [0, 1] or 'thumbs': 'up' | 'down'")
         return self
@@ -592,7 +592,6 @@ class Router:
         self.experiment = Experiment(cfg, self.table, self.control, seed)
         self.responses: OrderedDict[str, Tracked] = OrderedDict()
         self.loaded_at = time.time()
-        self.request_log = RequestLog(cfg.log_path, cfg.log_sample_rate) if cfg.log_path else None
         self.client: httpx.AsyncClient | None = None
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         if cfg.state_path and Path(cfg.state_path).is_file():
@@ -602,6 +601,7 @@ class Router:
                 raise StateError(f"state_path {cfg.state_path}: cannot read it ({err})") from None
             self.experiment.restore(saved, cfg.state_path)
             self.experiment.dirty = False
+        self.request_log = RequestLog(cfg.log_path, cfg.log_sample_rate) if cfg.log_path else None
 
     def _control(self, table: RoutingTable) -> str:
         if not self.cfg.control:
@@ -639,7 +639,10 @@ class Router:
             log.error("reload refused, still serving the previous table: %s", err)
 
     def set_weights(self, weights: Mapping[str, float]) -> RoutingTable:
-        """Promote / roll back: new weights for the named versions, written to versions_file, then reloaded."""
+        """Promote / roll back: new weights for the named versions, written to versions_file, then reloaded.
+
+        The file is rewritten from the table it holds (comments in it are not kept).
+        """
         current = load_table(self.cfg.versions_file)
         for name in weights:
             version = current.get(name)
@@ -792,8 +795,7 @@ class Router:
         content_type = upstream.headers.get("content-type", "application/json")
         if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
             headers = {VERSION_HEADER: version.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
-            return StreamingResponse(self.relay(upstream, call, keep_text), media_type="text/event-stream",
-                                     headers=headers)  # fmt: skip
+            return RelayResponse(self.relay(upstream, call, keep_text), headers=headers)
         try:
             left = max(0.0, timeout - (time.monotonic() - started))
             content = await asyncio.wait_for(upstream.aread(), left)
@@ -824,7 +826,9 @@ class Router:
             headers={VERSION_HEADER: version.name},
         )
 
-    async def relay(self, upstream: httpx.Response, call: Call, keep_text: bool) -> AsyncIterator[bytes]:
+    async def relay(
+        self, upstream: httpx.Response, call: Call, keep_text: bool
+    ) -> AsyncGenerator[bytes, None]:
         """Pass the version's events on as they come, noting the answer's id as soon as it goes by."""
         answer = call.answer
         answer.streamed = True
@@ -1031,6 +1035,25 @@ class Router:
                     self.save()
                 except OSError as err:
                     log.error("state_path %s: cannot write it (%s)", self.cfg.state_path, err)
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed event stream, closed as soon as the response ends, the client's leaving included.
+
+    Starlette leaves an unfinished body iterator to the garbage collector; closing it here
+    closes the version's stream at once and counts the request (as 499) without delay.
+    """
+
+    def __init__(self, relay: AsyncGenerator[bytes, None], headers: Mapping[str, str]) -> None:
+        super().__init__(relay, media_type="text/event-stream", headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.relay.aclose()
 
 
 def sse_error(message: str, code: str) -> bytes:

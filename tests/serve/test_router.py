@@ -397,6 +397,16 @@ def test_streaming_passes_events_through_as_they_come(
         assert arrivals[0] < 0.2 and arrivals[-1] > 0.9  # the first event left before the last was written
         assert h.post("/v1/feedback", json={"id": rid, "thumbs": "up"}).status_code == 200
 
+        # A client that leaves mid-stream: counted at once as 499, not when the version would have finished.
+        ups["v1"].chunk_gap_s = 2.0
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with h.stream("POST", "/v1/chat/completions", json=body) as leaving:
+            next(leaving.iter_raw())
+        wait_for(
+            lambda: 'code="499",endpoint="/v1/chat/completions"' in httpx.get(f"{url}/metrics").text, 1.5
+        )
+        assert stats(url)["v1"]["requests"] == 2
+
         ups["v1"].chunk_gap_s = 0.0
         pieces = [
             ch.choices[0].text
