@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse
 
 __all__ = ["add_dashboard", "dashboard_html"]
 
-PAGE = "static/dashboard.html"
+PAGE = "dashboard.html"
 
 
 @cache
