@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,7 +23,15 @@ import openai
 import pytest
 import yaml
 
-from orchestra.serve.router import RoutingTableError, StateError, create_router_app, load_table, parse_table
+from orchestra.serve.router import (
+    LATENCY_RESERVOIR,
+    Reservoir,
+    RoutingTableError,
+    StateError,
+    create_router_app,
+    load_table,
+    parse_table,
+)
 from tests.serve.ab import (
     ADMIN_KEY,
     CLIENT_KEY,
@@ -394,7 +403,8 @@ def test_streaming_passes_events_through_as_they_come(
                 else:
                     assert chunk.usage is not None and chunk.usage.completion_tokens == 3
         assert text == "answer from v1"
-        assert arrivals[0] < 0.2 and arrivals[-1] > 0.9  # the first event left before the last was written
+        # Relayed as the version wrote them (5 gaps of 0.25 s), not gathered: the first came long before the last.
+        assert arrivals[-1] - arrivals[0] > 0.9 and arrivals[0] < 0.6
         assert h.post("/v1/feedback", json={"id": rid, "thumbs": "up"}).status_code == 200
 
         # A client that leaves mid-stream: counted at once as 499, not when the version would have finished.
@@ -518,3 +528,30 @@ def test_sampled_requests_are_logged_with_their_version(
         assert "ann@example.com" not in json.dumps(record)
     (completion,) = [r for r in lines if r["endpoint"] == "/v1/completions"]
     assert completion["id"] == streamed[0].id and completion["response"].startswith("answer from")
+
+
+def test_only_the_last_responses_tracked_answers_take_feedback(
+    versions: dict, ups: dict[str, Upstream], tmp_path: Path
+) -> None:
+    cfg = route_config(tmp_path, table(versions, v1=1.0), responses_tracked=3)
+    with (
+        router(cfg) as (url, _),
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as h,
+    ):
+        ids = [chat(client(url), user=f"lru-{i}")[2] for i in range(4)]
+        assert (
+            h.post("/v1/feedback", json={"id": ids[0], "score": 1}).status_code == 404
+        )  # the oldest is forgotten
+        assert [h.post("/v1/feedback", json={"id": i, "score": 1}).status_code for i in ids[1:]] == [200] * 3
+
+
+def test_latency_reservoir_is_bounded_and_a_uniform_sample() -> None:
+    reservoir = Reservoir(LATENCY_RESERVOIR, random.Random(0))
+    for x in range(100_000):
+        reservoir.add(x / 100_000)
+    assert len(reservoir.values) == LATENCY_RESERVOIR and reservoir.seen == 100_000
+    assert reservoir.quantile(0.5) == pytest.approx(
+        0.5, abs=0.04
+    )  # of the whole stream, not its first values
+    assert reservoir.quantile(0.95) == pytest.approx(0.95, abs=0.02)
+    assert Reservoir(4, random.Random(0)).quantile(0.5) is None
