@@ -136,14 +136,14 @@ def vllm_command(cfg: ServeConfig, folder: Path, keys: list[str]) -> list[str]:
 
 def serve_vllm(cfg: ServeConfig) -> int:
     """Run `vllm serve` in the foreground; SIGTERM reaches it through the process group."""
-    from orchestra.serve.app import load_api_keys
+    from orchestra.serve.protocol import read_keys
 
     cfg.validate()
     if shutil.which("vllm") is None:
         raise ValueError(
             "engine=vllm: the `vllm` command is not installed (pip install vllm on a GPU machine)"
         )
-    command = vllm_command(cfg, vllm_folder(cfg.ckpt), load_api_keys(cfg.api_keys_file))
+    command = vllm_command(cfg, vllm_folder(cfg.ckpt), read_keys(cfg.api_keys_file))
     console.print(" ".join(command), highlight=False, soft_wrap=True)
     return subprocess.call(command, env=os.environ.copy())
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -40,55 +38,19 @@ from orchestra.serve.engine import (
     prompt_ids_for_chat,
 )
 from orchestra.serve.metrics import ServingMetrics
-from orchestra.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from orchestra.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_bearer,
+    parse,
+    read_json,
+    read_keys,
+)
 
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Orchestra-Version"
-
-
-def load_api_keys(path: str, env_var: str = "ORCHESTRA_API_KEYS") -> list[str]:
-    """Accepted Bearer keys: one per line of ``path`` (# comments), else the comma-separated env var."""
-    if path:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as err:
-            raise ValueError(f"api_keys_file: cannot read {path} ({err.strerror})") from None
-        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not keys:
-            raise ValueError(f"api_keys_file: {path} holds no key")
-        return keys
-    return [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
-
-
-def check_bearer(request: Request, keys: list[str]) -> None:
-    """401 unless the Authorization header carries one of ``keys`` (constant-time comparison)."""
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    ok = False
-    for key in keys:  # every key is compared, so the time does not tell which one was close
-        ok |= hmac.compare_digest(given.strip().encode(), key.encode())
-    if scheme.lower() != "bearer" or not ok:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refused with 413 past ``limit`` bytes (counted, not trusted from headers)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from None
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -184,7 +146,7 @@ class Server:
         self.model_name = cfg.model_name or Path(cfg.ckpt.rstrip("/")).stem or "model"
         self.version = cfg.version or self.model_name
         self.metrics = metrics or ServingMetrics()
-        self.keys = load_api_keys(cfg.api_keys_file)
+        self.keys = read_keys(cfg.api_keys_file)
         if not self.keys:
             log.warning(
                 "no API key configured (api_keys_file or ORCHESTRA_API_KEYS): anyone can call this server"
@@ -356,7 +318,7 @@ class Server:
             "latency_s": round(time.monotonic() - job.started, 6),
             "usage": usage,
             "finish_reason": job.choices[0].finish_reason,
-            "text": prompt_text + job.choices[0].text.sent,
+            # no "text": the log builds it from the redacted parts, so PII at their seam is not missed
             **extra,
         }
         self.background.submit(self._monitor, len(job.prompts[0]), prompt_text, job.prompt_nll, record)

@@ -7,9 +7,14 @@ behaviour from the one it asked for.
 
 from __future__ import annotations
 
+import hmac
+import json
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
 
 
 class APIError(Exception):
@@ -145,3 +150,60 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         else:
             message = f"{where}: {first['msg']}"
         raise APIError(400, message, param=where or None) from None
+
+
+# --- shared by the server and the router ------------------------------------------------------
+
+
+def read_keys(path: str, key: str = "api_keys_file", env_var: str | None = "ORCHESTRA_API_KEYS") -> list[str]:
+    """Bearer keys: one per line of ``path`` (# comments), else the comma-separated ``env_var``."""
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as err:
+            raise ValueError(f"{key}: cannot read {path} ({err.strerror or err})") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise ValueError(f"{key}: {path} holds no key")
+        return keys
+    if env_var is None:
+        return []
+    return [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
+
+
+def has_key(request: Request, keys: list[str]) -> bool:
+    """Whether the Authorization header carries one of ``keys`` (every key compared in constant time)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    ok = False
+    for key in keys:  # no early exit: the time taken does not tell which key was close
+        ok |= hmac.compare_digest(given.strip().encode(), key.encode())
+    return scheme.lower() == "bearer" and ok
+
+
+def check_bearer(request: Request, keys: list[str]) -> None:
+    """401 unless no key is configured or the request carries one of ``keys``."""
+    if keys and not has_key(request, keys):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 past ``limit`` bytes (counted, not trusted from the header)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON (400 when it is not), within ``limit`` bytes (413)."""
+    raw = await read_body(request, limit)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}") from None

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -38,9 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestra.config import RouteConfig
+from orchestra.io import atomic_write_text
 from orchestra.serve.dashboard import add_dashboard
 from orchestra.serve.metrics import ServingMetrics
-from orchestra.serve.protocol import APIError
+from orchestra.serve.protocol import APIError, has_key, read_body, read_json, read_keys
 from orchestra.serve.sequential import ArmStats, SequentialComparison, mean_confidence_sequence
 from orchestra.serve.traffic import RequestLog
 
@@ -213,21 +212,6 @@ def load_table(path: str) -> RoutingTable:
     except yaml.YAMLError as err:
         raise RoutingTableError(f"routing table {path}: not valid YAML ({err})") from None
     return parse_table(data, path)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and a rename, so a reader never sees half a file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def table_yaml(table: RoutingTable) -> str:
@@ -422,31 +406,6 @@ def error_response(
     headers = {VERSION_HEADER: version} if version else None
     body = APIError(status, message, type=type, param=param, code=code).body()
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def read_keys(path: str, key: str, env_var: str | None) -> list[str]:
-    """Bearer keys: one per line of ``path`` (# comments), else the comma-separated ``env_var``."""
-    if path:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as err:
-            raise ValueError(f"{key}: cannot read {path} ({err.strerror or err})") from None
-        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not keys:
-            raise ValueError(f"{key}: {path} holds no key")
-        return keys
-    if env_var is None:
-        return []
-    return [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
-
-
-def has_key(request: Request, keys: list[str]) -> bool:
-    """Whether the Authorization header carries one of ``keys`` (every key compared in constant time)."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given.strip().encode(), key.encode())
-    return scheme.lower() == "bearer" and ok
 
 
 def upstream_error_body(content: bytes, status: int, version: str) -> bytes:
@@ -659,7 +618,7 @@ class Router:
         ]
         table = parse_table({"versions": entries}, current.path)  # validated before the file is touched
         self._control(table)
-        write_atomically(Path(self.cfg.versions_file), table_yaml(table))
+        atomic_write_text(self.cfg.versions_file, table_yaml(table), durable=True)
         return self.reload()
 
     # --- choosing a version ---
@@ -1024,7 +983,7 @@ class Router:
             return
         path = Path(self.cfg.state_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(self.experiment.to_dict()))
+        atomic_write_text(path, json.dumps(self.experiment.to_dict()), durable=True)
         self.experiment.dirty = False
 
     async def autosave(self) -> None:
@@ -1060,20 +1019,6 @@ def sse_error(message: str, code: str) -> bytes:
     """An error event in a stream that has already begun (the OpenAI clients raise it)."""
     body = APIError(502, message, type="server_error", code=code).body()
     return f"data: {json.dumps(body)}\n\n".encode()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 413 past ``limit`` bytes (counted, not trusted from the header)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_router_app(
@@ -1129,11 +1074,7 @@ def create_router_app(
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def json_body(request: Request) -> Any:
-        raw = await read_body(request, cfg.max_body_bytes)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON: {err}") from None
+        return await read_json(request, cfg.max_body_bytes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
