@@ -889,6 +889,8 @@ class RouteConfig:
     """Longest wait for a version's answer (504 after it)."""
     shadow_timeout_s: float = 30.0
     """Longest wait for a shadow version's answer (which is never returned)."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM: stop accepting, let requests in flight finish for at most this long, save the state, exit."""
     max_body_bytes: int = 1_000_000
     """Largest request body (413 above it)."""
     responses_tracked: int = 100_000
@@ -909,6 +911,7 @@ class RouteConfig:
             self.upstream_timeout_s > 0, "upstream_timeout_s", f"must be > 0, got {self.upstream_timeout_s}"
         )
         require(self.shadow_timeout_s > 0, "shadow_timeout_s", f"must be > 0, got {self.shadow_timeout_s}")
+        require(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
         require(self.max_body_bytes >= 1, "max_body_bytes", f"must be >= 1, got {self.max_body_bytes}")
         require(
             self.responses_tracked >= 1, "responses_tracked", f"must be >= 1, got {self.responses_tracked}"

@@ -3,7 +3,7 @@
 Runs the A/B router (orchestra/serve/router.py) in front of the model versions listed in the
 routing table. SIGHUP re-reads the table (a bad one is refused, the old one keeps serving);
 SIGTERM (or Ctrl-C) stops accepting, lets the requests in flight finish for up to
-``upstream_timeout_s``, saves the comparison state and exits 0.
+``shutdown_grace_s``, saves the comparison state and exits 0.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def route(cfg: RouteConfig) -> None:
         host=cfg.host,
         port=cfg.port,
         log_level="warning",
-        timeout_graceful_shutdown=max(1, int(cfg.upstream_timeout_s)),
+        timeout_graceful_shutdown=max(1, int(cfg.shutdown_grace_s)),
     )
     versions = ", ".join(
         f"{v.name} (shadow)" if v.shadow else f"{v.name}={v.weight:g}" for v in router.table.versions
