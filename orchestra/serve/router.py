@@ -77,6 +77,8 @@ METRICS: dict[str, dict[str, Any]] = {
 }
 """What is compared against the control: mean feedback score, thumbs-up rate, latency of answers."""
 Metric = Literal["score", "thumbs", "latency"]
+UNROUTED = "unrouted"
+"""The version label of requests refused before a version was chosen (a bad key, body or forced version)."""
 
 
 # --- the routing table ----------------------------------------------------------------------------------
@@ -173,6 +175,8 @@ def parse_table(data: Any, path: str) -> RoutingTable:
             raise bad(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(_ENTRY_KEYS)})")
         if any(v.name == name for v in versions):
             raise bad(f"{where}: the name {name!r} is used twice")
+        if name == UNROUTED:
+            raise bad(f"{where}: {UNROUTED!r} labels refused requests in the metrics; pick another name")
         url = entry.get("url")
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
@@ -716,14 +720,8 @@ class Router:
         except (ValueError, OSError) as err:  # the log must never cost a client its answer
             log.warning("request %s not logged: %s", answer_id, err)
 
-    def failed(self, call: Call, code: int, message: str) -> JSONResponse:
-        """502 (unreachable) or 504 (timed out), counted against the version."""
-        kind = "upstream_timeout" if code == 504 else "upstream_unreachable"
-        self.finish(call, code, error_type=kind)
-        return error_response(code, message, type="server_error", code=kind, version=call.version)
-
-    async def proxy(self, request: Request, endpoint: str) -> Response:
-        started = time.monotonic()
+    async def admit(self, request: Request) -> tuple[bytes, dict[str, Any], tuple[Version, str | None]]:
+        """Key, body and version of a completion request, or the APIError that turns it away."""
         if self.keys and not has_key(request, self.keys):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         raw = await read_body(request, self.cfg.max_body_bytes)
@@ -733,7 +731,24 @@ class Router:
             raise APIError(400, f"the request body is not valid JSON: {err}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
-        version, user = self.choose(body, request.headers)
+        return raw, body, self.choose(body, request.headers)
+
+    def failed(self, call: Call, code: int, message: str) -> JSONResponse:
+        """502 (unreachable) or 504 (timed out), counted against the version."""
+        kind = "upstream_timeout" if code == 504 else "upstream_unreachable"
+        self.finish(call, code, error_type=kind)
+        return error_response(code, message, type="server_error", code=kind, version=call.version)
+
+    async def proxy(self, request: Request, endpoint: str) -> Response:
+        started = time.monotonic()
+        try:
+            raw, body, (version, user) = await self.admit(request)
+        except APIError as err:  # turned away before a version is chosen: counted as "unrouted"
+            self.metrics.observe_request(
+                version=UNROUTED, model="", endpoint=endpoint, code=err.status,
+                latency_s=time.monotonic() - started, error_type=err.type,
+            )  # fmt: skip
+            raise
         model = body.get("model")
         call = Call(version.name, model if isinstance(model, str) else "", endpoint, started, body, user)
         for shadow in self.table.shadows:

@@ -94,6 +94,7 @@ def test_ten_thousand_users_split_within_one_percent_and_a_weight_change_moves_t
         ([{"name": "a", "url": "http://h:1"}], r"versions\[0\] \(a\): 'weight' is missing"),
         ([{"name": "s", "url": "http://h:1", "shadow": True, "weight": 0.5}], r"versions\[0\] \(s\): a shadow version gets no share"),
         ([{"url": "http://h:1", "weight": 1}], r"versions\[0\]: 'name' must be a non-empty string"),
+        ([{"name": "unrouted", "url": "http://h:1", "weight": 1}], r"versions\[0\] \(unrouted\): 'unrouted' labels refused requests"),
     ],
 )  # fmt: skip
 def test_bad_routing_table_names_the_file_and_the_entry(entries: list[dict[str, Any]], message: str) -> None:
@@ -439,6 +440,8 @@ def test_auth_and_the_upstream_key(versions: dict, ups: dict[str, Upstream], tmp
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").models.list()
         assert ups["v1"].received == []
+        unrouted = 'orchestra_requests_total{code="401",endpoint="/v1/chat/completions",model="",version="unrouted"} 1.0'
+        assert unrouted in httpx.get(f"{url}/metrics").text  # refused before routing, still counted
         chat(client(url))
         sent = ups["v1"].received[-1]["headers"]
         assert sent["authorization"] == f"Bearer {UPSTREAM_KEY}"  # the router's key, never the client's
