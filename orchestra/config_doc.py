@@ -96,6 +96,18 @@ def section_rows(cls: type, prefix: str) -> list[str]:
     return rows
 
 
+def _sections(cls: type, prefix: str) -> list[str]:
+    """A table per nested section, depth first (model, model.rope, data, data.pipeline, data.pipeline.clean, ...)."""
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        section = _default(f)
+        if dataclasses.is_dataclass(section):
+            name = f"{prefix}{f.name}"
+            lines += _table(name, type(section), f"{name}.")
+            lines += _sections(type(section), f"{name}.")
+    return lines
+
+
 def _table(title: str, cls: type, prefix: str) -> list[str]:
     intro = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
     return [
@@ -126,14 +138,7 @@ def render() -> str:
         "",
         *_table("(top level)", TrainConfig, ""),
     ]
-    for f in dataclasses.fields(TrainConfig):
-        section = _default(f)
-        if dataclasses.is_dataclass(section):
-            lines += _table(f.name, type(section), f"{f.name}.")
-            for g in dataclasses.fields(section):  # a nested section: model.rope
-                sub = _default(g)
-                if dataclasses.is_dataclass(sub):
-                    lines += _table(f"{f.name}.{g.name}", type(sub), f"{f.name}.{g.name}.")
+    lines += _sections(TrainConfig, "")
     for title, root in (
         ("orchestra-prepare", PrepareConfig),
         ("orchestra-generate", GenerateConfig),
@@ -143,11 +148,7 @@ def render() -> str:
         ("orchestra-serve", ServeConfig),
         ("orchestra-route", RouteConfig),
     ):
-        lines += [f"## {title}", "", *_table("(top level)", root, "")]
-        for f in dataclasses.fields(root):
-            section = _default(f)
-            if dataclasses.is_dataclass(section):  # eval.logger, compare's eval
-                lines += _table(f.name, type(section), f"{f.name}.")
+        lines += [f"## {title}", "", *_table("(top level)", root, ""), *_sections(root, "")]
     return "\n".join(lines).rstrip() + "\n"
 
 
