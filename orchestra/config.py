@@ -231,7 +231,7 @@ class PipelineConfig:
     pii: PIIConfig = field(default_factory=PIIConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     executor: str = "local"
-    """local (datatrove's LocalPipelineExecutor) or slurm (SlurmPipelineExecutor: array jobs chained with afterok)."""
+    """Who runs the stages' tasks: local (datatrove's LocalPipelineExecutor, the only one in this version)."""
     tasks: int = 4
     """Tasks per stage (files are split between them)."""
     workers: int = 2
