@@ -119,6 +119,10 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     if source == DataSource.files:
         fp["paths"] = [str(p) for p in cfg.paths]
         fp["text_field"] = str(cfg.text_field)
+    if cfg.pipeline.enabled:
+        from orchestra.data.pipeline.run import config_sha256
+
+        fp["pipeline_sha256"] = config_sha256(cfg)
     return fp
 
 
@@ -228,7 +232,11 @@ def _reusable(dataset_dir: Path, fingerprint: dict[str, Any], seed: int) -> bool
 def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -> None:
     started = time.time()
     console = Console(stderr=True)
-    corpus = open_corpus(cfg)
+    pipeline_record = None
+    if cfg.pipeline.enabled:
+        corpus, pipeline_record = _run_pipeline(cfg, seed, out, console)
+    else:
+        corpus = open_corpus(cfg)
 
     lengths: list[int] = []
     labels: list[str] = []
@@ -334,6 +342,8 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         },
         "split": split_info,
     }
+    if pipeline_record is not None:
+        provenance["pipeline"] = pipeline_record
     stats = {"documents": len(lengths), "prepare_seconds": round(time.time() - started, 3)}
     write_manifest(
         out,
@@ -346,6 +356,25 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         provenance=provenance,
         stats=stats,
     )
+
+
+def _run_pipeline(cfg: DataConfig, seed: int, out: Path, console: Console) -> tuple[Corpus, dict[str, Any]]:
+    """Run data.pipeline's stages into ``out/pipeline/``; the kept documents become the corpus.
+
+    The exclusions (every dropped document and its reason) and the stage logs stay in the
+    dataset, so what was removed can be audited; the intermediate copies are deleted.
+    """
+    from orchestra.data.pipeline.run import run_pipeline
+
+    work = out / "pipeline"
+    result = run_pipeline(
+        cfg, work, seed, log=lambda line: console.print(f"[bold]pipeline[/] {line}", highlight=False)
+    )
+    for intermediate in ("ingest", "filtered", "dedup"):
+        shutil.rmtree(work / intermediate, ignore_errors=True)
+    files = sorted(result.kept.rglob("*.jsonl.gz"))
+    corpus = Corpus("pipeline", f"{result.kept_documents} documents kept by data.pipeline", files)
+    return corpus, result.to_dict()
 
 
 def choose_val_documents(lengths: list[int], val_fraction: float, seed: int) -> set[int] | None:

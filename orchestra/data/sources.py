@@ -60,7 +60,7 @@ class SourceUnavailable(RuntimeError):
 class Corpus:
     """An ordered list of files and the reader that turns each into documents."""
 
-    kind: str  # "shakespeare" | "stdlib" | "files": what is actually read
+    kind: str  # "shakespeare" | "stdlib" | "files" | "pipeline": what is actually read
     description: str
     files: list[Path]
     text_field: str = "text"
@@ -78,7 +78,11 @@ class Corpus:
             for n, doc in enumerate(self._read(path)):
                 if doc.strip():
                     yield (
-                        (path.name if path.suffix == ".txt" or self.kind != "files" else f"{path.name}#{n}"),
+                        (
+                            path.name
+                            if path.suffix == ".txt" or self.kind in ("shakespeare", "stdlib")
+                            else f"{path.name}#{n}"
+                        ),
                         doc,
                     )
 
@@ -92,6 +96,13 @@ class Corpus:
                 # A handful of stdlib files carry latin-1 coding cookies; the fallback corpus
                 # is best-effort, so skip them rather than fail.
                 log.debug("stdlib corpus: skipping %s (not UTF-8)", path)
+        elif self.kind == "pipeline":  # the preparation pipeline's kept documents (jsonl.gz)
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        yield json.loads(line)["text"]
         else:
             yield from read_file_documents(path, self.text_field)
 
