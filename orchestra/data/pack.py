@@ -240,11 +240,15 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
 
     lengths: list[int] = []
     labels: list[str] = []
+    doc_sources: list[str] = []  # pipeline corpora: each document's source, for per-source tokens
+    tokens_by_source: dict[str, int] = {}
     with console.status(f"reading {corpus.description}"):
         for label, doc in corpus.labelled_documents():
             lengths.append(len(doc))
             if len(labels) < _MAX_LABELS:
                 labels.append(label)
+            if pipeline_record is not None:
+                doc_sources.append(label.split("/", 1)[0])
     if not lengths:
         raise DataError(
             f"empty corpus: {corpus.description} yielded no non-empty document "
@@ -304,6 +308,8 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
                 writers["val" if index in val_docs else "train"].write(ids, documents=1)
             seen += 1
             total_tokens += len(ids)
+            if doc_sources:
+                tokens_by_source[doc_sources[index]] = tokens_by_source.get(doc_sources[index], 0) + len(ids)
             progress.update(task, advance=1, tokens=total_tokens)
     if seen != len(lengths):
         raise DataError(
@@ -343,6 +349,7 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         "split": split_info,
     }
     if pipeline_record is not None:
+        pipeline_record["tokens_by_source"] = dict(sorted(tokens_by_source.items()))
         provenance["pipeline"] = pipeline_record
     stats = {"documents": len(lengths), "prepare_seconds": round(time.time() - started, 3)}
     write_manifest(

@@ -74,6 +74,10 @@ class Corpus:
 
     def labelled_documents(self) -> Iterator[tuple[str, str]]:
         """(where it came from, document): the file name, plus ``#n`` for the n-th record of a file."""
+        if self.kind == "pipeline":  # labelled by the document's id: "<source>/<file>#<record>"
+            for path in self.files:
+                yield from self._pipeline_records(path)
+            return
         for path in self.files:
             for n, doc in enumerate(self._read(path)):
                 if doc.strip():
@@ -96,15 +100,23 @@ class Corpus:
                 # A handful of stdlib files carry latin-1 coding cookies; the fallback corpus
                 # is best-effort, so skip them rather than fail.
                 log.debug("stdlib corpus: skipping %s (not UTF-8)", path)
-        elif self.kind == "pipeline":  # the preparation pipeline's kept documents (jsonl.gz)
-            import gzip
-
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        yield json.loads(line)["text"]
+        elif self.kind == "pipeline":
+            for _, doc in self._pipeline_records(path):
+                yield doc
         else:
             yield from read_file_documents(path, self.text_field)
+
+    @staticmethod
+    def _pipeline_records(path: Path) -> Iterator[tuple[str, str]]:
+        """(id, text) of the preparation pipeline's kept documents (datatrove's jsonl.gz)."""
+        import gzip
+
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    record = json.loads(line)
+                    if record["text"].strip():
+                        yield str(record.get("id", path.name)), record["text"]
 
 
 def open_corpus(cfg: DataConfig) -> Corpus:
