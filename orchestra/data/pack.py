@@ -363,6 +363,10 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         provenance=provenance,
         stats=stats,
     )
+    if pipeline_record is not None:
+        from orchestra.data.pipeline.card import write_card
+
+        write_card(out, json.loads((out / MANIFEST_FILE).read_text()))
 
 
 def _run_pipeline(cfg: DataConfig, seed: int, out: Path, console: Console) -> tuple[Corpus, dict[str, Any]]:

@@ -50,6 +50,8 @@ class PipelineResult:
     dropped: dict[str, int] = field(default_factory=dict)  # "<stage>:<reason>" -> documents
     kept_documents: int = 0
     kept_by_source: dict[str, int] = field(default_factory=dict)
+    languages: dict[str, int] = field(default_factory=dict)  # kept documents by identified language
+    pii_backend: str = "off"
     config_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +66,8 @@ class PipelineResult:
             "dropped": dict(sorted(self.dropped.items())),
             "kept_documents": self.kept_documents,
             "kept_by_source": dict(sorted(self.kept_by_source.items())),
+            "languages": dict(sorted(self.languages.items())),
+            "pii_backend": self.pii_backend,
         }
 
 
@@ -165,9 +169,14 @@ def run_pipeline(
         reason = (record.get("metadata") or {}).get("filter_reason", "unknown")
         result.dropped[reason] = result.dropped.get(reason, 0) + 1
     by_source: Counter[str] = Counter()
+    languages: Counter[str] = Counter()
     for record in _records(result.kept):
-        by_source[(record.get("metadata") or {}).get("source", "?")] += 1
-    result.kept_by_source = dict(by_source)
+        meta = record.get("metadata") or {}
+        by_source[meta.get("source", "?")] += 1
+        if "language" in meta:
+            languages[meta["language"]] += 1
+    result.kept_by_source, result.languages = dict(by_source), dict(languages)
+    result.pii_backend = anonymize.ner_backend(p.pii) if p.pii.enabled else "off"
     result.kept_documents = sum(by_source.values())
     log(f"kept {result.kept_documents} of {ingested} documents; dropped {sum(result.dropped.values())}")
     if result.kept_documents == 0:
