@@ -145,9 +145,10 @@ def run_pipeline(
         if not _jsonl_files(work / "ingest" / spec.name):
             continue
         steps: list[Any] = [JsonlReader(str(work / "ingest" / spec.name), glob_pattern="*.jsonl.gz")]
-        steps += clean.build(p.clean, exclusions / "clean")
-        steps += quality.build(p.quality, exclusions / "quality", source=spec.name)
-        steps += language.build(p.language, exclusions / "language")
+        # One folder per source: every source's tasks number their files from 0.
+        steps += clean.build(p.clean, exclusions / spec.name / "clean")
+        steps += quality.build(p.quality, exclusions / spec.name / "quality", source=spec.name)
+        steps += language.build(p.language, exclusions / spec.name / "language")
         steps += anonymize.build(p.pii)
         steps.append(JsonlWriter(str(work / "filtered" / spec.name), output_filename="${rank}.jsonl.gz"))
         result.stages.append(_run(cfg, f"filter-{spec.name}", steps, p.tasks, work, log))
