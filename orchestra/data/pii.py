@@ -11,8 +11,12 @@ for card numbers, ISO 13616 mod-97 and the national length for IBANs, :mod:`ipad
 octet ranges for IPv4). The patterns are tuned for precision on ordinary prose: dates, years,
 times, prices, version strings, ISBNs and order numbers are not PII, and a detector that flags
 them makes a leakage metric meaningless. What it deliberately does not match: local phone
-numbers without an area code (``555-0143``), IPv6 loopback/unspecified (``::1``, ``::``), and
-lower-case IBANs in running text.
+numbers without an area code (``555-0143``), loopback and unspecified addresses (``127.0.0.1``,
+``0.0.0.0``, ``::1``, ``::``), four-part numbers right after a version or section word
+(``firmware 2.10.4.1``, ``section 4.2.1.3``), card-shaped numbers outside the issuers' ranges
+(first digit 2-6 or 8; 13 digits only for Visa's 4), so that ISBN-13s (978/979) are no card,
+numbers labelled as barcodes (``EAN 4006381333931``), US ZIP+4 codes after a state
+(``Boston, MA 02108-1234``), and lower-case IBANs in running text.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "iban_valid",
     "luhn_valid",
     "pii_counts",
+    "replacement",
 ]
 
 PII_TYPES: tuple[str, ...] = ("email", "ip_address", "phone", "credit_card", "iban", "url_credentials")
@@ -83,7 +88,7 @@ class PIIMatch:
 
 _EMAIL_RE = re.compile(
     r"(?<![\w.%+\-/])"  # not inside a word; '/' so that ssh://git@host is no email
-    r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*"
+    r"[A-Za-z0-9_%+\-]+(?:[.'][A-Za-z0-9_%+\-]+)*"  # mary.o'brien@ is one local part
     r"@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+"
     r"[A-Za-z]{2,63}"
@@ -106,6 +111,13 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # Not preceded by a word character or '.', not followed by one or by '.digit': 'v1.2.3.4' and
 # '1.2.3.4.5' are versions, '999.1.1.1' has no valid start.
 _IPV4_RE = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
+# A four-part number right after one of these words is a version or a section, not an address.
+_VERSION_WORD_RE = re.compile(
+    r"(?:\b(?:version|ver|release|build|firmware|fw|driver|kernel|patch|revision|rev|section|sec|"
+    r"clause|chapter|paragraph|para|article|art|item|step|table|figure|fig|appendix|rule)\.?|§)"
+    r"\s*:?\s*$",
+    re.IGNORECASE,
+)
 
 # Candidate only (at least two colons); ipaddress decides. An embedded IPv4 tail is tried first.
 _IPV6_RE = re.compile(
@@ -125,8 +137,11 @@ _CARD_RE = re.compile(
 _PHONE_RE = re.compile(
     r"(?<![\w+\-.])(?<!\d[ .\-/])"
     r"(?:"
-    # International: +CC, an optional (0) or (area), then separated groups; or +CC compact.
-    r"(?P<intl>\+(?:\d{7,15}|\d{1,3}(?:[ .\-]?\(\d{1,4}\))?[ .\-]?\d{1,8}(?:[ .\-]\d{2,8}){0,5}))"
+    # International: +CC or 00CC, an optional (0) or (area), then separated groups; +CC compact;
+    # (+CC) in parentheses.
+    r"(?P<intl>\+(?:\d{7,15}|\d{1,3}(?:[ .\-]?\(\d{1,4}\))?[ .\-]?\d{1,8}(?:[ .\-]\d{2,8}){0,5})"
+    r"|00[1-9]\d{0,2}(?:[ .\-]?\(\d{1,4}\))?[ .\-]\d{1,8}(?:[ .\-]\d{2,8}){0,5}"
+    r"|\(\+\d{1,3}\)[ .\-]?\d{1,8}(?:[ .\-]\d{2,8}){0,5})"
     # North American: (NPA) NXX-XXXX, NPA-NXX-XXXX, 1-NPA-NXX-XXXX with separators.
     r"|(?P<nanp>(?:1[ .\-])?(?:\([2-9]\d{2}\)[ .\-]?|[2-9]\d{2}[ .\-])[2-9]\d{2}[ .\-]\d{4})"
     # European national with trunk 0: 030 1234567, 020 7946 0958, 06 12 34 56 78, (030) 123456.
@@ -135,6 +150,11 @@ _PHONE_RE = re.compile(
     r"(?!\w)(?![.\-/]\d)"
 )
 _DATE_RE = re.compile(r"\d{1,4}[./\-]\d{1,2}[./\-]\d{1,4}")
+# "Boston, MA 02108-1234": a ZIP+4 code after a state abbreviation, shaped like a trunk number.
+_ZIP4_RE = re.compile(r"\d{5}-\d{4}")
+_STATE_BEFORE_RE = re.compile(r"(?<![A-Za-z])[A-Z]{2} $")
+# "EAN 4006381333931": a labelled barcode or book number that happens to pass Luhn.
+_BARCODE_WORD_RE = re.compile(r"\b(?:EAN(?:-13)?|GTIN|UPC|ISBN(?:-1[03])?|barcode)\s*:?\s*$", re.IGNORECASE)
 # Digit groups that continue right after a phone candidate: a phone inside a longer grouped
 # number ("0000 0000 0000 0000", an account number) is part of that number.
 _RUN_TAIL_RE = re.compile(r"(?:[ .\-/]\d+)+")
@@ -205,6 +225,11 @@ def _find_url_credentials(text: str) -> Iterator[PIIMatch]:
 
 def _find_ip_address(text: str) -> Iterator[PIIMatch]:
     for m in _IPV4_RE.finditer(text):
+        # Loopback and unspecified addresses are every machine's; the words say version or section.
+        if m.group().startswith("127.") or m.group() == "0.0.0.0":
+            continue
+        if _VERSION_WORD_RE.search(text, max(0, m.start() - 24), m.start()):
+            continue
         yield PIIMatch("ip_address", m.start(), m.end(), m.group())
     for m in _IPV6_RE.finditer(text):
         candidate = m.group()
@@ -230,9 +255,11 @@ def _find_ip_address(text: str) -> Iterator[PIIMatch]:
 def _find_phone(text: str) -> Iterator[PIIMatch]:
     for m in _PHONE_RE.finditer(text):
         candidate = m.group()
-        n_digits = sum(ch.isdigit() for ch in candidate)
+        n_digits = sum(ch.isdigit() for ch in candidate) - (2 if candidate.startswith("00") else 0)
         low, high = (9, 12) if m.group("trunk") else (7, 15)
         if not low <= n_digits <= high or _DATE_RE.fullmatch(candidate):
+            continue
+        if _ZIP4_RE.fullmatch(candidate) and _STATE_BEFORE_RE.search(text, max(0, m.start() - 3), m.start()):
             continue
         tail = _RUN_TAIL_RE.match(text, m.end())
         if tail and n_digits + sum(ch.isdigit() for ch in tail.group()) > 15:
@@ -246,7 +273,18 @@ def _find_credit_card(text: str) -> Iterator[PIIMatch]:
         # 0000 0000 0000 0000 passes Luhn; a run of one digit is a placeholder, not a card.
         if not 13 <= len(digits) <= 19 or len(set(digits)) == 1 or not luhn_valid(digits):
             continue
+        if not _issuer_range(digits) or _BARCODE_WORD_RE.search(text, max(0, m.start() - 16), m.start()):
+            continue
         yield PIIMatch("credit_card", m.start(), m.end(), m.group())
+
+
+def _issuer_range(digits: str) -> bool:
+    """Card networks issue from first digits 2-6 and 8 (Visa 4, Mastercard 2/5, Amex/Diners/JCB 3,
+    Discover/UnionPay/Maestro 6, RuPay/UnionPay 8); only Visa ever issued 13 digits. ISBN-13 and
+    most EAN-13 barcodes start elsewhere."""
+    if len(digits) == 13:
+        return digits[0] == "4"
+    return digits[0] in "234568"
 
 
 def _find_iban(text: str) -> Iterator[PIIMatch]:
@@ -323,11 +361,16 @@ def find_pii(text: str, types: Iterable[str] | None = None) -> list[PIIMatch]:
     return [m for m in _resolve_overlaps(text, candidates) if m.type in wanted]
 
 
-def _token(match: PIIMatch, mode: str, salt: str) -> str:
-    label = match.type.upper()
+def replacement(kind: str, value: str, mode: str = "placeholder", salt: str = "") -> str:
+    """The token that replaces ``value`` of type ``kind``: ``<KIND>``, or ``<KIND:hex12>`` in hash mode.
+
+    Public so that detectors of other types (names and places found by a NER model) write the
+    same tokens under the same salt. Does not check mode or salt: :func:`anonymize` does.
+    """
+    label = kind.upper()
     if mode == "placeholder":
         return f"<{label}>"
-    digest = hmac.new(salt.encode("utf-8"), match.text.encode("utf-8"), hashlib.sha256).hexdigest()
+    digest = hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()
     return f"<{label}:{digest[:12]}>"
 
 
@@ -354,7 +397,7 @@ def anonymize(
     pos = 0
     for m in find_pii(text, wanted):
         pieces.append(text[pos : m.start])
-        pieces.append(_token(m, mode, salt))
+        pieces.append(replacement(m.type, m.text, mode, salt))
         pos = m.end
         counts[m.type] += 1
     pieces.append(text[pos:])
