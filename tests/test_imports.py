@@ -1,4 +1,4 @@
-"""The import graph of orchestra/ and kernels/ is one-way (docs/architecture.md, "Import rules").
+"""The import graph of orchestra/ is one-way (docs/architecture.md, "Import rules").
 
 Computed from the source with ``ast``, function-level imports included (a lazy import is still a
 dependency, and a cycle hidden behind one breaks the same way at run time). Only imports under
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Source folder -> the package name it installs as (pyproject: kernels/ is orchestra.kernels).
-SOURCES = {ROOT / "orchestra": "orchestra", ROOT / "kernels": "orchestra.kernels"}
+# Source folder -> the package name it installs as.
+SOURCES = {ROOT / "orchestra": "orchestra"}
 
 # Layer rules: a module under the key may not import anything under the listed prefixes.
 FORBIDDEN: dict[str, tuple[str, ...]] = {

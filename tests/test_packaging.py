@@ -29,6 +29,17 @@ def test_package_list_names_every_package_directory() -> None:
     assert packages == on_disk
 
 
+def test_repository_root_shadows_no_installed_module() -> None:
+    """Run from the repository root (``python -m orchestra...``, pytest), a top-level folder named
+    like a PyPI module would win over it: a ``kernels/`` here broke transformers, which imports
+    PyPI's ``kernels``. Only our own packages and non-module folders may sit at the top level."""
+    allowed = {"orchestra", "tests", "bench", "conf", "docs", "slurm", "build", "wheelhouse"}
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - allowed
+    assert not packages, f"top-level Python packages would shadow installed modules: {sorted(packages)}"
+    modules = {p.stem for p in ROOT.glob("*.py")} - {"conftest", "setup"}
+    assert not modules, f"top-level modules would shadow installed modules: {sorted(modules)}"
+
+
 def test_console_scripts_exist() -> None:
     scripts = declared()["project"]["scripts"]
     for name in ("orchestra-train", "orchestra-prepare", "orchestra-generate"):
