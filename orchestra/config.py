@@ -157,15 +157,17 @@ class DedupConfig:
     """Exact and near-duplicate removal across every source."""
 
     exact: bool = True
-    """Drop documents whose normalised text (case, whitespace, punctuation folded) was seen before."""
+    """Drop documents whose normalised text was seen before (datatrove's simplify_text: case, whitespace, punctuation and digits folded)."""
     minhash: bool = False
-    """Near-duplicates by MinHash over word n-grams, one document kept per cluster."""
+    """Near-duplicates by MinHash over word n-grams: candidate pairs from LSH, each verified on its
+    estimated Jaccard similarity, one document kept per cluster."""
     ngrams: int = 5
     """Word n-gram length of the MinHash shingles."""
     buckets: int = 14
     """LSH bands."""
     hashes_per_bucket: int = 8
-    """Rows per band (the similarity where half the pairs collide is about (1/buckets)**(1/rows))."""
+    """Rows per band. Pairs of similarity s collide with chance 1 - (1 - s**rows)**buckets; the s where
+    that is one half, (1 - 0.5**(1/buckets))**(1/rows), is also the verify stage's cutoff."""
     sentences: bool = False
     """Also remove sentences repeated across documents (three-sentence spans, datatrove's SentenceDedup)."""
 
@@ -181,8 +183,9 @@ class PIIConfig:
     salt: str = ""
     """Salt of hash mode (required there); keep it secret and fixed across datasets that must join."""
     names_addresses: bool = False
-    """Also names and addresses through presidio (a spaCy model when one is installed; its pattern
-    recognisers on a blank model otherwise: the data card says which was used)."""
+    """Also names and addresses through presidio. Names and street addresses need a spaCy NER model
+    (en_core_web_*); without one installed only presidio's pattern recognisers run and names and
+    addresses are kept: the data card says which backend was used."""
 
 
 @dataclass

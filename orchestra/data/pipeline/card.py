@@ -21,9 +21,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 
 def render(manifest: dict[str, Any]) -> str:
     """Markdown of the data card of a prepared dataset's manifest (one built by data.pipeline)."""
-    provenance = manifest.get("provenance", {})
-    pipeline = provenance.get("pipeline") or {}
-    data = provenance.get("data_config", {})
+    pipeline = manifest.get("pipeline") or {}  # the provenance keys sit at the manifest's top level
+    data = manifest.get("data_config", {})
     settings = data.get("pipeline", {})
     sources = settings.get("sources") or [
         {"name": k, "paths": [], "license": ""} for k in pipeline.get("ingest", {})

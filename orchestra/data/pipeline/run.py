@@ -153,6 +153,9 @@ def run_pipeline(
         steps.append(JsonlWriter(str(work / "filtered" / spec.name), output_filename="${rank}.jsonl.gz"))
         result.stages.append(_run(cfg, f"filter-{spec.name}", steps, p.tasks, work, log))
 
+    if not _jsonl_files(work / "filtered"):
+        _raise_nothing_survived(_tally(exclusions))
+
     def reader() -> Any:
         return JsonlReader(str(work / "filtered"), recursive=True, glob_pattern="**/*.jsonl.gz")
 
@@ -166,9 +169,7 @@ def run_pipeline(
     else:
         shutil.copytree(work / "filtered", result.kept, dirs_exist_ok=True)
 
-    for record in _records(exclusions) if exclusions.exists() else iter(()):
-        reason = (record.get("metadata") or {}).get("filter_reason", "unknown")
-        result.dropped[reason] = result.dropped.get(reason, 0) + 1
+    result.dropped = _tally(exclusions)
     by_source: Counter[str] = Counter()
     languages: Counter[str] = Counter()
     for record in _records(result.kept):
@@ -181,9 +182,21 @@ def run_pipeline(
     result.kept_documents = sum(by_source.values())
     log(f"kept {result.kept_documents} of {ingested} documents; dropped {sum(result.dropped.values())}")
     if result.kept_documents == 0:
-        top = ", ".join(f"{k}: {v}" for k, v in sorted(result.dropped.items(), key=lambda kv: -kv[1])[:5])
-        raise DataError(f"data.pipeline: no document survived the filters (dropped by {top or 'nothing'})")
+        _raise_nothing_survived(result.dropped)
     return result
+
+
+def _tally(exclusions: Path) -> dict[str, int]:
+    """Dropped documents by ``<stage>:<reason>``, read back from the exclusion files."""
+    dropped: Counter[str] = Counter()
+    for record in _records(exclusions) if exclusions.exists() else iter(()):
+        dropped[(record.get("metadata") or {}).get("filter_reason", "unknown")] += 1
+    return dict(dropped)
+
+
+def _raise_nothing_survived(dropped: dict[str, int]) -> None:
+    top = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])[:5])
+    raise DataError(f"data.pipeline: no document survived the filters (dropped by {top or 'nothing'})")
 
 
 def _run(
