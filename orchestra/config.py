@@ -208,10 +208,10 @@ class SourceSpec:
     """Files, directories or globs: .txt, .jsonl(.gz/.zst), .parquet; or the bundled corpus name (shakespeare, stdlib)."""
     text_field: str = "text"
     """Field of the text in jsonl and parquet records."""
-    weight: float = 1.0
-    """Share of the mixture's tokens (normalised over the sources)."""
+    weight: float | None = None
+    """Share of the weighted sources' training tokens (normalised over them); unset: its tokens as read."""
     epochs: float | None = None
-    """Instead of a weight: how many times the source is seen (2.0 upsamples it twice)."""
+    """Instead of a weight: how many times its training tokens are written (2.0 upsamples twice, 0.5 keeps half)."""
     license: str = ""
     """Licence, for the data card."""
 
@@ -282,7 +282,9 @@ class PipelineConfig:
         )
         for i, src in enumerate(self.sources):
             require(bool(src.paths), f"{prefix}.sources[{i}].paths", f"source {src.name!r} names no path")
-            require(src.weight > 0, f"{prefix}.sources[{i}].weight", f"must be > 0, got {src.weight}")
+            if src.weight is not None:
+                require(src.weight > 0, f"{prefix}.sources[{i}].weight", f"must be > 0, got {src.weight}")
+                require(src.epochs is None, f"{prefix}.sources[{i}]", "set weight or epochs, not both")
             if src.epochs is not None:
                 require(src.epochs > 0, f"{prefix}.sources[{i}].epochs", f"must be > 0, got {src.epochs}")
         for name in self.quality.overrides:

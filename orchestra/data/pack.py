@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchestra.config import ConfigError, DataConfig, DataSource, to_plain
 from orchestra.data.errors import DataError
+from orchestra.data.mixture import is_mixture, plan
 from orchestra.data.shards import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -284,7 +285,20 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         "tokenizer: vocab %d, EOS %r = %d (%.1f s)", vocab_size, eos_token, eos_id, time.time() - started
     )
     val_docs = choose_val_documents(lengths, cfg.val_fraction, seed)
+    mixed = pipeline_record is not None and is_mixture(cfg.pipeline.sources)
+    if mixed and val_docs is None:
+        raise DataError(
+            f"data.pipeline.sources: weights and epochs repeat whole training documents, but the "
+            f"{len(lengths)} documents kept cannot make a document-level split at val_fraction "
+            f"{cfg.val_fraction} (too few, or one dominates); add documents or drop the weights"
+        )
     writers = {split: ShardWriter(out, split, dtype, cfg.shard_tokens) for split in SPLITS}
+    if mixed:
+        # Training documents go to an unmixed stream first; the mixture is planned from their
+        # token counts and written from it (_write_mixture) once every document is encoded.
+        writers["train"] = ShardWriter(out, "unmixed", dtype, cfg.shard_tokens)
+    train_docs: list[tuple[int, int]] = []  # (document index, tokens) in stream order, for the mixture
+    val_tokens: dict[int, int] = {}
     stream = None if val_docs is not None else ShardWriter(out, "stream", dtype, shard_tokens=1 << 62)
 
     progress = Progress(
@@ -305,11 +319,16 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
                 stream.write(ids)
             else:
                 assert val_docs is not None
-                writers["val" if index in val_docs else "train"].write(ids, documents=1)
+                split = "val" if index in val_docs else "train"
+                writers[split].write(ids, documents=1)
+                if mixed and split == "train":
+                    train_docs.append((index, len(ids)))
             seen += 1
             total_tokens += len(ids)
             if doc_sources:
                 tokens_by_source[doc_sources[index]] = tokens_by_source.get(doc_sources[index], 0) + len(ids)
+                if mixed and val_docs is not None and index in val_docs:
+                    val_tokens[index] = len(ids)
             progress.update(task, advance=1, tokens=total_tokens)
     if seen != len(lengths):
         raise DataError(
@@ -332,6 +351,20 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
     split_info.update(seed=seed, val_fraction=cfg.val_fraction)
 
     splits = {split: writers[split].close() for split in SPLITS}
+    mixture_record = None
+    if mixed:
+        copies, shares = plan(
+            cfg.pipeline.sources, [doc_sources[i] for i, _ in train_docs], [t for _, t in train_docs], seed
+        )
+        splits["train"] = _write_mixture(out, splits["train"], [t for _, t in train_docs], copies, dtype,
+                                         cfg.shard_tokens)  # fmt: skip
+        mixed_total = splits["train"]["tokens"]
+        mixture_record = {name: share.to_dict(mixed_total) for name, share in shares.items()}
+        tokens_by_source = {name: 0 for name in tokens_by_source}
+        for (index, tokens), n in zip(train_docs, copies, strict=True):
+            tokens_by_source[doc_sources[index]] += tokens * n
+        for index in val_docs or ():
+            tokens_by_source[doc_sources[index]] += val_tokens[index]
     for split, info in splits.items():
         if info["tokens"] == 0:
             raise DataError(f"{corpus.description}: the {split} split came out empty; raise the corpus size")
@@ -350,6 +383,8 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
     }
     if pipeline_record is not None:
         pipeline_record["tokens_by_source"] = dict(sorted(tokens_by_source.items()))
+        if mixture_record is not None:
+            pipeline_record["mixture"] = mixture_record
         provenance["pipeline"] = pipeline_record
     stats = {"documents": len(lengths), "prepare_seconds": round(time.time() - started, 3)}
     write_manifest(
@@ -386,6 +421,51 @@ def _run_pipeline(cfg: DataConfig, seed: int, out: Path, console: Console) -> tu
     files = sorted(result.kept.rglob("*.jsonl.gz"))
     corpus = Corpus("pipeline", f"{result.kept_documents} documents kept by data.pipeline", files)
     return corpus, result.to_dict()
+
+
+def _write_mixture(
+    out: Path, unmixed: dict[str, Any], doc_tokens: list[int], copies: list[int], dtype: np.dtype,
+    shard_tokens: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The training split from the unmixed stream: document i written ``copies[i]`` times.
+
+    Copy k of every document is written in pass k, in stream order, so each pass reads the
+    unmixed shards front to back; the unmixed shards are deleted afterwards.
+    """
+    files = [out / shard["file"] for shard in unmixed["shards"]]
+    shards = [np.memmap(f, dtype=dtype, mode="r") if f.stat().st_size else np.empty(0, dtype) for f in files]
+    bounds = np.concatenate([[0], np.cumsum([len(m) for m in shards])]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(doc_tokens)]).astype(np.int64)
+    if int(starts[-1]) != int(bounds[-1]):
+        raise DataError(
+            f"mixture: the unmixed stream holds {int(bounds[-1])} tokens, expected {int(starts[-1])}"
+        )
+
+    def tokens(a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of the unmixed stream, which a document may lay across shards."""
+        first = int(np.searchsorted(bounds, a, side="right")) - 1
+        pieces = []
+        while a < b:
+            lo, hi = int(bounds[first]), int(bounds[first + 1])
+            take = min(b, hi)
+            pieces.append(shards[first][a - lo : take - lo])
+            a, first = take, first + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.empty(0, dtype)])
+
+    writer = ShardWriter(out, "train", dtype, shard_tokens)
+    for k in range(max(copies, default=0)):
+        for i, n in enumerate(copies):
+            if n > k:
+                writer.write(tokens(int(starts[i]), int(starts[i + 1])), documents=1)
+    shards.clear()  # release the memory maps before deleting their files
+    for f in files:
+        f.unlink()
+    info = writer.close()
+    if info["tokens"] == 0:
+        raise DataError(
+            "data.pipeline.sources: the mixture left the train split empty (every factor rounds to 0)"
+        )
+    return info
 
 
 def choose_val_documents(lengths: list[int], val_fraction: float, seed: int) -> set[int] | None:

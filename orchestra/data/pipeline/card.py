@@ -57,6 +57,16 @@ def render(manifest: dict[str, Any]) -> str:
             f"{pipeline.get('tokens_by_source', {}).get(name, 0):,}",
         ])  # fmt: skip
     lines += _table(["source", "paths", "licence", "read", "skipped (no text)", "kept", "tokens"], rows)
+    mixture = pipeline.get("mixture")
+    if mixture:
+        lines += ["", "Training mixture (documents repeated or subsampled to each source's share):", ""]
+        lines += _table(
+            ["source", "asked", "natural tokens", "written tokens", "share", "factor"],
+            [[name, f"weight {m['weight']}" if m.get("weight") is not None
+              else (f"epochs {m['epochs']}" if m.get("epochs") is not None else "as read"),
+              f"{m['natural_tokens']:,}", f"{m['tokens']:,}", f"{m['share']:.1%}", f"{m['factor']:.2f}x"]
+             for name, m in mixture.items()],
+        )  # fmt: skip
     lines += ["", "## What was removed, and why", ""]
     dropped = pipeline.get("dropped", {})
     if dropped:
