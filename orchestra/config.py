@@ -217,6 +217,24 @@ class SourceSpec:
 
 
 @dataclass
+class PipelineSlurmConfig:
+    """How executor=slurm submits the stages: one job array per stage, chained with afterok."""
+
+    partition: str = ""
+    """Partition of the stage arrays; empty: the cluster's default."""
+    time: str = "04:00:00"
+    """Time limit of one task."""
+    cpus_per_task: int = 1
+    """CPUs of one task."""
+    mem_per_cpu_gb: float | None = None
+    """Memory per CPU; unset: the cluster's default."""
+    sbatch_args: dict[str, str] = field(default_factory=dict)
+    """Further sbatch options of the stage arrays, e.g. {account: proj, qos: high}."""
+    poll_seconds: float = 10.0
+    """How often the submitting process checks the arrays while it waits for them."""
+
+
+@dataclass
 class PipelineConfig:
     """Preparation stages run on datatrove before tokenizing (conf/data/pipeline/*.yaml)."""
 
@@ -234,11 +252,13 @@ class PipelineConfig:
     pii: PIIConfig = field(default_factory=PIIConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     executor: str = "local"
-    """Who runs the stages' tasks: local (datatrove's LocalPipelineExecutor, the only one in this version)."""
+    """Who runs the stages' tasks: local (datatrove's LocalPipelineExecutor, processes on this
+    machine) or slurm (SlurmPipelineExecutor: one job array per stage; see slurm/prepare.sh)."""
     tasks: int = 4
-    """Tasks per stage (files are split between them)."""
+    """Tasks per stage (the documents are dealt between them)."""
     workers: int = 2
-    """Tasks run at once (local) or array width (slurm)."""
+    """Tasks run at once: processes (local) or the array's running elements (slurm)."""
+    slurm: PipelineSlurmConfig = field(default_factory=PipelineSlurmConfig)
 
     def validate(self, prefix: str = "data.pipeline") -> None:
         require(
@@ -248,6 +268,10 @@ class PipelineConfig:
         )
         require(self.tasks >= 1, f"{prefix}.tasks", f"must be >= 1, got {self.tasks}")
         require(self.workers >= 1, f"{prefix}.workers", f"must be >= 1, got {self.workers}")
+        require(self.slurm.cpus_per_task >= 1, f"{prefix}.slurm.cpus_per_task", "must be >= 1")
+        require(self.slurm.poll_seconds > 0, f"{prefix}.slurm.poll_seconds", "must be > 0")
+        if self.slurm.mem_per_cpu_gb is not None:
+            require(self.slurm.mem_per_cpu_gb > 0, f"{prefix}.slurm.mem_per_cpu_gb", "must be > 0")
         if self.subset is not None:
             ok = 0 < self.subset < 1 or (self.subset >= 1 and float(self.subset).is_integer())
             require(

@@ -234,8 +234,9 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
     started = time.time()
     console = Console(stderr=True)
     pipeline_record = None
+    pipeline_work: Path | None = None
     if cfg.pipeline.enabled:
-        corpus, pipeline_record = _run_pipeline(cfg, seed, out, console)
+        corpus, pipeline_record, pipeline_work = _run_pipeline(cfg, seed, console)
     else:
         corpus = open_corpus(cfg)
 
@@ -402,25 +403,43 @@ def _build(cfg: DataConfig, seed: int, fingerprint: dict[str, Any], out: Path) -
         from orchestra.data.pipeline.card import write_card
 
         write_card(out, json.loads((out / MANIFEST_FILE).read_text()))
+    if pipeline_work is not None:
+        _keep_pipeline_records(pipeline_work, out)
 
 
-def _run_pipeline(cfg: DataConfig, seed: int, out: Path, console: Console) -> tuple[Corpus, dict[str, Any]]:
-    """Run data.pipeline's stages into ``out/pipeline/``; the kept documents become the corpus.
+def _run_pipeline(cfg: DataConfig, seed: int, console: Console) -> tuple[Corpus, dict[str, Any], Path]:
+    """Run data.pipeline's stages; the kept documents become the corpus.
 
-    The exclusions (every dropped document and its reason) and the stage logs stay in the
-    dataset, so what was removed can be audited; the intermediate copies are deleted.
+    The stages work in ``<cache_dir>/.<name>.pipeline-<key>/``, outside the staging folder, so a
+    run that crashes or is preempted resumes there (completed tasks are skipped) instead of
+    starting over; the key changes with the settings and the source files.
     """
-    from orchestra.data.pipeline.run import run_pipeline
+    from orchestra.data.pipeline.run import remove_other_work, run_pipeline, work_key
 
-    work = out / "pipeline"
+    key = work_key(cfg)
+    cache = Path(cfg.cache_dir)
+    remove_other_work(cache, cfg.name, key)
+    work = cache / f".{cfg.name}.pipeline-{key}"
     result = run_pipeline(
-        cfg, work, seed, log=lambda line: console.print(f"[bold]pipeline[/] {line}", highlight=False)
+        cfg,
+        work,
+        seed,
+        log=lambda line: console.print(f"[bold]pipeline[/] {line}", highlight=False),
+        console=console,
     )
-    for intermediate in ("ingest", "filtered", "dedup"):
-        shutil.rmtree(work / intermediate, ignore_errors=True)
     files = sorted(result.kept.rglob("*.jsonl.gz"))
     corpus = Corpus("pipeline", f"{result.kept_documents} documents kept by data.pipeline", files)
-    return corpus, result.to_dict()
+    return corpus, result.to_dict(), work
+
+
+def _keep_pipeline_records(work: Path, out: Path) -> None:
+    """Move what audits the dataset into it (exclusions, stage logs, the kept documents); drop the rest."""
+    target = out / "pipeline"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("exclusions", "logs", "kept", "slurm-jobs.json"):
+        if (work / name).exists():
+            shutil.move(str(work / name), str(target / name))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _write_mixture(

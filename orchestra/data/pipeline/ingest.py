@@ -26,7 +26,7 @@ from typing import IO, Any
 from orchestra.config import DataConfig, DataSource, MissingText, PipelineConfig, SourceSpec
 from orchestra.data.errors import DataError
 
-SHARD_DOCUMENTS = 2_000  # documents per ingested shard: enough files for the tasks to split
+SHARD_DOCUMENTS = 2_000  # documents per ingested file at most
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
@@ -40,6 +40,17 @@ class IngestCounts:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> documents
     replaced_utf8: int = 0  # documents whose bad bytes were replaced with U+FFFD
     subset_dropped: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IngestCounts:
+        return cls(
+            files=int(data["files"]),
+            documents=int(data["documents"]),
+            bytes=int(data["bytes"]),
+            skipped=Counter(data.get("skipped", {})),
+            replaced_utf8=int(data.get("replaced_utf8", 0)),
+            subset_dropped=int(data.get("subset_dropped", 0)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,8 +208,9 @@ def _key(doc_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "big")
 
 
-def ingest(cfg: DataConfig, out: Path, seed: int) -> dict[str, IngestCounts]:
-    """Write every source's documents (the subset, if one is set) to ``out/<source>/NNNNN.jsonl.gz``.
+def ingest(cfg: DataConfig, out: Path, seed: int, slots: int = 1) -> dict[str, IngestCounts]:
+    """Write every source's documents (the subset, if one is set) to ``out/<source>/*.jsonl.gz``,
+    dealt over ``slots`` files (the stage's task count) so the tasks share the work.
 
     The subset is chosen by a hash of each document's id and the seed: a fraction keeps the
     documents whose hash falls below it; a count keeps the ones with the smallest hashes over all
@@ -223,7 +235,12 @@ def ingest(cfg: DataConfig, out: Path, seed: int) -> dict[str, IngestCounts]:
         c = counts[spec.name] = IngestCounts()
         folder = out / spec.name
         folder.mkdir(parents=True, exist_ok=True)
-        shard, written, fh = 0, 0, None
+        # Documents are dealt round-robin into `slots` files at a time, so every one of the stage's
+        # tasks (datatrove gives task r the files r, r + tasks, ...) gets an equal share.
+        handles: list[Any] = [None] * slots
+        in_file = [0] * slots
+        rolls = [0] * slots
+        chosen_count = 0
         try:
             for doc_id, text, meta in read_source(spec, kind, files, pipeline.missing_text, c):
                 chosen = keep is None or doc_id in keep
@@ -232,16 +249,20 @@ def ingest(cfg: DataConfig, out: Path, seed: int) -> dict[str, IngestCounts]:
                 if not chosen:
                     c.subset_dropped += 1
                     continue
-                if fh is None or written == SHARD_DOCUMENTS:
-                    if fh is not None:
-                        fh.close()
-                    fh = gzip.open(folder / f"{shard:05d}.jsonl.gz", "wt", encoding="utf-8")  # noqa: SIM115 - one shard after another
-                    shard, written = shard + 1, 0
-                fh.write(
+                slot = chosen_count % slots
+                chosen_count += 1
+                if handles[slot] is None or in_file[slot] == SHARD_DOCUMENTS:
+                    if handles[slot] is not None:
+                        handles[slot].close()
+                    name = f"{rolls[slot]:05d}-{slot:05d}.jsonl.gz"
+                    handles[slot] = gzip.open(folder / name, "wt", encoding="utf-8")  # noqa: SIM115 - closed below
+                    rolls[slot], in_file[slot] = rolls[slot] + 1, 0
+                handles[slot].write(
                     json.dumps({"id": doc_id, "text": text, "metadata": meta}, ensure_ascii=False) + "\n"
                 )
-                written += 1
+                in_file[slot] += 1
         finally:
-            if fh is not None:
-                fh.close()
+            for fh in handles:
+                if fh is not None:
+                    fh.close()
     return counts

@@ -118,3 +118,41 @@ def test_a_corpus_empty_after_filtering_is_one_error_and_no_dataset(tmp_path: Pa
     ):
         prepare_dataset(cfg, seed=0)
     assert not (tmp_path / "data" / "empty").exists()
+
+
+def test_a_crashed_prepare_resumes_its_pipeline_without_redoing_finished_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestra.data.pack as pack
+
+    texts = [f"Entry on {_words(i)}. " + PARAGRAPH * 2 for i in range(24)]
+    src = _write_jsonl(tmp_path / "entries.jsonl", texts + texts[:3])
+    pipeline = PipelineConfig(enabled=True, sources=[SourceSpec(name="entries", paths=[str(src)])],
+                              dedup=DedupConfig(exact=True), tasks=3, workers=1)  # fmt: skip
+    cfg = DataConfig(name="resume", source=DataSource.files, cache_dir=str(tmp_path / "data"), vocab_size=300,
+                     pipeline=pipeline)  # fmt: skip
+    real = pack._run_in_spawned_process
+
+    def crash(*args: object) -> object:
+        raise RuntimeError("node lost while training the tokenizer")
+
+    monkeypatch.setattr(pack, "_run_in_spawned_process", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        prepare_dataset(cfg, seed=0)
+    assert not (tmp_path / "data" / "resume").exists()  # nothing that looks like a dataset
+    (work,) = (tmp_path / "data").glob(".resume.pipeline-*")
+    markers = {p.relative_to(work / "logs"): p.stat().st_mtime_ns for p in (work / "logs").rglob("completions/*")}
+    assert len(markers) == 3 + 3 + 3 + 3  # filter, exact hashes / find / filter: 3 tasks each
+    assert len(list((work / "ingest" / "entries").glob("*.jsonl.gz"))) == 3  # dealt over the tasks
+
+    monkeypatch.setattr(pack, "_run_in_spawned_process", real)
+    out = prepare_dataset(cfg, seed=0)
+    again = {p.relative_to(out / "pipeline" / "logs"): p.stat().st_mtime_ns
+             for p in (out / "pipeline" / "logs").rglob("completions/*")}  # fmt: skip
+    assert again == markers  # every task was skipped, none redone
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"]["dropped"] == {"dedup:exact": 3}
+    assert manifest["pipeline"]["kept_documents"] == 24
+    assert not list((tmp_path / "data").glob(".resume.pipeline-*"))  # moved into the dataset
+    stages = {s["name"]: s for s in manifest["pipeline"]["stages"]}
+    assert stages["filter-entries"]["documents_in"] == 27 and stages["dedup-exact-filter"]["documents_out"] == 24
