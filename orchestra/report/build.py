@@ -21,7 +21,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from orchestra.report.plots import Series, energy_figure, eval_figure, loss_figure, throughput_figure
+from orchestra.report.plots import (
+    Series,
+    data_figure,
+    energy_figure,
+    eval_figure,
+    loss_figure,
+    throughput_figure,
+)
 
 REPORT_NAME = "report.md"
 J_PER_KWH = 3.6e6
@@ -33,6 +40,8 @@ EVAL_FORMAT = 1
 COMPARE_FILE = "compare.json"
 EARLY_STOPPING_FILE = "early_stopping.json"
 EVAL_COLUMN_PREFIX = "eval/"
+DATASET_MANIFEST = "manifest.json"  # a prepared dataset's (orchestra/data/shards.py), read by name
+DATA_CARD = "datacard.md"
 COMPARISON_KEYS = ("task", "metric", "a", "b", "difference", "ci_low", "ci_high", "p_value", "n", "verdict")
 
 
@@ -453,6 +462,55 @@ def _evaluation_section(run: RunData, has_figure: bool) -> list[str]:
     return lines
 
 
+def _data_section(run: RunData) -> tuple[list[str], Figure | None]:
+    """The "Data" section: what the dataset's preparation pipeline removed, from its manifest.
+
+    Nothing for a run whose summary names no dataset or whose dataset was prepared without a
+    pipeline; one line when the manifest named in summary.json cannot be read.
+    """
+    dataset = run.summary.get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        return [], None
+    path = Path(dataset) / DATASET_MANIFEST
+    manifest, problem = _read_json(path)
+    if problem is not None or not isinstance(manifest, dict):
+        return ["## Data", "", f"- the dataset's manifest `{path}` {problem or 'is not an object'}", ""], None
+    pipeline = manifest.get("pipeline")
+    if not isinstance(pipeline, dict):
+        return [], None
+    try:
+        dropped = {str(k): int(v) for k, v in (pipeline.get("dropped") or {}).items()}
+        stages = [
+            (str(st["name"]), int(st["documents_in"]), int(st["documents_out"]))
+            for st in pipeline.get("stages") or []
+            if isinstance(st, dict) and "documents_in" in st and "documents_out" in st
+        ]
+        kept = int(pipeline.get("kept_documents", 0))
+    except (TypeError, ValueError, KeyError) as err:
+        return ["## Data", "", f"- the pipeline record of `{path}` has unexpected content ({err})", ""], None
+    read = sum(
+        int(c.get("documents", 0)) for c in (pipeline.get("ingest") or {}).values() if isinstance(c, dict)
+    )
+    lines = ["## Data", ""]
+    lines += _table(
+        [
+            ("dataset", f"`{Path(dataset).resolve()}`"),
+            ("documents read / kept", f"{read:,} / {kept:,}"),
+            ("removed", f"{sum(dropped.values()):,}"),
+            ("pipeline settings sha256", f"`{str(pipeline.get('config_sha256', ''))[:16]}`"),
+            ("PII backend", str(pipeline.get("pii_backend", "—"))),
+        ]
+    )
+    if dropped:
+        lines += ["", "| removed because | documents |", "|---|---|"]
+        lines += [f"| `{k}` | {v:,} |" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])]
+    lines += ["", "![data preparation](data.png)", ""]
+    card = Path(dataset) / DATA_CARD
+    if card.is_file():
+        lines += [f"The dataset's data card: `{card.resolve()}`.", ""]
+    return lines, data_figure(dropped, stages)
+
+
 def _guarded(
     rel: str, doc: dict[str, Any], render: Callable[[str, dict[str, Any]], list[str]], data: EvalData
 ) -> list[str]:
@@ -545,6 +603,10 @@ def build_report(run_dir: Path) -> Report:
     if "energy.png" in figures:
         lines += ["![energy](energy.png)", ""]
     lines += _evaluation_section(run, "eval.png" in figures)
+    data_lines, data_fig = _data_section(run)
+    lines += data_lines
+    if data_fig is not None:
+        figures["data.png"] = data_fig
     lines += [
         "## Files",
         "",

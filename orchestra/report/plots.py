@@ -94,3 +94,34 @@ def eval_figure(series: dict[str, Series]) -> Figure:
         if i >= len(names) - ncols:  # the bottom panel of each column
             ax.set_xlabel("optimizer step")
     return fig
+
+
+def data_figure(dropped: dict[str, int], stages: Sequence[tuple[str, int, int]]) -> Figure:
+    """What data preparation removed: documents per drop reason, and documents into and out of each stage.
+
+    ``dropped`` maps ``<stage>:<reason>`` to documents; ``stages`` is (stage, documents in, out).
+    """
+    fig = Figure(figsize=(8, 2.2 + 0.32 * (len(dropped) + len(stages))), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[max(1, len(dropped)), max(1, len(stages))])
+    if dropped:
+        reasons = sorted(dropped, key=lambda k: dropped[k])
+        top.barh(reasons, [dropped[r] for r in reasons], color="tab:red")
+        top.set_xlabel("documents removed")
+        top.grid(alpha=0.3, axis="x")
+    else:
+        _empty(top, "nothing was removed")
+    top.set_title("Data preparation: what was removed, and why")
+    if stages:
+        names = [s[0] for s in stages][::-1]
+        ins = [s[1] for s in stages][::-1]
+        outs = [s[2] for s in stages][::-1]
+        y = list(range(len(names)))
+        bottom.barh([v + 0.2 for v in y], ins, height=0.4, label="documents in", color="tab:gray")
+        bottom.barh([v - 0.2 for v in y], outs, height=0.4, label="documents out", color="tab:blue")
+        bottom.set_yticks(y, names)
+        bottom.legend(loc="lower right")
+        bottom.grid(alpha=0.3, axis="x")
+    else:
+        _empty(bottom, "no stage statistics recorded")
+    bottom.set_xlabel("documents")
+    return fig

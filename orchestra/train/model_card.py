@@ -41,6 +41,7 @@ EVAL_DIR = "eval"  # orchestra/cli/eval.py: default_out
 EVAL_FILE = "eval.json"  # orchestra/eval/run.py
 CHECKPOINTS = "checkpoints"  # orchestra/train/checkpoint/io.py: CHECKPOINT_DIRNAME
 DATASET_MANIFEST = "manifest.json"  # orchestra/data/shards.py and orchestra/data/examples.py
+DATA_CARD = "datacard.md"  # orchestra/data/pipeline/card.py
 DEFAULT_CACHE_DIR = "data"  # DataConfig.cache_dir's default
 BIAS_TASK = "bias"
 PREFERENCE_TASKS = ("dpo",)
@@ -434,7 +435,47 @@ def _pretraining_dataset(
         if _num(tokens) is not None:
             extra = f", {int(docs):,} documents" if _num(docs) is not None else ""
             info.lines.append(f"{split} split: {int(tokens):,} tokens{extra}")
+    info.lines += _pipeline_lines(manifest_path.parent, manifest)
     return info
+
+
+def _pipeline_lines(dataset_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """What data.pipeline did to the dataset, and where its data card is (cited, not copied)."""
+    pipeline = manifest.get("pipeline")
+    if not isinstance(pipeline, Mapping):
+        return []
+    lines = []
+    card = dataset_dir / DATA_CARD
+    if card.is_file():
+        try:
+            lines.append(f"data card: `{card}` (sha256 `{_sha256_file(card)}`)")
+        except OSError:
+            lines.append(f"data card: `{card}` (unreadable)")
+    dropped = pipeline.get("dropped")
+    if isinstance(dropped, Mapping) and dropped:
+        top = sorted(
+            ((str(k), v) for k, v in dropped.items() if _num(v) is not None), key=lambda kv: -float(kv[1])
+        )
+        text = ", ".join(f"{k} {int(v):,}" for k, v in top[:5])
+        lines.append(f"documents removed in preparation: {text}" + (", …" if len(top) > 5 else ""))
+    kept, languages = pipeline.get("kept_documents"), pipeline.get("languages")
+    if _num(kept) is not None:
+        lines.append(f"documents kept: {int(kept):,}")
+    if isinstance(languages, Mapping) and languages:
+        lines.append(
+            "languages: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(languages.items(), key=lambda kv: -kv[1])[:6])
+        )
+    pii = _get(manifest, "data_config.pipeline.pii")
+    if isinstance(pii, Mapping):
+        if pii.get("enabled"):
+            backend = pipeline.get("pii_backend", "off")
+            lines.append(
+                f"PII anonymisation: {pii.get('mode', 'placeholder')} (names and addresses: {backend})"
+            )
+        else:
+            lines.append("PII anonymisation: off")
+    return lines
 
 
 def _paths_text(paths: Any) -> str:

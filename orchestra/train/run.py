@@ -564,6 +564,7 @@ class RunSummary(TypedDict):
     world_size: int
     guard_events: int
     run_dir: str
+    dataset: str | None  # the prepared dataset's folder (its manifest, its data card)
 
 
 def summarize(
@@ -609,6 +610,7 @@ def summarize(
         "world_size": trainer.world_size,
         "guard_events": len(callbacks.guard.record.events),
         "run_dir": str(plan.run_dir),
+        "dataset": str(plan.dataset_dir.resolve()) if plan.dataset_dir else None,
     }
     atomic_write_text(plan.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
