@@ -141,7 +141,9 @@ def test_a_crashed_prepare_resumes_its_pipeline_without_redoing_finished_tasks(
         prepare_dataset(cfg, seed=0)
     assert not (tmp_path / "data" / "resume").exists()  # nothing that looks like a dataset
     (work,) = (tmp_path / "data").glob(".resume.pipeline-*")
-    markers = {p.relative_to(work / "logs"): p.stat().st_mtime_ns for p in (work / "logs").rglob("completions/*")}
+    markers = {
+        p.relative_to(work / "logs"): p.stat().st_mtime_ns for p in (work / "logs").rglob("completions/*")
+    }
     assert len(markers) == 3 + 3 + 3 + 3  # filter, exact hashes / find / filter: 3 tasks each
     assert len(list((work / "ingest" / "entries").glob("*.jsonl.gz"))) == 3  # dealt over the tasks
 
@@ -155,4 +157,6 @@ def test_a_crashed_prepare_resumes_its_pipeline_without_redoing_finished_tasks(
     assert manifest["pipeline"]["kept_documents"] == 24
     assert not list((tmp_path / "data").glob(".resume.pipeline-*"))  # moved into the dataset
     stages = {s["name"]: s for s in manifest["pipeline"]["stages"]}
-    assert stages["filter-entries"]["documents_in"] == 27 and stages["dedup-exact-filter"]["documents_out"] == 24
+    assert (
+        stages["filter-entries"]["documents_in"] == 27 and stages["dedup-exact-filter"]["documents_out"] == 24
+    )
