@@ -42,13 +42,13 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestra tests bench
-	$(BIN)/ruff format --check orchestra tests bench
+	$(BIN)/ruff check orchestra hydra_plugins tests bench
+	$(BIN)/ruff format --check orchestra hydra_plugins tests bench
 
 # Rewrite the sources in place: import order and fixable lints, then formatting.
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix orchestra tests bench
-	$(BIN)/ruff format orchestra tests bench
+	$(BIN)/ruff check --fix orchestra hydra_plugins tests bench
+	$(BIN)/ruff format orchestra hydra_plugins tests bench
 
 # mypy over the packages listed in pyproject.toml ([tool.mypy] files).
 typecheck: $(STAMP)

@@ -888,6 +888,30 @@ class TrainEvalConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Set by the sweeper on each trial it launches (docs/sweeps.md); empty for an ordinary run."""
+
+    storage: str | None = None
+    """The study's Optuna storage: a journal file path, or an RDB URL (sqlite:///..., postgresql://...)."""
+    study: str | None = None
+    """The study's name in that storage."""
+    number: int | None = None
+    """This trial's number in the study."""
+    monitor: str = "val/loss"
+    """The metric reported to the pruner at every validation (lower is better)."""
+    prune: bool = True
+    """Let the study's pruner stop this trial early (single-objective studies only)."""
+
+    def validate(self, prefix: str = "trial") -> None:
+        linked = [self.storage is not None, self.study is not None, self.number is not None]
+        require(
+            all(linked) or not any(linked), prefix, "storage, study and number are set together or not at all"
+        )
+        if self.number is not None:
+            require(self.number >= 0, f"{prefix}.number", f"must be >= 0, got {self.number}")
+
+
+@dataclass
 class TrainConfig:
     """The root of a training job's configuration."""
 
@@ -902,6 +926,7 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
     name: str = "default"
     """Experiment name: runs go to runs/<name>/<job id>."""
     seed: int = 1234
@@ -1215,6 +1240,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     cfg.task.validate("task")
     cfg.energy.validate("energy")
     cfg.eval.validate("eval", cfg.trainer.val_every_n_steps)
+    cfg.trial.validate("trial")
     require(
         not (cfg.eval.tasks and cfg.strategy.name.value.startswith("deepspeed_zero3")),
         "eval.tasks",

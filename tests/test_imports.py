@@ -42,6 +42,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # Serving takes a loaded model (the CLI loads it through train's checkpoint reader) and the
     # tokenizer framing of eval's EvalModel; it never runs training, Lightning or Hydra.
     "orchestra.serve": ("orchestra.train", "orchestra.cli", "orchestra.report", "lightning", "hydra"),
+    # The sweep runs trials as orchestra-train processes: it reads the training schema and the
+    # pruning callback's storage helpers, never the training loop or the commands.
+    "orchestra.sweep": (
+        "orchestra.cli",
+        "orchestra.eval",
+        "orchestra.serve",
+        "orchestra.report",
+        "lightning",
+    ),
 }
 
 

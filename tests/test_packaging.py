@@ -24,7 +24,10 @@ def declared() -> dict:
 def test_package_list_names_every_package_directory() -> None:
     packages = set(declared()["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "orchestra").rglob("__init__.py")}
-    on_disk |= {"orchestra.kernels", "orchestra.conf"}
+    on_disk |= {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hydra_plugins").rglob("__init__.py")
+    }
+    on_disk |= {"orchestra.conf"}
     on_disk |= {f"orchestra.conf.{d.name}" for d in (ROOT / "conf").iterdir() if d.is_dir()}  # config groups
     assert packages == on_disk
 
@@ -72,6 +75,10 @@ def test_wheel_contains_kernels_and_configs(tmp_path: Path) -> None:
     assert "orchestra/conf/config.yaml" in names
     assert "orchestra/conf/model/llama-8b.yaml" in names
     assert "orchestra/conf/experiment/debug.yaml" in names
+    assert "orchestra/conf/data/pipeline/web.yaml" in names  # a group nested in a group
+    assert "orchestra/conf/sweep/lr.yaml" in names
+    assert "hydra_plugins/orchestra_sweeper/sweeper.py" in names
+    assert not any(n.startswith("hydra_plugins/__init__") for n in names)  # a namespace package
     assert "orchestra/serve/dashboards/grafana.json" in names
     assert not any(n.startswith(("tests/", "kernels/", "conf/")) for n in names)
     # Installed from the wheel (no source tree around), the CLIs find the packaged configs.

@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.text import Text
 
+from hydra_plugins.orchestra_sweeper.sweeper import ensure_registered
 from orchestra.cli.common import CONF_DIR, console, fail
 from orchestra.config import ConfigError, TrainConfig, register_configs
 from orchestra.io import atomic_write_text
@@ -171,6 +172,7 @@ def print_summary(
 
 
 register_configs()
+ensure_registered()  # hydra/sweeper=orchestra (hydra_plugins/orchestra_sweeper), for -m sweep=<name>
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -60,6 +60,7 @@ from orchestra.train.callbacks.preemption import (
     PreemptionCallback,
     parse_signal,
 )
+from orchestra.train.callbacks.pruning import TrialPruning
 from orchestra.train.checkpoint.io import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
@@ -318,6 +319,7 @@ class RunCallbacks:
     preemption: PreemptionCallback
     guard: LossGuard
     extra: list[Callback]
+    pruning: TrialPruning | None = None  # a sweep's trial: reports to the study, may stop the run
 
     def all(self) -> list[Callback]:
         # The guard before the checkpointing: it pauses saves in the step it trips.
@@ -328,6 +330,7 @@ class RunCallbacks:
             self.last_validation,
             self.preemption,
             *self.extra,
+            *([self.pruning] if self.pruning is not None else []),
         ]
 
 
@@ -401,6 +404,7 @@ def build_callbacks(
             fresh=plan.resume_path is None and not restarted,
         ),
         extra=extra,
+        pruning=TrialPruning(cfg.trial, plan.run_dir) if cfg.trial.study is not None else None,
     )
 
 
@@ -565,6 +569,7 @@ class RunSummary(TypedDict):
     guard_events: int
     run_dir: str
     dataset: str | None  # the prepared dataset's folder (its manifest, its data card)
+    trial: dict[str, Any] | None  # a sweep's trial: study, number, whether it was pruned and when
 
 
 def summarize(
@@ -611,6 +616,7 @@ def summarize(
         "guard_events": len(callbacks.guard.record.events),
         "run_dir": str(plan.run_dir),
         "dataset": str(plan.dataset_dir.resolve()) if plan.dataset_dir else None,
+        "trial": callbacks.pruning.record() if callbacks.pruning is not None else None,
     }
     atomic_write_text(plan.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

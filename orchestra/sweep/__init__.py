@@ -1,0 +1,1 @@
+"""Hyperparameter search: Optuna studies of orchestra-train trials (docs/sweeps.md)."""
