@@ -42,7 +42,7 @@ def run_from_sweeper(
         base, space = split_arguments(arguments)
         dims = parse_space({**settings.params, **space}, conf)
         settings.validate()
-        compose(base)  # a missing preset or a bad value in the base: one error before any trial
+        check_base(compose(base))  # a missing preset or an invalid base: one error before any trial
     except ConfigError as err:
         fail(f"invalid sweep: {err}")
     except (HydraException, OmegaConfBaseException) as err:
@@ -65,6 +65,14 @@ def run_from_sweeper(
     record = write_results(study, settings, conf if os.access(writable, os.W_OK) else None)
     print_record(record)
     return record
+
+
+def check_base(composed: dict[str, Any]) -> None:
+    """The config every trial starts from must be valid on its own (the run's own validation)."""
+    from orchestra.cli.train import to_config
+    from orchestra.train.run import validate_run
+
+    validate_run(to_config(OmegaConf.create(composed)))
 
 
 def print_record(record: dict[str, Any]) -> None:

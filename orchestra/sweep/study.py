@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from orchestra.config import ConfigError
 from orchestra.io import atomic_write_text
 from orchestra.sweep.derive import DeriveConfig, derived_overrides
@@ -332,7 +334,9 @@ def run_study(
         while True:
             if settings.timeout_s is not None and time.monotonic() - started > settings.timeout_s:
                 return
-            with lock:  # count and ask as one step, so n_jobs threads do not overshoot n_trials
+            # Count and ask as one step, across this worker's threads and every worker sharing the
+            # study folder, so that together they never start more than n_trials.
+            with lock, FileLock(str(folder / "ask.lock")):
                 if counted(local) >= settings.n_trials:
                     return
                 trial = local.ask({d.key: d.distribution for d in dims})

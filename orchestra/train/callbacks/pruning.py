@@ -95,7 +95,9 @@ class TrialPruning(Callback):
             if value is not None:
                 self.trial.report(float(value), step=trainer.global_step)
                 self.reported += 1
-                prune = bool(self.cfg.prune and self.trial.should_prune())
+                # At the last step there is nothing left to save: the trial completes instead.
+                final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+                prune = bool(self.cfg.prune and not final and self.trial.should_prune())
         prune = bool(trainer.strategy.broadcast(prune, src=0))
         if prune:
             self.pruned_at_step = trainer.global_step
