@@ -9,8 +9,8 @@ and has no pruning. The Sweeper itself is thin: it splits Hydra's overrides into
 :func:`orchestra.sweep.study.run_study`, which runs each trial as its own orchestra-train process.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Hydra's plugin scan executes this module before it is
+# in sys.modules, and a dataclass with string annotations looks its module up there.
 from dataclasses import dataclass
 from typing import Any
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestra.config import ConfigError, ModelConfig
+from orchestra.config import ConfigError, ModelConfig, padded_vocab_size
 
 
 @dataclass
@@ -84,7 +84,8 @@ def flops_per_token(model: dict[str, Any], config: dict[str, Any]) -> float:
     from orchestra.train.flops import model_flops_per_token
 
     m = ModelConfig.from_dict({k: v for k, v in model.items() if v is not None})
-    vocab = m.vocab_size or int((config.get("data") or {}).get("vocab_size") or 0)
-    if vocab <= 0:
+    tokenizer_vocab = m.vocab_size or int((config.get("data") or {}).get("vocab_size") or 0)
+    if tokenizer_vocab <= 0:
         raise ConfigError("sweep: budget.flops needs model.vocab_size or data.vocab_size")
-    return model_flops_per_token(m, vocab, m.max_seq_len)
+    # The rows the run builds (padded to model.pad_vocab_to), as its MFU counts them.
+    return model_flops_per_token(m, padded_vocab_size(m, tokenizer_vocab), m.max_seq_len)

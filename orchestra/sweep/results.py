@@ -26,7 +26,7 @@ STUDY_FILE = "study.json"
 TRIALS_FILE = "trials.csv"
 MARKER = "# Written by the orchestra sweeper from study"
 # Overrides that link a run to its study or its folder: not part of a reusable experiment.
-_NOT_CONFIG = ("hydra.", "trial.", "logger.group=", "sweep=", "+sweep=", "experiment=")
+_NOT_CONFIG = ("hydra.", "trial.", "logger.group=", "sweep=", "+sweep=")
 
 
 def best_trials(study: Any) -> list[Any]:
@@ -113,11 +113,15 @@ def experiment_yaml(
 
     parser = OverridesParser.create()
     chosen: list[str] = []
+    included: list[str] = []
     values = OmegaConf.create({})
     for text in overrides:
         o = parser.parse_override(text)
         key, value = o.key_or_group, o.value()
-        if key in groups and not isinstance(value, dict | list):
+        if key == "experiment" and isinstance(value, str):
+            # The experiment the trial started from comes first; this preset's values then win.
+            included.append(f"  - /experiment/{value}")
+        elif key in groups and not isinstance(value, dict | list):
             chosen.append(f"  - override /{key}: {value}")
         else:
             OmegaConf.update(values, key.lstrip("+"), value, force_add=True)
@@ -128,8 +132,9 @@ def experiment_yaml(
         f"{MARKER} {study_name!r}: trial {trial.number} ({shown}).",
         f"#   orchestra-train experiment={study_name}-best",
     ]
-    if chosen:
-        lines += ["defaults:", *chosen]
+    if chosen or included:
+        # Overrides must end a defaults list; _self_ after the included experiment, so ours win.
+        lines += ["defaults:", *included, "  - _self_", *chosen]
     body = OmegaConf.to_yaml(values).strip()
     if body and body != "{}":
         lines.append(body)
@@ -140,7 +145,7 @@ def write_results(study: Any, settings: StudySettings, conf_dir: Path | None) ->
     """study.json, trials.csv and the best trial's experiment file; returns the study record."""
     folder = settings.folder()
     folder.mkdir(parents=True, exist_ok=True)
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()} if conf_dir is not None else set()
+    groups = _groups(conf_dir) if conf_dir is not None else set()
     record = study_record(study, settings)
     write_trials_csv(study, settings, folder / TRIALS_FILE)
     best = best_trials(study)
@@ -159,6 +164,15 @@ def write_results(study: Any, settings: StudySettings, conf_dir: Path | None) ->
                 record["experiment_not_written"] = f"{target} exists and was not written by a sweep"
     atomic_write_text(folder / STUDY_FILE, json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def _groups(conf_dir: Path) -> set[str]:
+    """Every config group under conf/, nested ones (data/pipeline) included."""
+    return {
+        p.relative_to(conf_dir).as_posix()
+        for p in conf_dir.rglob("*")
+        if p.is_dir() and any(p.glob("*.yaml"))
+    }
 
 
 def _ours_or_absent(path: Path) -> bool:

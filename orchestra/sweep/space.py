@@ -38,13 +38,16 @@ class Dimension:
     @property
     def grid(self) -> list[Any] | None:
         """Every value, for the grid sampler; None for a continuous interval."""
-        from optuna.distributions import CategoricalDistribution, IntDistribution
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         d = self.distribution
         if isinstance(d, CategoricalDistribution):
             return list(d.choices)
         if isinstance(d, IntDistribution) and not d.log:
             return list(range(d.low, d.high + 1, d.step))
+        if isinstance(d, FloatDistribution) and d.step is not None:
+            count = round((d.high - d.low) / d.step)
+            return [round(d.low + i * d.step, 12) for i in range(count + 1)]
         return None
 
 
@@ -63,8 +66,10 @@ def schema_key_problem(key: str, conf_dir: Path | None, root: type = TrainConfig
     node: Any = root
     path: list[str] = []
     for part in key.split("."):
+        if isinstance(node, dict):
+            return None  # below a dict-valued key (e.g. quality overrides): free-form
         if not is_dataclass(node):
-            return None  # below a dict-valued key (e.g. finetune options): not checkable here
+            return f"{key}: {'.'.join(path)} is a value, it has no key {part!r}"
         known = {f.name: f for f in fields(node)}
         if part not in known:
             where = ".".join(path) or "the top level"
@@ -73,7 +78,7 @@ def schema_key_problem(key: str, conf_dir: Path | None, root: type = TrainConfig
             return f"{key}: no key {part!r} in {where}{hint}; allowed: {', '.join(sorted(known))}"
         path.append(part)
         f = known[part]
-        node = f.default_factory() if callable(f.default_factory) else None
+        node = f.default_factory() if callable(f.default_factory) else f.default
     return None
 
 
@@ -99,17 +104,20 @@ def parse_dimension(key: str, value: str) -> Dimension:
         if "log" in tags and low <= 0:
             raise ConfigError(f"sweep: `{text}`: a log interval needs start > 0")
         if "int" in tags:
+            if math.ceil(low) > math.floor(high):
+                raise ConfigError(f"sweep: `{text}`: no integer lies in the interval")
             return Dimension(key, IntDistribution(math.ceil(low), math.floor(high), log="log" in tags))
         return Dimension(key, FloatDistribution(low, high, log="log" in tags))
     if isinstance(sweep, RangeSweep):
         start, stop, step = sweep.start, sweep.stop, sweep.step
         assert start is not None and stop is not None
         values = list(_range(start, stop, step))
-        if not values:
+        if not values or step == 0:
             raise ConfigError(f"sweep: `{text}`: the range is empty (Hydra's range excludes its stop)")
+        low, high, size = min(values), max(values), abs(step)  # a negative step runs the same values down
         if all(float(v).is_integer() for v in (start, step)):
-            return Dimension(key, IntDistribution(int(values[0]), int(values[-1]), step=int(step)))
-        return Dimension(key, FloatDistribution(float(values[0]), float(values[-1]), step=float(step)))
+            return Dimension(key, IntDistribution(int(low), int(high), step=int(size)))
+        return Dimension(key, FloatDistribution(float(low), float(high), step=float(size)))
     if isinstance(sweep, ChoiceSweep):
         choices = [_plain(v) for v in sweep.list]
         if not choices:
@@ -146,10 +154,17 @@ def parse_space(params: dict[str, Any], conf_dir: Path | None) -> list[Dimension
         if problem:
             problems.append(problem)
             continue
-        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        if isinstance(value, list | tuple):  # a YAML list: its values are the choices, as written
+            if not value:
+                problems.append(f"{key}: an empty list of choices")
+                continue
+            from optuna.distributions import CategoricalDistribution
+
+            dims.append(Dimension(key, CategoricalDistribution([_plain(v) for v in value])))
+            continue
         try:
-            dims.append(parse_dimension(key, text))
-        except ConfigError as err:
+            dims.append(parse_dimension(key, str(value)))
+        except (ConfigError, ValueError) as err:
             problems.append(str(err).removeprefix("sweep: "))
     if problems:
         raise ConfigError("sweep: " + "; ".join(problems))
@@ -161,18 +176,33 @@ def parse_space(params: dict[str, Any], conf_dir: Path | None) -> list[Dimension
 
 
 def as_override(key: str, value: Any) -> str:
-    """``key=value`` as a Hydra override a trial can take (strings quoted when Hydra would misread them)."""
+    """``key=value`` as a Hydra override that reads back as exactly ``value``.
+
+    Strings are written bare when Hydra reads them back unchanged, else quoted; which quoting
+    works is checked by parsing the candidate with Hydra's own parser, so nothing here restates
+    its grammar.
+    """
     if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif value is None:
-        text = "null"
-    elif isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, str) and any(c in value for c in " ,()[]{}='\"\\:"):
-        text = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    else:
-        text = str(value)
-    return f"{key}={text}"
+        return f"{key}={'true' if value else 'false'}"
+    if value is None:
+        return f"{key}=null"
+    if isinstance(value, float):
+        return f"{key}={value!r}"
+    if not isinstance(value, str):
+        return f"{key}={value}"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for candidate in (value, "'" + value.replace("'", "\\'") + "'", '"' + value.replace('"', '\\"') + '"'):
+        text = f"{key}={candidate}"
+        try:
+            back = parser.parse_override(text).value()
+        except HydraException:
+            continue
+        if isinstance(back, str) and back == value:
+            return text
+    raise ConfigError(f"sweep: {key}: the value {value!r} cannot be written as a Hydra override")
 
 
 def split_arguments(arguments: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -19,6 +19,8 @@ finished or running.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 import socket
@@ -156,6 +158,7 @@ def open_study(settings: StudySettings, dims: Sequence[Dimension]) -> Any:
     import optuna
 
     url = settings.storage_url()
+    _check_journal(url)
     try:
         storage = open_storage(url)
     except Exception as err:  # a malformed URL, a missing driver, an unwritable folder
@@ -171,17 +174,43 @@ def open_study(settings: StudySettings, dims: Sequence[Dimension]) -> Any:
                 f"hydra.sweeper.study_name: study {settings.study_name!r} in {url} optimises {have}, "
                 f"not {directions}; choose another study_name (an existing study is never overwritten)"
             )
-    study = optuna.create_study(
-        study_name=settings.study_name,
-        storage=storage,
-        directions=directions,
-        sampler=make_sampler(settings.sampler, dims),
-        pruner=make_pruner({"name": settings.pruner.name, **settings.pruner.options}),
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            study_name=settings.study_name,
+            storage=storage,
+            directions=directions,
+            sampler=make_sampler(settings.sampler, dims),
+            pruner=make_pruner({"name": settings.pruner.name, **settings.pruner.options}),
+            load_if_exists=True,
+        )
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"hydra.sweeper.storage: cannot use {url!r}: {type(err).__name__}: {err}") from None
     study.set_user_attr(PRUNER_ATTR, {"name": settings.pruner.name, **settings.pruner.options})
     study.set_user_attr("objectives", list(settings.objectives))
     return study
+
+
+def _check_journal(url: str) -> None:
+    """A journal file must hold one JSON record a line; anything else is refused before Optuna
+    opens it (its reader takes a bad last line for one still being written, and would append)."""
+    if "://" in url:
+        return
+    path = Path(url)
+    if path.is_dir():
+        raise ConfigError(f"hydra.sweeper.storage: {url!r} is a directory, not a journal file")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or "op_code" not in record:
+                        raise ValueError(f"line {number} is not a journal record")
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"hydra.sweeper.storage: {url!r} is not an Optuna journal ({err})") from None
 
 
 def _summaries(storage: Any, url: str) -> list[Any]:
@@ -283,7 +312,7 @@ def recover_stale(study: Any, me: str, max_retry: int) -> list[int]:
         owner = trial.user_attrs.get(WORKER_ATTR, "")
         if owner == me or not _alive(owner):
             study.tell(trial.number, state=TrialState.FAIL)
-            retry(study, study.get_trials(deepcopy=False)[trial.number])
+            retry(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
             stale.append(trial.number)
     if stale:
         log.warning("trials %s were left running by a stopped worker: failed and queued again", stale)
@@ -415,7 +444,9 @@ def run_trial(
     trial.set_user_attr("exit_code", outcome.returncode)
     study.tell(trial, state=TrialState.FAIL)
     if outcome.returncode in PREEMPTED_CODES:
-        retry_callback(settings.max_retry)(study, study.get_trials(deepcopy=False)[trial.number])
+        retry_callback(settings.max_retry)(
+            study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number])
+        )
         log_line(f"trial {trial.number}: preempted; queued again with the same parameters")
     else:
         log_line(f"trial {trial.number}: failed ({reason})")
