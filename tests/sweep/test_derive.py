@@ -309,10 +309,6 @@ def test_flop_budget_on_the_shipped_arch_study() -> None:
             assert abs(out["trainer.max_steps"] - exact) <= 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="budget.flops counts the lm head with data.vocab_size, not the padded vocabulary a run builds",
-)
 def test_bug_flop_budget_uses_the_padded_vocabulary() -> None:
     config = composed(dim=256, n_layers=4, max_seq_len=256)
     config["data"]["vocab_size"] = 5000  # a run builds ceil(5000 / 64) * 64 = 5056 rows

@@ -339,12 +339,9 @@ def test_pareto_front_against_brute_force(tmp_path: Path, directions: list[str])
             assert list(entry["values"]) == settings.objectives
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- regressions
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the preset drops the base's experiment=..., so it trains another config"
-)
 def test_bug_best_experiment_keeps_the_base_experiment(tmp_path: Path, conf_copy: Path) -> None:
     """conf/sweep/lr.yaml documents `orchestra-train -m experiment=debug sweep=lr`; the best
     trial ran with debug's trainer settings (max_steps 300, micro batch 16), its preset does not."""
@@ -357,7 +354,6 @@ def test_bug_best_experiment_keeps_the_base_experiment(tmp_path: Path, conf_copy
     assert got["trainer"] == want["trainer"]
 
 
-@pytest.mark.xfail(strict=True, reason="a nested config group (data/pipeline=...) is written as a value key")
 def test_bug_best_experiment_nested_group_choice(tmp_path: Path, conf_copy: Path) -> None:
     study, settings = make_study(tmp_path, ["minimize"], 4, seed=9, base=["data/pipeline=books"])
     settings.study_name = "nested"
@@ -368,9 +364,6 @@ def test_bug_best_experiment_nested_group_choice(tmp_path: Path, conf_copy: Path
     assert comparable(got) == comparable(want)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Hydra's plugin scan executes sweeper.py outside sys.modules: its dataclass fails"
-)
 def test_bug_hydra_plugin_scan_imports_the_sweeper() -> None:
     """From the repository root (hydra_plugins/ on sys.path, as for `python -m orchestra.cli.eval`
     there, or any regular install), Hydra's plugin scan runs sweeper.py before it is in

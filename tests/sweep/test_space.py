@@ -439,12 +439,10 @@ def test_split_arguments_bad_override() -> None:
         split_arguments(["optim.lr=0.1", "oops=("])
 
 
-# --------------------------------------------------------------------------- known bugs
-# Each test below states the behaviour the module should have. They fail on the product as it is
-# (xfail, strict: a fix makes them pass, and then the marker must go).
+# --------------------------------------------------------------------------- regressions
+# Each test below pins a bug the tests found (and the fix made go away).
 
 
-@pytest.mark.xfail(strict=True, reason="a reversed range raises Optuna's ValueError, not ConfigError")
 def test_bug_reversed_range_is_a_config_error_or_the_same_values() -> None:
     """Hydra runs range(9, 2, -2) as 9, 7, 5, 3; parse_dimension raises ValueError from
     IntDistribution(9, 3, step=-2) (`low <= high` must hold)."""
@@ -455,50 +453,42 @@ def test_bug_reversed_range_is_a_config_error_or_the_same_values() -> None:
     assert sorted(dim.grid or []) == sorted(hydra_values("model.n_layers", "range(9, 2, -2)"))
 
 
-@pytest.mark.xfail(strict=True, reason="tag(int, interval) without an integer inside raises ValueError")
 def test_bug_int_interval_without_an_integer_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         parse_dimension("model.n_layers", "tag(int, interval(1.2, 1.8))")
 
 
-@pytest.mark.xfail(strict=True, reason="parse_space lets a ValueError escape: other problems are lost")
 def test_bug_parse_space_collects_problems_of_every_kind() -> None:
     with pytest.raises(ConfigError) as err:
         parse_space({"optim.lrr": "interval(0, 1)", "model.n_layers": "range(9, 2, -2)"}, CONF)
     assert "did you mean optim.lr?" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a YAML list of strings with commas or quotes is joined unquoted")
 def test_bug_list_params_with_commas_and_quotes() -> None:
     dims = parse_space({"scheduler.name": ["a,b", "c d", "it's"]}, CONF)
     assert dims[0].distribution == CategoricalDistribution(["a,b", "c d", "it's"])
 
 
-@pytest.mark.xfail(strict=True, reason="as_override doubles backslashes Hydra keeps as they are")
 def test_bug_as_override_backslashes() -> None:
     for value in ["c:\\dir\\x", "a\\b", "\\n", "a\\,b"]:
         assert _reparse("data.name", value) == value
 
 
-@pytest.mark.xfail(strict=True, reason="as_override leaves strings unquoted that Hydra reads as another type")
 def test_bug_as_override_strings_that_look_like_other_types() -> None:
     for value in ["true", "False", "null", "1", "1.50", "inf", "nan", "1e3"]:
         got = _reparse("data.name", value)
         assert got == value and isinstance(got, str), value
 
 
-@pytest.mark.xfail(strict=True, reason="as_override leaves characters unquoted that Hydra cannot parse")
 def test_bug_as_override_characters_hydra_rejects() -> None:
     for value in ["a#b", "a!b", "a&b", "a;b", "a<b", "a>b", "a^b", "a`b", "~x", "a\nb", "ab\t"]:
         assert _reparse("data.name", value) == value
 
 
-@pytest.mark.xfail(strict=True, reason="grid refuses a float range() as if it were an interval")
 def test_bug_grid_of_a_float_range() -> None:
     dim = parse_dimension("optim.lr", "range(0.1, 0.5, 0.1)")
     assert dim.grid == pytest.approx(hydra_values("optim.lr", "range(0.1, 0.5, 0.1)"))
 
 
-@pytest.mark.xfail(strict=True, reason="keys below a scalar schema field are accepted")
 def test_bug_key_below_a_scalar_field() -> None:
     assert schema_key_problem("model.n_layers.x", CONF) is not None

@@ -156,9 +156,6 @@ def test_sqlite_storage_works(tmp_path: Path) -> None:
     assert optuna.load_study(study_name="bad", storage=url).best_value == 0.5
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a journal whose only line is garbage opens; create_study then fails raw and appends"
-)
 @pytest.mark.parametrize(
     "content",
     [b"hello world", b'{"op_code": 0', bytes(range(11, 256)), b"not json\n", b"\x00\xff\xfe garbage\n"],
@@ -360,9 +357,6 @@ def test_counted_after_retries_run_out(tmp_path: Path) -> None:
     assert counted(fresh) == 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the retry callback appends to the cached trial's retry_history in place"
-)
 def test_bug_counted_in_the_worker_whose_retries_ran_out(tmp_path: Path) -> None:
     """recover_stale and run_trial hand Optuna's RetryHeartbeatStaleTrialCallback a trial from
     get_trials(deepcopy=False); when no retry is left the callback still appends the trial's
