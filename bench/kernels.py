@@ -89,8 +89,8 @@ def cases(quick: bool, ops: Sequence[str] = OPS) -> list[Case]:
 def providers_for(op: str) -> dict[str, Callable[..., Any]]:
     """Callables per provider for one op, each taking the case's inputs; Liger only if importable."""
     import torch
-    from orchestra.kernels import linear_cross_entropy, rms_norm, rope, swiglu
 
+    from orchestra.kernels import linear_cross_entropy, rms_norm, rope, swiglu
     from orchestra.model import ops
 
     refs = {
