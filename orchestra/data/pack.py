@@ -26,7 +26,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -605,9 +605,14 @@ def _encode_batch(batch: list[tuple[int, str]]) -> list[tuple[int, np.ndarray]]:
 
 
 def _batches(corpus: Corpus) -> Iterator[list[tuple[int, str]]]:
+    return batched_documents(corpus.documents())
+
+
+def batched_documents(texts: Iterable[str]) -> Iterator[list[tuple[int, str]]]:
+    """(index, text) in batches of _BATCH_DOCS documents or _BATCH_CHARS characters, whichever first."""
     batch: list[tuple[int, str]] = []
     chars = 0
-    for index, doc in enumerate(corpus.documents()):
+    for index, doc in enumerate(texts):
         batch.append((index, doc))
         chars += len(doc)
         if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
