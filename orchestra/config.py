@@ -643,6 +643,10 @@ class StrategyConfig:
     """DeepSpeed: elements per gradient-reduction bucket."""
     allgather_bucket_size: int = 500_000_000
     """DeepSpeed: elements per parameter all-gather bucket."""
+    tp: int = 1
+    """strategy=fsdp: tensor-parallel degree (q/k/v/gate/up split by columns, o/down by rows,
+    norms and residuals split by sequence, loss parallel over the vocabulary). Ranks of one
+    tensor-parallel group are neighbours, so keep tp within a node; FSDP shards over the rest."""
 
     def validate(self, prefix: str = "strategy") -> None:
         require(self.ac_every_k > 0, f"{prefix}.ac_every_k", "must be positive")
@@ -658,6 +662,18 @@ class StrategyConfig:
                 self.name == StrategyName.fsdp,
                 f"{prefix}.cpu_offload",
                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
+            )
+        require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1 (1: no tensor parallelism), got {self.tp}")
+        if self.tp > 1:
+            require(
+                self.name == StrategyName.fsdp,
+                f"{prefix}.tp",
+                f"tensor parallelism composes with FSDP2: set strategy=fsdp (strategy={self.name.value})",
+            )
+            require(
+                not self.hybrid_shard,
+                f"{prefix}.hybrid_shard",
+                "HSDP and tensor parallelism together are not supported; use one of them",
             )
 
 
@@ -1208,13 +1224,24 @@ def register_configs() -> None:
     cs.store(name="base_route", node=RouteConfig)
 
 
+def data_parallel_size(cfg: TrainConfig, world_size: int | None = None) -> int:
+    """Ranks that see different data: the world over the ranks of one tensor-parallel group.
+
+    The ranks of a tensor-parallel group read the same micro-batches, so the global batch splits
+    over this many, and gradient accumulation is derived from it.
+    """
+    world = world_size if world_size is not None else cfg.trainer.world_size
+    return max(1, world // max(1, cfg.strategy.tp))
+
+
 def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
     """Gradient-accumulation steps derived from the one global batch size."""
     per_step = trainer.micro_batch_size * world_size
     if trainer.global_batch_size % per_step != 0:
         raise ConfigError(
             f"trainer.global_batch_size: {trainer.global_batch_size} is not a multiple of "
-            f"micro_batch_size x world_size = {trainer.micro_batch_size} x {world_size} = {per_step}"
+            f"micro_batch_size x data-parallel ranks (world size / strategy.tp) = "
+            f"{trainer.micro_batch_size} x {world_size} = {per_step}"
         )
     return trainer.global_batch_size // per_step
 
@@ -1231,7 +1258,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     :func:`orchestra.train.run.validate_run`, which calls this first.
     """
     cfg.model.validate("model")
-    cfg.trainer.validate("trainer", world_size)
+    cfg.trainer.validate("trainer", data_parallel_size(cfg, world_size))
     cfg.data.validate("data")
     cfg.optim.validate("optim")
     cfg.scheduler.validate("scheduler")
@@ -1261,6 +1288,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         "sharded checkpoints (fsdp, deepspeed) are directories W&B artifacts are not made from; "
         "export one with orchestra-export and log that folder instead",
     )
+    if st.tp > 1:
+        _check_tensor_parallel(cfg, world_size if world_size is not None else t.world_size)
     if st.name == StrategyName.single:
         require(
             t.world_size == 1,
@@ -1289,6 +1318,34 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         cfg.resume in ("auto", "never") or len(cfg.resume) > 0,
         "resume",
         "must be auto, never or a checkpoint path",
+    )
+
+
+def _check_tensor_parallel(cfg: TrainConfig, world: int) -> None:
+    """strategy.tp against the world and the model: every split must be even.
+
+    Heads are split whole (a query head and its key/value head stay on one rank), the FFN by
+    columns and the sequence by ranks; an uneven split would give ranks different shapes.
+    """
+    tp, m = cfg.strategy.tp, cfg.model
+    require(
+        world % tp == 0,
+        "strategy.tp",
+        f"{tp} does not divide the world size trainer.devices x trainer.num_nodes = {world}",
+    )
+    for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim)):
+        require(
+            value % tp == 0,
+            "strategy.tp",
+            f"{tp} does not divide model.{key}={value}; each tensor-parallel rank holds an equal part",
+        )
+    rows, key = m.max_seq_len, "model.max_seq_len"
+    if base_path(cfg) and cfg.finetune.seq_len and cfg.finetune.seq_len < rows:
+        rows, key = cfg.finetune.seq_len, "finetune.seq_len"
+    require(
+        rows % tp == 0,
+        "strategy.tp",
+        f"{tp} does not divide {key}={rows}, the length of a training row: the sequence is split over the ranks",
     )
 
 

@@ -52,8 +52,21 @@ WORKER_START_METHOD = "forkserver"
 
 
 def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
-    """(global rank, world size) of the attached trainer; (0, 1) before one is attached."""
-    return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+    """(data-parallel rank, data-parallel size) of the attached trainer; (0, 1) before one is attached.
+
+    The strategy says which ranks read the same batches (Lightning's distributed_sampler_kwargs):
+    under tensor parallelism the ranks of one group share theirs, so only the data-parallel
+    dimension of the device mesh splits the data. Strategies without one use every rank.
+    """
+    if trainer is None:
+        return (0, 1)
+    try:
+        kwargs = trainer.strategy.distributed_sampler_kwargs  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):  # single device, or a mesh not built yet
+        kwargs = None
+    if kwargs:
+        return (int(kwargs["rank"]), int(kwargs["num_replicas"]))
+    return (int(trainer.global_rank), int(trainer.world_size))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from orchestra.model.config import ConfigError, KernelBackend
 
@@ -250,7 +251,14 @@ class DeviceOps:
         return False
 
     def table(self, x: torch.Tensor) -> Ops:
-        """The table for tensors on x's device."""
+        """The table for tensors on x's device.
+
+        A DTensor (tensor parallelism hands the norms and the loss sharded tensors) goes to the
+        torch reference: DTensor decomposes its ops into collectives and local ops, which a
+        Triton kernel, given the wrapper, cannot do.
+        """
+        if isinstance(x, DTensor):
+            return TORCH_OPS
         if x.is_cuda:
             return self.cuda
         if self.off_cuda is None:

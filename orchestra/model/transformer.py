@@ -169,10 +169,11 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        # [B, T, H*hd] -> [B, T, H, hd] (q/k norm acts here) -> [B, H, T, hd]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # [B, T, H*hd] -> [B, T, H, hd] (q/k norm acts here) -> [B, H, T, hd]. Head counts come
+        # from the projections' outputs: under tensor parallelism each rank holds a share of them.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos.dim() == 3:  # per-row positions: tables [B, T, hd], broadcast over heads
@@ -187,7 +188,7 @@ class Attention(nn.Module):
 
         # Repeat kv heads rather than SDPA's enable_gqa: every SDPA backend (flash,
         # mem-efficient, math) accepts equal head counts, and it is HF's repeat_kv exactly.
-        n_rep = self.n_heads // self.n_kv_heads
+        n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
@@ -203,7 +204,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", scale=self.scale)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
     def _mask(
@@ -502,7 +503,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             c, s = local if self.cfg.is_windowed(i) else (cos, sin)
             h = layer(h, c, s, kv_cache, start_pos, attn_mask)
-        return self.norm(h)[:, P:]
+        h = self.norm(h)
+        return h[:, P:] if P else h
 
     def _embed(self, tokens: torch.Tensor, prefix_embeds: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings [B, P + T, dim]: the prefix embeddings, then the tokens'."""

@@ -125,9 +125,11 @@ class CausalLMModule(L.LightningModule):
             segments = batch["segment_ids"] if self.cfg.task.pack else None
             kwargs = {"segment_ids": segments} if segments is not None else {}
             loss: torch.Tensor = self.net(batch["tokens"], batch["labels"], **kwargs)
-            return loss
-        inputs, labels = batch
-        loss = self.net(inputs, labels)
+        else:
+            inputs, labels = batch
+            loss = self.net(inputs, labels)
+        if isinstance(loss, DTensor):  # tensor parallel: the loss parallel's replicated result
+            loss = loss.full_tensor()
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ from orchestra.config import (
     TrainConfig,
     accumulation_steps,
     base_path,
+    data_parallel_size,
     padded_vocab_size,
     require,
     to_plain,
@@ -83,8 +84,9 @@ from orchestra.train.lightning_compat import (
 )
 from orchestra.train.loggers import build_loggers
 from orchestra.train.methods import method_spec
+from orchestra.train.methods.spec import MethodSpec
 from orchestra.train.module import CausalLMModule
-from orchestra.train.plan import RunPlan
+from orchestra.train.plan import RunPlan, TaskSpec
 from orchestra.train.progress import StepProgressBar
 from orchestra.train.rundir import RunRecord, check_resume_allowed, write_record
 from orchestra.train.strategy import build_strategy, lightning_precision, recompute_factor, uses_bf16
@@ -135,7 +137,31 @@ def validate_run(cfg: TrainConfig) -> None:
             f"task={task.name} adapts a pretrained model: choose finetune=full|lora|adapter|prompt|unfreeze|"
             "l2sp and set finetune.init_from (or model=hf model.path=<folder>)",
         )
+    if cfg.strategy.tp > 1:
+        _check_tensor_parallel_run(cfg, method, task)
     task.validate(cfg)
+
+
+def _check_tensor_parallel_run(cfg: TrainConfig, method: MethodSpec, task: TaskSpec) -> None:
+    """What strategy.tp splits: the decoder and its own loss, with every weight trained."""
+    require(
+        task.tensor_parallel,
+        "strategy.tp",
+        f"task={task.name} has its own head or a second model, which tensor parallelism does not split; "
+        "use strategy.tp=1 (FSDP shards it) for this task",
+    )
+    require(
+        not method.frozen_base,
+        "strategy.tp",
+        f"finetune.method={method.name} wraps the projections tensor parallelism splits; use "
+        "finetune=full or unfreeze with strategy.tp, or strategy.tp=1 for this method",
+    )
+    require(
+        not cfg.eval.tasks,
+        "eval.tasks",
+        "evaluation during training reads the model's full weights and logits, which strategy.tp "
+        "splits; evaluate the checkpoints with orchestra-eval instead",
+    )
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -282,7 +308,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         eos_id=eos_id,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         world_size=world_size,
-        accumulation=accumulation_steps(cfg.trainer, world_size),
+        accumulation=accumulation_steps(cfg.trainer, data_parallel_size(cfg)),
         dataset_dir=dataset_dir,
         base=base,
         resume_path=resume_path,
@@ -661,7 +687,11 @@ def train(cfg: TrainConfig) -> RunResult:
                     plan, restarted = rollback_plan(cfg, outcome), True
                     continue
                 sample = ""
-                if plan.task.lm_head:  # a classifier has no language-model head to sample from
+                if plan.task.lm_head and plan.config.strategy.tp > 1:
+                    # Decoding one token at a time cannot be split over the sequence; the
+                    # checkpoint samples with orchestra-generate instead.
+                    log.info("no end-of-run sample under strategy.tp; use orchestra-generate on a checkpoint")
+                elif plan.task.lm_head:  # a classifier has no language-model head to sample from
                     sample = sample_text(
                         module.net,
                         plan.tokenizer_json,

@@ -27,6 +27,7 @@ from orchestra.config import (
     StrategyName,
     TrainConfig,
     accumulation_steps,
+    data_parallel_size,
 )
 
 
@@ -83,10 +84,92 @@ def decoder_of(model: nn.Module) -> Any:
     return model if hasattr(model, "layers") else decoder_of(model.model)  # type: ignore[arg-type]
 
 
+def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
+    """Split the decoder's matrices over the tensor-parallel ranks (Megatron-style TP + SP), in place.
+
+    torch's own parallel styles on the plain modules, as torchtitan applies them to Llama:
+    q/k/v and gate/up split by output columns, o/down by input rows (one reduce-scatter per
+    sublayer), so each rank runs whole heads and a slice of the FFN. Between the sublayers the
+    residual stream is split along the sequence (sequence parallelism): the norms run on each
+    rank's tokens, with their gains replicated so their gradients are summed over the group.
+    The embedding rows and the output projection are split over the vocabulary; the loss then
+    runs under ``loss_parallel`` (see :class:`TensorParallelStrategy`), so no rank holds the
+    full [tokens, vocab] logits. Logits for generation are gathered whole.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    decoder = decoder_of(model)
+    tied = decoder.lm_head.weight is decoder.tok_embeddings.weight
+    parallelize_module(
+        decoder,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            # The loss reads lm_head.weight (sharded by vocabulary rows) and the gathered hidden
+            # states; called as a module (logits), it returns the full logits.
+            "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        },
+    )
+    # The final norm's output, whole on every rank, for the vocabulary-sharded projection.
+    parallelize_module(
+        decoder.norm,
+        tp_mesh,
+        PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=False
+        ),
+    )
+    if tied:  # parallelize_module wraps each in its own Parameter: one matrix again
+        decoder.lm_head.weight = decoder.tok_embeddings.weight
+    # Attention(x, cos, sin, kv_cache, start_pos, attn_mask): only x is gathered.
+    rest: tuple[None, ...] = (None,) * 5
+    for block in decoder.layers:
+        plan: dict[str, Any] = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)
+            ),
+            "attention.q_proj": ColwiseParallel(),
+            "attention.k_proj": ColwiseParallel(),
+            "attention.v_proj": ColwiseParallel(),
+            "attention.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp_norm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        for name in ("attention_post_norm", "mlp_post_norm"):  # Gemma 2/3 sandwich norms
+            if getattr(block, name) is not None:
+                plan[name] = SequenceParallel(use_local_output=True)
+        for name in ("q_norm", "k_norm"):  # Qwen3 / Gemma 3: one gain over [B, T, heads, hd]
+            if getattr(block.attention, name) is not None:
+                # Each rank norms its own heads; split along dim 2 so the gain's gradient is
+                # summed over the group, as a sequence-parallel norm's is.
+                plan[f"attention.{name}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+
+
 def parallelize(
     model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None
 ) -> nn.Module:
-    """Apply activation checkpointing, compile and (FSDP2) sharding to the plain model, in place."""
+    """Apply tensor parallelism, activation checkpointing, compile and (FSDP2) sharding, in place.
+
+    The order is torchtitan's: TP splits the plain modules, checkpointing and compile see the
+    split blocks, and FSDP2 shards what TP left over the data-parallel ranks (2-D parameters).
+    """
+    if st.tp > 1:
+        if device_mesh is None:
+            raise RuntimeError("strategy.tp needs the device mesh of Lightning's ModelParallelStrategy")
+        apply_tensor_parallel(model, device_mesh["tensor_parallel"])
     apply_activation_checkpointing(model, st.activation_checkpointing, st.ac_every_k)
     if st.compile:
         for block in decoder_of(model).layers:
@@ -191,6 +274,31 @@ class _AtomicDirectorySave:
         self.barrier("orchestra_checkpoint_renamed")  # type: ignore[attr-defined]
 
 
+def _tensor_parallel_strategy(base: type) -> type:
+    """``base`` (Lightning's ModelParallelStrategy) with the steps run under ``loss_parallel``.
+
+    The cross-entropy of vocabulary-sharded logits, and its backward, must run inside torch's
+    loss_parallel context; Lightning calls the step and the backward from its loop, so the
+    strategy is where both can be wrapped.
+    """
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    class TensorParallelStrategy(base):  # type: ignore[misc, valid-type]
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            with loss_parallel():
+                return super().training_step(*args, **kwargs)
+
+        def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+            with loss_parallel():
+                return super().validation_step(*args, **kwargs)
+
+        def backward(self, *args: Any, **kwargs: Any) -> Any:
+            with loss_parallel():
+                return super().backward(*args, **kwargs)
+
+    return TensorParallelStrategy
+
+
 def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     """The Lightning strategy (object or name) for cfg.strategy."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
@@ -216,9 +324,12 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
                 "strategy.cpu_offload: moves parameters and optimizer state from GPU memory to the "
                 "CPU, and this run has no GPU; set strategy.cpu_offload=false"
             )
-        return AtomicModelParallelStrategy(
-            data_parallel_size=world_size_of(cfg),
-            tensor_parallel_size=1,
+        strategy_class: type = AtomicModelParallelStrategy
+        if st.tp > 1:
+            strategy_class = _tensor_parallel_strategy(AtomicModelParallelStrategy)
+        return strategy_class(
+            data_parallel_size=data_parallel_size(cfg),
+            tensor_parallel_size=st.tp,
             save_distributed_checkpoint=True,
             timeout=timeout,
         )

@@ -16,5 +16,10 @@ def _datamodule(plan: RunPlan) -> Any:
 
 
 SPEC = TaskSpec(
-    name="pretrain", module=CausalLMModule, build_datamodule=_datamodule, needs_base=False, full_rows=True
+    name="pretrain",
+    module=CausalLMModule,
+    build_datamodule=_datamodule,
+    needs_base=False,
+    full_rows=True,
+    tensor_parallel=True,
 )

@@ -1,0 +1,88 @@
+"""strategy.tp: every layout that cannot split evenly, and every task or method it does not split, is one
+clear error naming the key before anything runs; the data-parallel size sets accumulation and sharding."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from orchestra.config import ConfigError, FinetuneMethod, StrategyName, TrainConfig, data_parallel_size
+from orchestra.train.run import validate_run
+from tests.helpers import tiny_config
+
+
+def tp_config(tmp_path: Path, tp: int = 2, devices: int = 4, **model: object) -> TrainConfig:
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "run", devices=devices, micro_batch_size=2)
+    return replace(
+        cfg,
+        model=replace(cfg.model, **model),
+        strategy=replace(cfg.strategy, name=StrategyName.fsdp, tp=tp),
+    )
+
+
+def test_data_parallel_size_and_accumulation(tmp_path: Path) -> None:
+    from orchestra.train.strategy import build_strategy
+
+    cfg = tp_config(tmp_path, tp=2, devices=4)
+    validate_run(cfg)
+    assert data_parallel_size(cfg) == 2
+    # global 8 = micro 2 x 2 data-parallel ranks x 2 accumulation steps (not 8 / (2 x 4) = 1)
+    strategy = build_strategy(cfg, "32-true")
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 2)
+    assert type(strategy).__name__ == "TensorParallelStrategy"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"strategy": "ddp"}, "strategy.tp", "strategy=fsdp"),
+        ({"hybrid_shard": True}, "strategy.hybrid_shard", "HSDP"),
+        ({"tp": 0}, "strategy.tp", ">= 1"),
+        ({"tp": 3, "devices": 4}, "strategy.tp", "does not divide the world size"),
+        ({"n_kv_heads": 1}, "strategy.tp", "model.n_kv_heads=1"),
+        ({"n_heads": 2, "n_kv_heads": 1, "tp": 4, "devices": 4}, "strategy.tp", "model.n_heads=2"),
+        ({"ffn_dim": 130, "n_kv_heads": 4, "tp": 4, "devices": 4}, "strategy.tp", "model.ffn_dim=130"),
+        ({"max_seq_len": 63}, "strategy.tp", "model.max_seq_len=63"),
+        ({"global": 6}, "trainer.global_batch_size", "data-parallel ranks"),
+    ],
+)
+def test_layouts_that_do_not_split_are_refused(
+    tmp_path: Path, change: dict[str, object], key: str, words: str
+) -> None:
+    change = dict(change)
+    cfg = tp_config(tmp_path, tp=int(change.pop("tp", 2)), devices=int(change.pop("devices", 4)))
+    if "strategy" in change:
+        cfg = replace(cfg, strategy=replace(cfg.strategy, name=StrategyName(change.pop("strategy"))))
+    if "hybrid_shard" in change:
+        cfg = replace(cfg, strategy=replace(cfg.strategy, hybrid_shard=bool(change.pop("hybrid_shard"))))
+    if "global" in change:
+        cfg = replace(cfg, trainer=replace(cfg.trainer, global_batch_size=int(change.pop("global"))))
+    cfg = replace(cfg, model=replace(cfg.model, **change))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        validate_run(cfg)
+    assert words in str(err.value)
+
+
+def test_tasks_and_methods_it_does_not_split_are_refused(tmp_path: Path) -> None:
+    cfg = tp_config(tmp_path)
+    lora = replace(cfg, finetune=replace(cfg.finetune, method=FinetuneMethod.lora, init_from=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"strategy\.tp.*finetune\.method=lora"):
+        validate_run(replace(lora, task=replace(lora.task, name="sft")))
+    full = replace(cfg, finetune=replace(cfg.finetune, method=FinetuneMethod.full, init_from=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"strategy\.tp.*task=classification"):
+        validate_run(replace(full, task=replace(full.task, name="classification")))
+    with pytest.raises(ConfigError, match=r"eval\.tasks"):
+        validate_run(replace(cfg, eval=replace(cfg.eval, tasks=["perplexity"])))
+
+
+def test_fine_tuning_rows_must_split(tmp_path: Path) -> None:
+    cfg = tp_config(tmp_path)
+    full = replace(
+        cfg,
+        finetune=replace(cfg.finetune, method=FinetuneMethod.full, init_from=str(tmp_path), seq_len=33),
+        task=replace(cfg.task, name="sft"),
+    )
+    with pytest.raises(ConfigError, match=r"finetune\.seq_len=33"):
+        validate_run(full)
