@@ -65,9 +65,11 @@ from orchestra.train.callbacks.pruning import TrialPruning
 from orchestra.train.checkpoint.io import (
     CHECKPOINT_DIRNAME,
     AtomicCheckpointIO,
+    check_deepspeed_world_size,
     check_resume_tensors,
     checkpoint_step,
     find_resume_checkpoint,
+    is_deepspeed_checkpoint,
     load_checkpoint_file,
     read_meta,
     scan_checkpoints,
@@ -279,6 +281,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
 
     resume_path = resolve_resume(cfg, run_dir)
     resume_step, last_row = None, None
+    if resume_path is not None and is_deepspeed_checkpoint(resume_path):
+        check_deepspeed_world_size(resume_path, cfg.strategy.name.value, world_size)
     if resume_path is not None:
         meta = read_meta(resume_path)
         peft_method = method.name if method.frozen_base else None

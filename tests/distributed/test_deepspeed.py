@@ -70,6 +70,25 @@ def test_generated_config_derives_every_batch_knob() -> None:
         deepspeed_config(cfg, "bf16-mixed")
 
 
+def assert_resume_world_size_rules(ckpt: Path, stage: str) -> None:
+    """The 2-rank ZeRO checkpoint resumes at 2 ranks under DeepSpeed; elsewhere one error naming the way out."""
+    from orchestra.train.checkpoint.io import check_deepspeed_world_size, deepspeed_world_size
+    from orchestra.train.checkpoint.meta import CheckpointError
+
+    before = sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
+    assert deepspeed_world_size(ckpt) == 2
+    check_deepspeed_world_size(ckpt, stage, 2)
+    for world in (1, 4):
+        with pytest.raises(
+            CheckpointError, match=rf"written by 2 data-parallel ranks and this run has {world}"
+        ) as err:
+            check_deepspeed_world_size(ckpt, stage, world)
+        assert f"orchestra-export ckpt={ckpt}" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"only strategy=deepspeed_zero\* resumes .*strategy=fsdp"):
+        check_deepspeed_world_size(ckpt, "fsdp", 2)
+    assert sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
 def test_zero_trains_saves_and_exports(stage: str, tmp_path: Path, trained_run: Path) -> None:
@@ -109,6 +128,7 @@ def test_zero_trains_saves_and_exports(stage: str, tmp_path: Path, trained_run: 
     from orchestra.train.checkpoint import checkpoint_step
 
     assert checkpoint_step(tmp_path / "ckpt") == 5  # resume=auto can rank DeepSpeed directories too
+    assert_resume_world_size_rules(tmp_path / "ckpt", stage)
     folder = export_hf(tmp_path / "ckpt", tmp_path / "hf")
     probe = torch.load(tmp_path / "logits.pt", weights_only=True)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -63,6 +63,43 @@ def _deepspeed_client_state(path: Path) -> dict[str, Any]:
     return states
 
 
+def deepspeed_world_size(path: Path) -> int:
+    """Data-parallel ranks a ZeRO checkpoint was written by: one optimizer-state partition each."""
+    tag = (path / "latest").read_text().strip()
+    return len(list((path / tag).glob("*_optim_states.pt")))
+
+
+def check_deepspeed_world_size(path: Path, strategy: str, world_size: int) -> None:
+    """A ZeRO checkpoint resumes only under DeepSpeed at the world size that wrote it; else one clear error.
+
+    ZeRO partitions the optimizer state (and under ZeRO-3 the weights) into one file per rank,
+    and DeepSpeed's engine reads them back only at that number of ranks. Its universal checkpoint
+    format would lift that, but it needs a conversion pass and its own loader flag that
+    Lightning's DeepSpeedStrategy does not pass, so the way to another world size is the
+    conversion this project owns: orchestra-export (weights, through DeepSpeed's zero_to_fp32),
+    then a new run from those weights.
+    """
+    saved = deepspeed_world_size(path)
+    is_zero = strategy.startswith("deepspeed")
+    if is_zero and saved in (0, world_size):
+        return
+    convert = (
+        f"`orchestra-export ckpt={path} out=<folder>` converts its weights into a Hugging Face folder a "
+        "new run starts from at any world size and strategy (finetune=full finetune.init_from=<folder>; "
+        "the optimizer state and the step count start afresh); nothing was changed"
+    )
+    if not is_zero:
+        raise CheckpointError(
+            f"resume: {path} is a DeepSpeed ZeRO checkpoint, which only strategy=deepspeed_zero* resumes "
+            f"(this run: strategy={strategy}); {convert}"
+        )
+    raise CheckpointError(
+        f"resume: {path} was written by {saved} data-parallel ranks and this run has {world_size}; ZeRO's "
+        f"partitioned optimizer state loads only at the world size that wrote it. Resume with trainer.devices "
+        f"x trainer.num_nodes = {saved}, or: {convert}"
+    )
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure names the file.
 
