@@ -647,6 +647,10 @@ class StrategyConfig:
     """strategy=fsdp: tensor-parallel degree (q/k/v/gate/up split by columns, o/down by rows,
     norms and residuals split by sequence, loss parallel over the vocabulary). Ranks of one
     tensor-parallel group are neighbours, so keep tp within a node; FSDP shards over the rest."""
+    cp: int = 1
+    """strategy=fsdp: context-parallel degree for long sequences. Each rank of a group holds
+    2 of 2·cp load-balanced chunks of every row; attention gathers the group's keys and values
+    (orchestra/train/context_parallel.py). FSDP shards over the data and context ranks together."""
 
     def validate(self, prefix: str = "strategy") -> None:
         require(self.ac_every_k > 0, f"{prefix}.ac_every_k", "must be positive")
@@ -664,6 +668,23 @@ class StrategyConfig:
                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
             )
         require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1 (1: no tensor parallelism), got {self.tp}")
+        require(self.cp >= 1, f"{prefix}.cp", f"must be >= 1 (1: no context parallelism), got {self.cp}")
+        if self.cp > 1:
+            require(
+                self.name == StrategyName.fsdp,
+                f"{prefix}.cp",
+                f"context parallelism composes with FSDP2: set strategy=fsdp (strategy={self.name.value})",
+            )
+            require(
+                self.tp == 1,
+                f"{prefix}.cp",
+                "context and tensor parallelism together are not supported yet; choose strategy.cp or strategy.tp",
+            )
+            require(
+                not self.hybrid_shard,
+                f"{prefix}.hybrid_shard",
+                "HSDP and context parallelism together are not supported; use one of them",
+            )
         if self.tp > 1:
             require(
                 self.name == StrategyName.fsdp,
@@ -1225,13 +1246,13 @@ def register_configs() -> None:
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int | None = None) -> int:
-    """Ranks that see different data: the world over the ranks of one tensor-parallel group.
+    """Ranks that see different data: the world over the ranks of one tensor- x context-parallel group.
 
-    The ranks of a tensor-parallel group read the same micro-batches, so the global batch splits
-    over this many, and gradient accumulation is derived from it.
+    The ranks of such a group read the same micro-batches (each computes its part of them), so
+    the global batch splits over this many, and gradient accumulation is derived from it.
     """
     world = world_size if world_size is not None else cfg.trainer.world_size
-    return max(1, world // max(1, cfg.strategy.tp))
+    return max(1, world // (max(1, cfg.strategy.tp) * max(1, cfg.strategy.cp)))
 
 
 def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
@@ -1240,7 +1261,7 @@ def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
     if trainer.global_batch_size % per_step != 0:
         raise ConfigError(
             f"trainer.global_batch_size: {trainer.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel ranks (world size / strategy.tp) = "
+            f"micro_batch_size x data-parallel ranks (world size / (strategy.tp x strategy.cp)) = "
             f"{trainer.micro_batch_size} x {world_size} = {per_step}"
         )
     return trainer.global_batch_size // per_step
@@ -1290,6 +1311,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     )
     if st.tp > 1:
         _check_tensor_parallel(cfg, world_size if world_size is not None else t.world_size)
+    if st.cp > 1:
+        _check_context_parallel(cfg, world_size if world_size is not None else t.world_size)
     if st.name == StrategyName.single:
         require(
             t.world_size == 1,
@@ -1339,13 +1362,52 @@ def _check_tensor_parallel(cfg: TrainConfig, world: int) -> None:
             "strategy.tp",
             f"{tp} does not divide model.{key}={value}; each tensor-parallel rank holds an equal part",
         )
-    rows, key = m.max_seq_len, "model.max_seq_len"
-    if base_path(cfg) and cfg.finetune.seq_len and cfg.finetune.seq_len < rows:
-        rows, key = cfg.finetune.seq_len, "finetune.seq_len"
+    rows, key = _row_length(cfg)
     require(
         rows % tp == 0,
         "strategy.tp",
         f"{tp} does not divide {key}={rows}, the length of a training row: the sequence is split over the ranks",
+    )
+
+
+def _row_length(cfg: TrainConfig) -> tuple[int, str]:
+    """Tokens per training row and the key that sets it (a base's rows are cut to finetune.seq_len)."""
+    rows, key = cfg.model.max_seq_len, "model.max_seq_len"
+    if base_path(cfg) and cfg.finetune.seq_len and cfg.finetune.seq_len < rows:
+        rows, key = cfg.finetune.seq_len, "finetune.seq_len"
+    return rows, key
+
+
+def _check_context_parallel(cfg: TrainConfig, world: int) -> None:
+    """strategy.cp against the world, the row length and the attention it can split.
+
+    Rows split into 2·cp equal chunks; attention must be plain causal, since every rank holds
+    positions from both ends of the row and only the causal rule is rebuilt across them.
+    """
+    cp, m = cfg.strategy.cp, cfg.model
+    require(
+        world % cp == 0,
+        "strategy.cp",
+        f"{cp} does not divide the world size trainer.devices x trainer.num_nodes = {world}",
+    )
+    rows, key = _row_length(cfg)
+    require(
+        rows % (2 * cp) == 0,
+        "strategy.cp",
+        f"{key}={rows} does not split into 2 x {cp} equal chunks (one early and one late chunk per rank)",
+    )
+    for flag, what in (
+        (m.sliding_window is not None, "model.sliding_window (windowed attention)"),
+        (m.attn_softcap is not None, "model.attn_softcap (soft-capped attention scores)"),
+    ):
+        require(not flag, "strategy.cp", f"{what} cannot be split over the sequence; set strategy.cp=1")
+    from orchestra.model.config import RopeType
+    from orchestra.model.rope import length_dependent
+
+    require(
+        not length_dependent(m),
+        "strategy.cp",
+        f"model.rope.type={RopeType(m.rope.type).value} tables depend on the whole sequence's length; set strategy.cp=1",
     )
 
 

@@ -22,6 +22,7 @@ applies the configured initialisation (init.py), or leaves that out when weights
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,9 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.is_windowed(layer_idx) else None
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.head_dim**-0.5
         self.softcap = cfg.attn_softcap
+        # The attention kernel, replaceable from outside the model: context parallelism
+        # (orchestra/train/context_parallel.py) gathers the other ranks' keys in it.
+        self.sdpa: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
         hd = self.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
@@ -201,9 +205,9 @@ class Attention(nn.Module):
         if self.softcap is not None:
             y = self._softcapped(q, k, v, mask)
         elif isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = self.sdpa(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", scale=self.scale)
+            y = self.sdpa(q, k, v, is_causal=mask == "causal", scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 

@@ -10,6 +10,8 @@ orchestra/train/tasks/ subclass it and change only the head, the loss and the me
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -22,11 +24,12 @@ from orchestra.config import IGNORE_INDEX, StrategyName, to_plain
 from orchestra.model import Transformer, build_model
 from orchestra.train.checkpoint.io import PREFIX
 from orchestra.train.checkpoint.meta import META_KEY, CheckpointMeta, LastRow, check_tensors
+from orchestra.train.context_parallel import ContextParallel
 from orchestra.train.finetune import BaseModel, peft_record
 from orchestra.train.lightning_compat import realign_loop_progress
 from orchestra.train.optim import L2SP, build_optimizer, build_scheduler, layerwise_lr_groups
 from orchestra.train.plan import RunPlan
-from orchestra.train.strategy import parallelize
+from orchestra.train.strategy import decoder_of, parallelize
 
 
 class CausalLMModule(L.LightningModule):
@@ -58,6 +61,9 @@ class CausalLMModule(L.LightningModule):
         self._step_losses: list[torch.Tensor] = []
         # This rank's loss of the optimizer step being taken, for the loss guard (callbacks/loss_guard.py).
         self.step_loss: torch.Tensor | None = None
+        # strategy.cp: this rank's context-parallel group and the row length of the last forward.
+        self.context_parallel: ContextParallel | None = None
+        self._cp_seq_len: int | None = None
         if self.cfg.strategy.name.is_deepspeed:
             # Built now, not in configure_model: Lightning runs that hook under DeepSpeed's
             # zero.Init for ZeRO-3, which partitions parameters before our init scheme could run.
@@ -102,6 +108,9 @@ class CausalLMModule(L.LightningModule):
         model = self._add_head(decoder)
         model = self.method.apply(model, self.cfg.finetune)
         self._after_method(model)
+        if self.cfg.strategy.cp > 1:
+            self.context_parallel = ContextParallel.of(mesh)
+            self.context_parallel.install(decoder_of(model))
         model = parallelize(model, self.cfg.strategy, self.precision_name, mesh)
         if self.cfg.finetune.l2sp > 0:
             # Reference taken now: pretrained values (a resume loads its state afterwards), sharded like w.
@@ -120,6 +129,8 @@ class CausalLMModule(L.LightningModule):
 
     def task_loss(self, batch: Any) -> torch.Tensor:
         """Mean next-token loss; SFT batches are dicts whose packed rows carry segment ids."""
+        if self.context_parallel is not None:
+            return self._context_parallel_loss(batch)
         if isinstance(batch, dict):
             # Packed rows carry segment ids (a soft prompt is refused with packing by its spec).
             segments = batch["segment_ids"] if self.cfg.task.pack else None
@@ -131,6 +142,27 @@ class CausalLMModule(L.LightningModule):
         if isinstance(loss, DTensor):  # tensor parallel: the loss parallel's replicated result
             loss = loss.full_tensor()
         return loss
+
+    def _context_parallel_loss(self, batch: Any) -> torch.Tensor:
+        """task_loss on this rank's share of every row (strategy.cp, train/context_parallel.py)."""
+        cp = self.context_parallel
+        assert cp is not None
+        tokens, labels = (batch["tokens"], batch["labels"]) if isinstance(batch, dict) else batch
+        self._cp_seq_len = int(tokens.shape[1])
+        tokens, labels = cp.shard((tokens, labels))
+        with cp.active(self._cp_seq_len), cp.rope(decoder_of(self.net), self._cp_seq_len):
+            # Summed, not averaged: a rank's share may hold no target at all (a prompt, padding).
+            summed = self.net(tokens, labels, per_sequence=True).sum()
+        return cp.mean_loss(summed, labels)
+
+    @contextmanager
+    def context_parallel_recompute(self) -> Iterator[None]:
+        """Around a backward: recomputed attention under strategy.cp's rule (a no-op otherwise)."""
+        if self.context_parallel is None or self._cp_seq_len is None:
+            yield
+            return
+        with self.context_parallel.active(self._cp_seq_len):
+            yield
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.task_loss(batch)

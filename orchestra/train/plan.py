@@ -38,9 +38,10 @@ class TaskSpec:
     full_rows: bool = False
     # The model ends in the language-model head: counted in FLOPs, and a sample is generated.
     lm_head: bool = True
-    # Its loss is the decoder's own next-token loss, which strategy.tp splits over the vocabulary
-    # (loss parallel); a task with its own head or a second model (classification, DPO) is not split.
-    tensor_parallel: bool = False
+    # Its loss is the decoder's own next-token loss over every position, which strategy.tp splits
+    # over the vocabulary (loss parallel) and strategy.cp over the sequence; a task with its own
+    # head or a second model (classification, DPO) is not split.
+    model_parallel: bool = False
     # The task's own config rules and its combinations with method and strategy.
     validate: Callable[[TrainConfig], None] = no_rules
 

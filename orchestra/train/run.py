@@ -141,13 +141,15 @@ def validate_run(cfg: TrainConfig) -> None:
         )
     if cfg.strategy.tp > 1:
         _check_tensor_parallel_run(cfg, method, task)
+    if cfg.strategy.cp > 1:
+        _check_context_parallel_run(cfg, method, task)
     task.validate(cfg)
 
 
 def _check_tensor_parallel_run(cfg: TrainConfig, method: MethodSpec, task: TaskSpec) -> None:
     """What strategy.tp splits: the decoder and its own loss, with every weight trained."""
     require(
-        task.tensor_parallel,
+        task.model_parallel,
         "strategy.tp",
         f"task={task.name} has its own head or a second model, which tensor parallelism does not split; "
         "use strategy.tp=1 (FSDP shards it) for this task",
@@ -163,6 +165,34 @@ def _check_tensor_parallel_run(cfg: TrainConfig, method: MethodSpec, task: TaskS
         "eval.tasks",
         "evaluation during training reads the model's full weights and logits, which strategy.tp "
         "splits; evaluate the checkpoints with orchestra-eval instead",
+    )
+
+
+def _check_context_parallel_run(cfg: TrainConfig, method: MethodSpec, task: TaskSpec) -> None:
+    """What strategy.cp splits: rows of plain causal attention under the decoder's own loss."""
+    require(
+        task.model_parallel,
+        "strategy.cp",
+        f"task={task.name} reads whole rows (a head on the last token, paired sequences), which context "
+        "parallelism splits; use strategy.cp=1 for this task",
+    )
+    require(
+        method.reserved_positions(cfg.finetune) == 0,
+        "strategy.cp",
+        f"finetune.method={method.name} puts virtual tokens before every row, which context parallelism "
+        "cannot split; use strategy.cp=1 for this method",
+    )
+    require(
+        task.full_rows or not cfg.task.pack,
+        "task.pack",
+        "packed rows attend only within their examples, a mask context parallelism does not rebuild; "
+        "set task.pack=false with strategy.cp",
+    )
+    require(
+        not cfg.eval.tasks,
+        "eval.tasks",
+        "evaluation during training scores whole sequences, which strategy.cp splits; evaluate the "
+        "checkpoints with orchestra-eval instead",
     )
 
 

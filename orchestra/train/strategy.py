@@ -180,6 +180,10 @@ def parallelize(
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         mesh = device_mesh["data_parallel"]
+        if st.cp > 1:
+            # Context ranks hold different tokens of the same rows: their gradients are averaged
+            # with the data ranks', so FSDP shards over both dimensions as one.
+            mesh = device_mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
         if st.hybrid_shard:
             mesh = _hybrid_mesh(mesh)
         kwargs: dict[str, Any] = {
@@ -299,6 +303,38 @@ def _tensor_parallel_strategy(base: type) -> type:
     return TensorParallelStrategy
 
 
+def _context_parallel_strategy(base: type, cp: int) -> type:
+    """``base`` with a (data, context, tensor) device mesh and backward under the gathered attention.
+
+    Lightning's ModelParallelStrategy builds a (data, tensor) mesh; here it is rebuilt with the
+    context dimension between them, so ``distributed_sampler_kwargs`` (the data dimension) gives
+    the ranks of a context group the same batches. A backward that recomputes checkpointed
+    blocks runs their attention again, so it runs under the same rule as the forward.
+    """
+
+    class ContextParallelStrategy(base):  # type: ignore[misc, valid-type]
+        def setup_environment(self) -> None:
+            super().setup_environment()
+            from torch.distributed.device_mesh import init_device_mesh
+
+            dp = self.world_size // (cp * self._tensor_parallel_size)
+            mesh = init_device_mesh(
+                self.root_device.type,
+                (dp, cp, self._tensor_parallel_size),
+                mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel"),
+            )
+            self._device_mesh = mesh
+            assert self.lightning_module is not None
+            self.lightning_module._device_mesh = mesh
+
+        def backward(self, closure_loss: Any, *args: Any, **kwargs: Any) -> Any:
+            module = self.lightning_module
+            with module.context_parallel_recompute():  # type: ignore[union-attr, operator]
+                return super().backward(closure_loss, *args, **kwargs)
+
+    return ContextParallelStrategy
+
+
 def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     """The Lightning strategy (object or name) for cfg.strategy."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
@@ -326,9 +362,13 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
             )
         strategy_class: type = AtomicModelParallelStrategy
         if st.tp > 1:
-            strategy_class = _tensor_parallel_strategy(AtomicModelParallelStrategy)
+            strategy_class = _tensor_parallel_strategy(strategy_class)
+        if st.cp > 1:
+            strategy_class = _context_parallel_strategy(strategy_class, st.cp)
         return strategy_class(
-            data_parallel_size=data_parallel_size(cfg),
+            # Lightning's own mesh is (data, tensor); the context dimension is cut out of its
+            # data dimension by ContextParallelStrategy.
+            data_parallel_size=data_parallel_size(cfg) * st.cp,
             tensor_parallel_size=st.tp,
             save_distributed_checkpoint=True,
             timeout=timeout,

@@ -75,10 +75,15 @@ class ThroughputCallback(L.Callback):
         self.train_tokens = 0.0  # every rank's token positions in the measured windows
         self.last: dict[str, float] = {}
         self._world = 1
+        self._replicas = 1
         self._paused_at: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from orchestra.data.datamodule import rank_world
+
         self._world = trainer.world_size
+        # Ranks that read the same batches (a tensor- or context-parallel group) count each once.
+        self._replicas = max(1, trainer.world_size // rank_world(trainer)[1])
         if self.peak_override is not None:
             self.peak = self.peak_override
             return
@@ -157,6 +162,7 @@ class ThroughputCallback(L.Callback):
         world = trainer.world_size
         if self.tokens_per_step is None:
             (window_tokens,) = reduce_across_ranks([self._window_tokens], "sum", device)
+            window_tokens /= self._replicas
         else:
             window_tokens = self._window_steps * self.tokens_per_step
         self.train_tokens += window_tokens

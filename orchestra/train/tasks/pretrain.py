@@ -21,5 +21,5 @@ SPEC = TaskSpec(
     build_datamodule=_datamodule,
     needs_base=False,
     full_rows=True,
-    tensor_parallel=True,
+    model_parallel=True,
 )

@@ -25,4 +25,4 @@ def task_datamodule(plan: RunPlan) -> Any:
     )
 
 
-SPEC = TaskSpec(name="sft", module=CausalLMModule, build_datamodule=task_datamodule, tensor_parallel=True)
+SPEC = TaskSpec(name="sft", module=CausalLMModule, build_datamodule=task_datamodule, model_parallel=True)

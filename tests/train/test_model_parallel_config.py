@@ -1,4 +1,4 @@
-"""strategy.tp: every layout that cannot split evenly, and every task or method it does not split, is one
+"""strategy.tp and strategy.cp: every layout that cannot split evenly, and every task or method it does not split, is one
 clear error naming the key before anything runs; the data-parallel size sets accumulation and sharding."""
 
 from __future__ import annotations
@@ -86,3 +86,67 @@ def test_fine_tuning_rows_must_split(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"finetune\.seq_len=33"):
         validate_run(full)
+
+
+def cp_config(tmp_path: Path, cp: int = 2, devices: int = 4) -> TrainConfig:
+    cfg = tp_config(tmp_path, tp=1, devices=devices)
+    return replace(cfg, strategy=replace(cfg.strategy, cp=cp))
+
+
+def test_context_parallel_data_parallel_size(tmp_path: Path) -> None:
+    from orchestra.train.strategy import build_strategy
+
+    cfg = cp_config(tmp_path, cp=2, devices=4)
+    validate_run(cfg)
+    assert data_parallel_size(cfg) == 2
+    strategy = build_strategy(cfg, "32-true")
+    # Lightning's (data, tensor) mesh is built first; the context dim is cut out of its data dim.
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
+    assert type(strategy).__name__ == "ContextParallelStrategy"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"strategy": "ddp"}, "strategy.cp", "strategy=fsdp"),
+        ({"tp": 2}, "strategy.cp", "not supported yet"),
+        ({"cp": 0}, "strategy.cp", ">= 1"),
+        ({"cp": 3, "devices": 4}, "strategy.cp", "does not divide the world size"),
+        ({"max_seq_len": 66}, "strategy.cp", "model.max_seq_len=66 does not split into 2 x 2"),
+        ({"sliding_window": 16}, "strategy.cp", "model.sliding_window"),
+        ({"attn_softcap": 50.0}, "strategy.cp", "model.attn_softcap"),
+        ({"global": 6}, "trainer.global_batch_size", "strategy.cp"),
+    ],
+)
+def test_context_parallel_layouts_that_do_not_split_are_refused(
+    tmp_path: Path, change: dict[str, object], key: str, words: str
+) -> None:
+    change = dict(change)
+    cfg = cp_config(tmp_path, cp=int(change.pop("cp", 2)), devices=int(change.pop("devices", 4)))
+    if "strategy" in change:
+        cfg = replace(cfg, strategy=replace(cfg.strategy, name=StrategyName(change.pop("strategy"))))
+    if "tp" in change:
+        cfg = replace(cfg, strategy=replace(cfg.strategy, tp=int(change.pop("tp"))))
+    if "global" in change:
+        cfg = replace(cfg, trainer=replace(cfg.trainer, global_batch_size=int(change.pop("global"))))
+    cfg = replace(cfg, model=replace(cfg.model, **change))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        validate_run(cfg)
+    assert words in str(err.value)
+
+
+def test_context_parallel_tasks_and_methods_it_does_not_split_are_refused(tmp_path: Path) -> None:
+    from orchestra.model.config import RopeScaling, RopeType
+
+    cfg = cp_config(tmp_path)
+    full = replace(cfg, finetune=replace(cfg.finetune, method=FinetuneMethod.full, init_from=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"strategy\.cp.*task=classification"):
+        validate_run(replace(full, task=replace(full.task, name="classification")))
+    with pytest.raises(ConfigError, match=r"task\.pack"):
+        validate_run(replace(full, task=replace(full.task, name="sft", pack=True)))
+    validate_run(replace(full, task=replace(full.task, name="sft", pack=False)))
+    with pytest.raises(ConfigError, match=r"eval\.tasks"):
+        validate_run(replace(cfg, eval=replace(cfg.eval, tasks=["perplexity"])))
+    dynamic = RopeScaling(type=RopeType.dynamic, factor=2.0, original_max_seq_len=32)
+    with pytest.raises(ConfigError, match=r"strategy\.cp.*rope\.type=dynamic"):
+        validate_run(replace(cfg, model=replace(cfg.model, rope=dynamic)))
