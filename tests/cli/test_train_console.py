@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ def a_summary(run_dir: Path) -> dict[str, Any]:
 
 def printed(width: int | None = None) -> tuple[Console, io.StringIO]:
     buf = io.StringIO()
-    return Console(file=buf, width=width, force_terminal=False, color_system=None), buf
+    # rich reads COLUMNS from the os.environ it saw when first imported; a library imported by an
+    # earlier test may have replaced that mapping, so hand it the current one.
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None, _environ=os.environ)
+    return console, buf
 
 
 @pytest.mark.parametrize("width", [40, 120])
