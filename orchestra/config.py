@@ -647,6 +647,10 @@ class StrategyConfig:
     """strategy=fsdp: tensor-parallel degree (q/k/v/gate/up split by columns, o/down by rows,
     norms and residuals split by sequence, loss parallel over the vocabulary). Ranks of one
     tensor-parallel group are neighbours, so keep tp within a node; FSDP shards over the rest."""
+    async_checkpoint: bool = False
+    """strategy=fsdp: write checkpoints with torch.distributed.checkpoint's async_save. Training
+    waits only while the state is copied to host memory; the files are written in the background
+    and the checkpoint appears (manifest, rename) once every rank's files are complete."""
     cp: int = 1
     """strategy=fsdp: context-parallel degree for long sequences. Each rank of a group holds
     2 of 2·cp load-balanced chunks of every row; attention gathers the group's keys and values
@@ -668,6 +672,13 @@ class StrategyConfig:
                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
             )
         require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1 (1: no tensor parallelism), got {self.tp}")
+        if self.async_checkpoint:
+            require(
+                self.name == StrategyName.fsdp,
+                f"{prefix}.async_checkpoint",
+                "applies to strategy=fsdp (torch.distributed.checkpoint directories); single and ddp "
+                "write one file, DeepSpeed its own format",
+            )
         require(self.cp >= 1, f"{prefix}.cp", f"must be >= 1 (1: no context parallelism), got {self.cp}")
         if self.cp > 1:
             require(

@@ -552,6 +552,9 @@ def fit(
     newest = trainer.strategy.broadcast(find_resume_checkpoint(plan.run_dir, hashes=False))
     last = plan.run_dir / CHECKPOINT_DIRNAME / "last.ckpt"
     save_final_checkpoint(trainer, callbacks.checkpointing, Path(newest) if newest else None, last)
+    finish = getattr(trainer.strategy, "finish_checkpoint", None)
+    if finish is not None:  # strategy.async_checkpoint: the final save is published before the summary
+        finish()
     if callbacks.last_validation.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     finish_wandb(trainer)
@@ -601,6 +604,11 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _stall(strategy: Any) -> float | None:
+    stalls = getattr(strategy, "checkpoint_stalls", None)
+    return round(sum(stalls), 4) if stalls else None
+
+
 class RunSummary(TypedDict):
     """summary.json: what a run did, in the units users compare runs by."""
 
@@ -627,6 +635,8 @@ class RunSummary(TypedDict):
     strategy: str
     world_size: int
     guard_events: int
+    # Seconds the training loop waited for checkpoint saves in all (sharded strategies; rank 0).
+    checkpoint_stall_s: float | None
     run_dir: str
     dataset: str | None  # the prepared dataset's folder (its manifest, its data card)
     trial: dict[str, Any] | None  # a sweep's trial: study, number, whether it was pruned and when
@@ -674,6 +684,7 @@ def summarize(
         "strategy": plan.config.strategy.name.value,
         "world_size": trainer.world_size,
         "guard_events": len(callbacks.guard.record.events),
+        "checkpoint_stall_s": _stall(trainer.strategy),
         "run_dir": str(plan.run_dir),
         "dataset": str(plan.dataset_dir.resolve()) if plan.dataset_dir else None,
         "trial": callbacks.pruning.record() if callbacks.pruning is not None else None,

@@ -14,6 +14,7 @@ The model file knows nothing of devices or processes. Everything distributed hap
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -261,12 +262,16 @@ class _AtomicDirectorySave:
     ``<name>.tmp-<pid of rank 0>`` and rank zero renames it into place after a barrier.
     """
 
+    # Seconds the training loop waited in each save (its stall), newest last.
+    checkpoint_stalls: list[float]
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         from pathlib import Path
 
         from orchestra.io import swap_into_place
         from orchestra.train.checkpoint.manifest import write_manifest
 
+        started = time.perf_counter()
         final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
         tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")  # type: ignore[attr-defined]
         super().save_checkpoint(checkpoint, tmp, storage_options)  # type: ignore[misc]
@@ -276,6 +281,126 @@ class _AtomicDirectorySave:
             write_manifest(tmp)
             swap_into_place(tmp, final)
         self.barrier("orchestra_checkpoint_renamed")  # type: ignore[attr-defined]
+        _record_stall(self, time.perf_counter() - started)
+
+    def finish_checkpoint(self) -> None:
+        """Synchronous saves are finished when they return."""
+
+
+def _record_stall(strategy: Any, seconds: float) -> None:
+    if not hasattr(strategy, "checkpoint_stalls"):
+        strategy.checkpoint_stalls = []
+    strategy.checkpoint_stalls.append(seconds)
+
+
+def _link_copy(source: Any, final: Any) -> None:
+    """``final`` as a directory of hard links to ``source``'s files, appearing at once (last.ckpt)."""
+    import uuid
+
+    from orchestra.io import swap_into_place
+
+    tmp = final.with_name(f"{final.name}.tmp-link-{uuid.uuid4().hex[:8]}")
+    for path in sorted(source.rglob("*")):
+        target = tmp / path.relative_to(source)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    swap_into_place(tmp, final)
+
+
+class _AsyncDistributedSave(_AtomicDirectorySave):
+    """strategy.async_checkpoint: ModelParallelStrategy's save through DCP's ``async_save``.
+
+    The loop waits while the state is staged in host memory; a background thread writes the
+    shards into ``<name>.tmp-<pid>``. The checkpoint appears only when it is whole: DCP's
+    coordinator (rank 0) finishes its save after gathering every rank's write results, so when
+    rank 0's future is done every shard is on disk, and rank 0 then writes the manifest and
+    renames the directory into place (and publishes it as last.ckpt when that was asked for the
+    same step). A kill before that leaves only the temp directory, which resume=auto ignores.
+    One save is in flight at a time; the next save, the end of fit and a preemption wait for it.
+    """
+
+    _pending: Any = None  # (future, step, tmp, final, aliases)
+    _async_group: Any = None
+    _after_publish: list[Any] | None = None
+
+    @property
+    def pending_checkpoint(self) -> Any:
+        """The final path of the save in flight, or None."""
+        return self._pending[3] if self._pending is not None else None
+
+    def after_publish(self, action: Any) -> None:
+        """Run ``action()`` once the save in flight is published (e.g. retention's deletions)."""
+        if self._after_publish is None:
+            self._after_publish = []
+        self._after_publish.append(action)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        from pathlib import Path
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        started = time.perf_counter()
+        final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
+        step = int(checkpoint.get("global_step", -1))
+        pending = self._pending
+        if pending is not None and pending[1] == step and final != pending[3]:
+            pending[4].append(final)  # last.ckpt of the step being written: the same files
+            _record_stall(self, time.perf_counter() - started)
+            return
+        self.finish_checkpoint()
+        tmp = final.with_name(f"{final.name}.tmp-{self.broadcast(os.getpid())}")  # type: ignore[attr-defined]
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
+        if self._async_group is None:
+            # The background thread's collectives get their own (CPU) group, so they never
+            # interleave with the training loop's NCCL or gloo calls.
+            self._async_group = dist.new_group(backend="gloo")
+        future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+            torch.save(checkpoint, tmp / _METADATA_FILENAME)
+        self._pending = (future, step, tmp, final, [])
+        _record_stall(self, time.perf_counter() - started)
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the save in flight and publish it (every rank calls this)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        from orchestra.io import swap_into_place
+        from orchestra.train.checkpoint.manifest import write_manifest
+
+        future, _, tmp, final, aliases = pending
+        future.result()  # raises here if this rank's write failed: the temp dir stays unpublished
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            write_manifest(tmp)
+            swap_into_place(tmp, final)
+            for alias in aliases:
+                _link_copy(final, alias)
+        self.barrier("orchestra_async_checkpoint_published")  # type: ignore[attr-defined]
+        actions, self._after_publish = self._after_publish or [], None
+        for action in actions:
+            action()
+
+    def publish_if_done(self) -> None:
+        """Publish a finished save without waiting (called between steps; collective)."""
+        pending = self._pending
+        if pending is None:
+            return
+        done = torch.tensor([1 if pending[0].done() else 0], device=self.root_device)  # type: ignore[attr-defined]
+        done = self.reduce(done, reduce_op="min")  # type: ignore[attr-defined]
+        if int(done.item()):
+            self.finish_checkpoint()
+
+    def teardown(self) -> None:
+        self.finish_checkpoint()
+        super().teardown()  # type: ignore[misc]
 
 
 def _tensor_parallel_strategy(base: type) -> type:
@@ -342,6 +467,9 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     class AtomicModelParallelStrategy(_AtomicDirectorySave, ModelParallelStrategy):
         pass
 
+    class AsyncModelParallelStrategy(_AsyncDistributedSave, ModelParallelStrategy):
+        pass
+
     class AtomicDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
         pass
 
@@ -360,7 +488,9 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
                 "strategy.cpu_offload: moves parameters and optimizer state from GPU memory to the "
                 "CPU, and this run has no GPU; set strategy.cpu_offload=false"
             )
-        strategy_class: type = AtomicModelParallelStrategy
+        strategy_class: type = (
+            AsyncModelParallelStrategy if st.async_checkpoint else AtomicModelParallelStrategy
+        )
         if st.tp > 1:
             strategy_class = _tensor_parallel_strategy(strategy_class)
         if st.cp > 1:

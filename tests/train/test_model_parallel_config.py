@@ -150,3 +150,11 @@ def test_context_parallel_tasks_and_methods_it_does_not_split_are_refused(tmp_pa
     dynamic = RopeScaling(type=RopeType.dynamic, factor=2.0, original_max_seq_len=32)
     with pytest.raises(ConfigError, match=r"strategy\.cp.*rope\.type=dynamic"):
         validate_run(replace(cfg, model=replace(cfg.model, rope=dynamic)))
+
+
+def test_async_checkpoint_is_for_sharded_checkpoints(tmp_path: Path) -> None:
+    cfg = tp_config(tmp_path, tp=1, devices=2)
+    validate_run(replace(cfg, strategy=replace(cfg.strategy, async_checkpoint=True)))
+    ddp = replace(cfg, strategy=replace(cfg.strategy, name=StrategyName.ddp, async_checkpoint=True))
+    with pytest.raises(ConfigError, match=r"strategy\.async_checkpoint: applies to strategy=fsdp"):
+        validate_run(ddp)

@@ -51,6 +51,16 @@ class RunCheckpoint(ModelCheckpoint):
         # from it was no longer exact).
         self._last_global_step_saved = trainer.global_step
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.best_k_models and self.kth_best_model_path not in self.best_k_models:
+            # The run that saved this kept another number of checkpoints
+            # (trainer.keep_last_checkpoints): Lightning restores its k-th best as '' and fails
+            # on the next save looking it up. The k-th is the one retention would delete next.
+            worst = min if self.mode == "max" else max
+            self.kth_best_model_path = worst(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         return self.paused is not None or super()._should_skip_saving_checkpoint(trainer)
 
@@ -58,8 +68,22 @@ class RunCheckpoint(ModelCheckpoint):
         if self.paused is None:
             super().on_train_end(trainer, pl_module)
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # strategy.async_checkpoint: a save whose files are all written is published between
+        # steps, before this step's own save (if any) is started.
+        publish = getattr(trainer.strategy, "publish_if_done", None)
+        if publish is not None:
+            publish()
+        super().on_train_batch_end(trainer, *args, **kwargs)
+
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         newest = self._last_checkpoint_saved
+        pending = getattr(trainer.strategy, "pending_checkpoint", None)
+        if pending is not None and newest and Path(newest) == Path(pending):
+            # The newest is still being written in the background: delete the old one only once
+            # it is published (and then only if it is intact, below).
+            trainer.strategy.after_publish(lambda: self._remove_checkpoint(trainer, filepath))  # type: ignore[attr-defined]
+            return
         if newest and Path(newest) != Path(filepath):
             try:
                 verify_checkpoint(newest, hashes=False)

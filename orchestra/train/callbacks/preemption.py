@@ -156,6 +156,9 @@ class PreemptionCallback(Callback):
         path = self.checkpoint_dir / f"step{step:07d}.ckpt"
         started = time.time()
         trainer.save_checkpoint(path)  # collective; atomic through AtomicCheckpointIO
+        finish = getattr(trainer.strategy, "finish_checkpoint", None)
+        if finish is not None:  # strategy.async_checkpoint: the job must not end before it is written
+            finish()
         if trainer.is_global_zero and path.is_file():
             # last.ckpt follows the newest checkpoint; a hard link is instant and atomic by rename.
             with contextlib.suppress(OSError):
