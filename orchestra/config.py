@@ -616,6 +616,10 @@ class EnergyConfig:
         require(self.measure_power_secs > 0, f"{prefix}.measure_power_secs", "must be positive")
 
 
+FP8_RECIPES = ("off", "tensorwise", "rowwise")
+"""strategy.fp8 choices: torchao's Float8LinearConfig recipe names (off: no FP8)."""
+
+
 @dataclass
 class StrategyConfig:
     """How the one model is spread over devices; applied from outside the model (train/strategy.py)."""
@@ -647,6 +651,14 @@ class StrategyConfig:
     """strategy=fsdp: tensor-parallel degree (q/k/v/gate/up split by columns, o/down by rows,
     norms and residuals split by sequence, loss parallel over the vocabulary). Ranks of one
     tensor-parallel group are neighbours, so keep tp within a node; FSDP shards over the rest."""
+    fp8: str = "off"
+    """FP8 training of the decoder blocks' linear layers with torchao's Float8Linear: off,
+    tensorwise (one scale per tensor; under FSDP2 the weights are also gathered in FP8) or
+    rowwise (one scale per row, more accurate, a little slower). Needs a GPU with FP8 tensor
+    cores (compute capability 8.9+); the output projection and the loss stay in higher precision."""
+    fp8_emulate: bool = False
+    """Run strategy.fp8's casts and scaled matmuls emulated in higher precision, on any device:
+    for checking its numerics on a machine without FP8 (no speed-up; slower than off)."""
     async_checkpoint: bool = False
     """strategy=fsdp: write checkpoints with torch.distributed.checkpoint's async_save. Training
     waits only while the state is copied to host memory; the files are written in the background
@@ -672,6 +684,20 @@ class StrategyConfig:
                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
             )
         require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1 (1: no tensor parallelism), got {self.tp}")
+        require(self.fp8 in FP8_RECIPES, f"{prefix}.fp8", f"{self.fp8!r} is not one of {list(FP8_RECIPES)}")
+        if self.fp8 != "off":
+            require(
+                self.name in (StrategyName.single, StrategyName.ddp, StrategyName.fsdp),
+                f"{prefix}.fp8",
+                f"FP8 training runs under single, ddp or fsdp (strategy={self.name.value})",
+            )
+            require(
+                self.tp == 1,
+                f"{prefix}.fp8",
+                "FP8 with tensor parallelism is not supported yet; use strategy.tp=1 (FSDP) with strategy.fp8",
+            )
+        else:
+            require(not self.fp8_emulate, f"{prefix}.fp8_emulate", "emulates strategy.fp8, which is off")
         if self.async_checkpoint:
             require(
                 self.name == StrategyName.fsdp,

@@ -475,6 +475,13 @@ def build_trainer(plan: RunPlan, callbacks: RunCallbacks) -> L.Trainer:
         int(os.environ.get(k, "0")) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
     )
     last_row = plan.last_row.to_dict() if plan.last_row is not None else None
+    if cfg.strategy.fp8 != "off" and is_zero:
+        log.info(
+            "strategy.fp8=%s: MFU is reported against the device's bf16 peak, as for any run; FP8 "
+            "matmuls may run up to 2x faster, so an MFU above the usual 40-60 %% means FP8 at work, "
+            "not more of the bf16 peak used",
+            cfg.strategy.fp8,
+        )
     loggers = build_loggers(
         cfg.logger, plan.run_dir, cfg.name, to_plain(cfg), plan.resume_step, is_zero, last_row
     )

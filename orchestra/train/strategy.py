@@ -159,6 +159,42 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
+def fp8_capable() -> bool:
+    """Whether this process has a GPU with FP8 tensor cores (compute capability 8.9: Ada, Hopper, later)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def _fp8_target(module: nn.Module, fqn: str) -> bool:
+    """The decoder blocks' linear layers whose sizes FP8 matmuls take (multiples of 16).
+
+    The output projection stays out (its logits feed the loss; torchtitan keeps it too), as do
+    task heads, adapters and anything outside the blocks.
+    """
+    if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_fp8(model: nn.Module, st: StrategyConfig) -> None:
+    """Swap the blocks' nn.Linear for torchao's Float8Linear (dynamic scaling), in place.
+
+    Weights stay in their dtype (the optimizer and checkpoints see the same tensors); each
+    matmul casts its inputs to FP8 with a fresh scale, per tensor or per row. Under FSDP2 with
+    tensorwise scaling the weights are also all-gathered in FP8, halving that traffic.
+    """
+    from dataclasses import replace
+
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig.from_recipe_name(st.fp8)
+    config = replace(
+        config,
+        emulate=st.fp8_emulate,
+        enable_fsdp_float8_all_gather=st.name == StrategyName.fsdp and st.fp8 == "tensorwise",
+    )
+    convert_to_float8_training(decoder_of(model), module_filter_fn=_fp8_target, config=config)
+
+
 def parallelize(
     model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None
 ) -> nn.Module:
@@ -167,6 +203,8 @@ def parallelize(
     The order is torchtitan's: TP splits the plain modules, checkpointing and compile see the
     split blocks, and FSDP2 shards what TP left over the data-parallel ranks (2-D parameters).
     """
+    if st.fp8 != "off":
+        apply_fp8(model, st)
     if st.tp > 1:
         if device_mesh is None:
             raise RuntimeError("strategy.tp needs the device mesh of Lightning's ModelParallelStrategy")
@@ -476,6 +514,17 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     st = cfg.strategy
     # How long a collective waits for the other ranks before it raises (gloo) or aborts (NCCL).
     timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
+    if st.fp8 != "off" and not st.fp8_emulate and (cfg.trainer.accelerator == "cpu" or not fp8_capable()):
+        found = (
+            f"a GPU of compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}"
+            if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+            else "no GPU"
+        )
+        raise ConfigError(
+            f"strategy.fp8={st.fp8}: FP8 matmuls need a GPU with FP8 tensor cores (compute capability "
+            f"8.9+: L4, L40S, H100, H200, B200), and this run has {found}; set strategy.fp8=off, or "
+            "strategy.fp8_emulate=true to check its numerics without the speed-up"
+        )
     if st.name == StrategyName.single:
         return "auto"
     if st.name == StrategyName.ddp:
