@@ -89,7 +89,7 @@ clean:
 # (lint tools, never run there). DEVICE_MAX_MIB caps the folder so it travels with a checkout.
 DEVICE_WHEELS ?= .whl
 DEVICE_PY ?= 3.12
-DEVICE_DEPS ?= hydra-core omegaconf codecarbon wandb hjson pydantic pydantic-core annotated-types \
+DEVICE_DEPS ?= hydra-core omegaconf codecarbon wandb torchao hjson pydantic pydantic-core annotated-types \
 	typing-inspection arrow tzdata authlib joserfc cryptography cffi pycparser pycountry questionary \
 	prompt-toolkit wcwidth rapidfuzz cwevals distro sniffio platformdirs googleapis-common-protos \
 	opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions \

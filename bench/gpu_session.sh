@@ -27,6 +27,10 @@
 #   families       bench/finetune.py qwen2.5-0.5b and llama-3.2-1b shapes, LoRA SFT 50 steps,
 #                  model.kernels=torch vs triton: tokens/s, peak memory, final loss          ~150 s
 #   scaling        bench/scaling.py llama-1b single, 50 steps           (only if time is left)
+#   fp8            bench/pretrain.py llama-350m, strategy.fp8=off/tensorwise/rowwise, 100 steps
+#                  each: tokens/s, MFU (against the bf16 peak), loss      (only if time is left)
+#   checkpoint     bench/checkpoint.py on every local GPU: sync vs async save stall
+#                                                                          (only if time is left)
 #   pretrain-debug bench/pretrain.py debug, torch vs triton, 200 steps  (only if time is left)
 # GPU_SESSION_STAGES picks stages by these names ("correctness" = its three parts).
 #
@@ -57,6 +61,8 @@ PLAN=(
     "finetune 150 90"
     "families 160 90"
     "scaling 90 80"
+    "fp8 150 90"
+    "checkpoint 90 60"
     "pretrain-debug 70 60"
 )
 CORRECTNESS=(kernel-tests ds-zero3 ds-zero2)  # in parallel, under correctness's budget
@@ -254,6 +260,16 @@ stage_families() {  # the issue-12 shapes; qwen first (smaller), each torch then
 stage_scaling() {  # scaling.py puts its run dirs in a temp dir: there, where the clean-up looks
     mkdir -p "$WORK/scaling" &&
         TMPDIR="$WORK/scaling" "$PY" bench/scaling.py --preset llama-1b --strategies single --steps 50 --seq 2048
+}
+stage_fp8() {  # issue 17: bf16 vs FP8 (tensorwise, rowwise) on llama-350m, 100 steps each
+    for recipe in off tensorwise rowwise; do
+        "$PY" bench/pretrain.py --presets llama-350m --steps 100 --override "strategy.fp8=$recipe" \
+            --out "$WORK/fp8-$recipe" || return 1
+    done
+}
+stage_checkpoint() {  # issue 17: sync vs async checkpoint stall on every local GPU
+    "$PY" bench/checkpoint.py --device gpu --nproc "$(nvidia-smi -L | wc -l)" --dim 2048 --layers 16 \
+        --micro 4 --steps 20 --every 5 --rounds 1
 }
 stage_pretrain_debug() {
     "$PY" bench/pretrain.py --presets debug --kernels torch triton --steps 200 --out "$WORK/pretrain-debug"
