@@ -683,7 +683,6 @@ class StrategyConfig:
                 f"{prefix}.cpu_offload",
                 "applies to strategy=fsdp (DeepSpeed offload: strategy=deepspeed_zero3_offload)",
             )
-        require(self.tp >= 1, f"{prefix}.tp", f"must be >= 1 (1: no tensor parallelism), got {self.tp}")
         require(self.fp8 in FP8_RECIPES, f"{prefix}.fp8", f"{self.fp8!r} is not one of {list(FP8_RECIPES)}")
         if self.fp8 != "off":
             require(
@@ -705,34 +704,25 @@ class StrategyConfig:
                 "applies to strategy=fsdp (torch.distributed.checkpoint directories); single and ddp "
                 "write one file, DeepSpeed its own format",
             )
-        require(self.cp >= 1, f"{prefix}.cp", f"must be >= 1 (1: no context parallelism), got {self.cp}")
-        if self.cp > 1:
+        for key, degree, what in (("tp", self.tp, "tensor"), ("cp", self.cp, "context")):
+            require(degree >= 1, f"{prefix}.{key}", f"must be >= 1 (1: no {what} parallelism), got {degree}")
+            if degree == 1:
+                continue
             require(
                 self.name == StrategyName.fsdp,
-                f"{prefix}.cp",
-                f"context parallelism composes with FSDP2: set strategy=fsdp (strategy={self.name.value})",
-            )
-            require(
-                self.tp == 1,
-                f"{prefix}.cp",
-                "context and tensor parallelism together are not supported yet; choose strategy.cp or strategy.tp",
+                f"{prefix}.{key}",
+                f"{what} parallelism composes with FSDP2: set strategy=fsdp (strategy={self.name.value})",
             )
             require(
                 not self.hybrid_shard,
                 f"{prefix}.hybrid_shard",
-                "HSDP and context parallelism together are not supported; use one of them",
+                f"HSDP and {what} parallelism together are not supported; use one of them",
             )
-        if self.tp > 1:
-            require(
-                self.name == StrategyName.fsdp,
-                f"{prefix}.tp",
-                f"tensor parallelism composes with FSDP2: set strategy=fsdp (strategy={self.name.value})",
-            )
-            require(
-                not self.hybrid_shard,
-                f"{prefix}.hybrid_shard",
-                "HSDP and tensor parallelism together are not supported; use one of them",
-            )
+        require(
+            self.tp == 1 or self.cp == 1,
+            f"{prefix}.cp",
+            "context and tensor parallelism together are not supported yet; choose strategy.cp or strategy.tp",
+        )
 
 
 @dataclass

@@ -22,6 +22,26 @@ def tp_config(tmp_path: Path, tp: int = 2, devices: int = 4, **model: object) ->
     )
 
 
+def assert_refused(cfg: TrainConfig, change: dict[str, object], key: str, words: str) -> None:
+    """``cfg`` with ``change`` (strategy keys, the global batch, devices, else model keys) fails on ``key``."""
+    change = dict(change)
+    strategy = {k: change.pop(k) for k in ("tp", "cp", "hybrid_shard") if k in change}
+    if "strategy" in change:
+        strategy["name"] = StrategyName(change.pop("strategy"))
+    trainer = {"global_batch_size": change.pop("global")} if "global" in change else {}
+    if "devices" in change:
+        trainer["devices"] = change.pop("devices")
+    cfg = replace(
+        cfg,
+        strategy=replace(cfg.strategy, **strategy),  # type: ignore[arg-type]
+        trainer=replace(cfg.trainer, **trainer),  # type: ignore[arg-type]
+        model=replace(cfg.model, **change),  # type: ignore[arg-type]
+    )
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        validate_run(cfg)
+    assert words in str(err.value)
+
+
 def test_data_parallel_size_and_accumulation(tmp_path: Path) -> None:
     from orchestra.train.strategy import build_strategy
 
@@ -51,18 +71,7 @@ def test_data_parallel_size_and_accumulation(tmp_path: Path) -> None:
 def test_layouts_that_do_not_split_are_refused(
     tmp_path: Path, change: dict[str, object], key: str, words: str
 ) -> None:
-    change = dict(change)
-    cfg = tp_config(tmp_path, tp=int(change.pop("tp", 2)), devices=int(change.pop("devices", 4)))
-    if "strategy" in change:
-        cfg = replace(cfg, strategy=replace(cfg.strategy, name=StrategyName(change.pop("strategy"))))
-    if "hybrid_shard" in change:
-        cfg = replace(cfg, strategy=replace(cfg.strategy, hybrid_shard=bool(change.pop("hybrid_shard"))))
-    if "global" in change:
-        cfg = replace(cfg, trainer=replace(cfg.trainer, global_batch_size=int(change.pop("global"))))
-    cfg = replace(cfg, model=replace(cfg.model, **change))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-        validate_run(cfg)
-    assert words in str(err.value)
+    assert_refused(tp_config(tmp_path, tp=2), change, key, words)
 
 
 def test_tasks_and_methods_it_does_not_split_are_refused(tmp_path: Path) -> None:
@@ -121,18 +130,7 @@ def test_context_parallel_data_parallel_size(tmp_path: Path) -> None:
 def test_context_parallel_layouts_that_do_not_split_are_refused(
     tmp_path: Path, change: dict[str, object], key: str, words: str
 ) -> None:
-    change = dict(change)
-    cfg = cp_config(tmp_path, cp=int(change.pop("cp", 2)), devices=int(change.pop("devices", 4)))
-    if "strategy" in change:
-        cfg = replace(cfg, strategy=replace(cfg.strategy, name=StrategyName(change.pop("strategy"))))
-    if "tp" in change:
-        cfg = replace(cfg, strategy=replace(cfg.strategy, tp=int(change.pop("tp"))))
-    if "global" in change:
-        cfg = replace(cfg, trainer=replace(cfg.trainer, global_batch_size=int(change.pop("global"))))
-    cfg = replace(cfg, model=replace(cfg.model, **change))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-        validate_run(cfg)
-    assert words in str(err.value)
+    assert_refused(cp_config(tmp_path, cp=2), change, key, words)
 
 
 def test_context_parallel_tasks_and_methods_it_does_not_split_are_refused(tmp_path: Path) -> None:
