@@ -60,13 +60,19 @@ def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
     """
     if trainer is None:
         return (0, 1)
-    try:
-        kwargs = trainer.strategy.distributed_sampler_kwargs  # type: ignore[attr-defined]
-    except (AttributeError, AssertionError):  # single device, or a mesh not built yet
-        kwargs = None
+    kwargs = sampler_kwargs(trainer)
     if kwargs:
         return (int(kwargs["rank"]), int(kwargs["num_replicas"]))
     return (int(trainer.global_rank), int(trainer.world_size))
+
+
+def sampler_kwargs(trainer: L.Trainer) -> dict[str, int] | None:
+    """The strategy's data-parallel ``rank``/``num_replicas``; None where it splits over every rank."""
+    try:
+        kwargs = trainer.strategy.distributed_sampler_kwargs  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):  # single device, or a mesh not built yet
+        return None
+    return dict(kwargs) if kwargs else None
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def test_compare_longer_training_is_better_and_self_is_not_different(
 
 def test_results_go_to_an_offline_wandb_run(trained_run: Path, corpus_dir: Path, tmp_path: Path) -> None:
     from orchestra.config import LoggerConfig, LoggerName, WandbMode
-    from tests.report.wandb_records import history, read_records
+    from tests.report.wandb_records import finished_records, history
 
     out = tmp_path / "wb"
     path = run_eval(
@@ -185,6 +185,6 @@ def test_results_go_to_an_offline_wandb_run(trained_run: Path, corpus_dir: Path,
     metrics = read_results(out)[0]["tasks"]["perplexity"]["metrics"]
     files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    rows = history(list(read_records(files[0])))
+    rows = history(finished_records(files[0]))
     logged = {k: v for row in rows for k, v in row.items() if k.startswith("perplexity/")}
     assert logged["perplexity/ppl"] == pytest.approx(metrics["ppl"])

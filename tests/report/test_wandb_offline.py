@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.report.conftest import STEPS
-from tests.report.wandb_records import history, read_records
+from tests.report.wandb_records import finished_records, history
 
 LOGGED = {
     "train/loss",
@@ -36,7 +36,7 @@ LOGGED = {
 def test_offline_wandb_run_contains_the_logged_keys(observed_run: Path) -> None:
     files = list((observed_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files  # offline, one run
-    records = list(read_records(files[0]))
+    records = finished_records(files[0])
     rows = history(records)
     keys = set().union(*rows)
     assert keys >= LOGGED, LOGGED - keys
@@ -95,7 +95,7 @@ def test_sweep_jobs_share_a_wandb_group(corpus_dir: Path, data_cache: Path, tmp_
     groups, ids = set(), set()
     for job in ("0", "1"):
         (wandb_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
-        run = next(r.run for r in read_records(wandb_file) if r.WhichOneof("record_type") == "run")
+        run = next(r.run for r in finished_records(wandb_file) if r.WhichOneof("record_type") == "run")
         groups.add(run.run_group)
         ids.add(run.run_id)
     assert groups == {f"tiny-{sweep.name}"} and len(ids) == 2  # one group, one W&B run per job

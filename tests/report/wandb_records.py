@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,21 @@ def read_records(path: Path) -> Iterator[pb.Record]:
         elif kind == LAST:
             yield _decode(pending + chunk)
             pending = b""
+
+
+def finished_records(path: Path, timeout_s: float = 60.0) -> list[pb.Record]:
+    """Every record once the run's ``exit`` record is on disk.
+
+    ``run.finish()`` can return while wandb's core process is still writing the file's tail
+    (seen on a loaded 2-core machine), so a reader waits for the last record rather than
+    reading a half-written file.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(read_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def _decode(raw: bytes) -> pb.Record:

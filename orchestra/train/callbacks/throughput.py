@@ -79,11 +79,12 @@ class ThroughputCallback(L.Callback):
         self._paused_at: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from orchestra.data.datamodule import rank_world
+        from orchestra.data.datamodule import sampler_kwargs
 
         self._world = trainer.world_size
         # Ranks that read the same batches (a tensor- or context-parallel group) count each once.
-        self._replicas = max(1, trainer.world_size // rank_world(trainer)[1])
+        kwargs = sampler_kwargs(trainer)
+        self._replicas = max(1, trainer.world_size // kwargs["num_replicas"]) if kwargs else 1
         if self.peak_override is not None:
             self.peak = self.peak_override
             return
