@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -68,7 +69,9 @@ class ContextParallel:
 
     def install(self, decoder: nn.Module) -> None:
         for block in decoder.layers:  # type: ignore[union-attr]
-            block.attention.sdpa = self.attention
+            attention = block.attention
+            kv_groups = int(attention.n_heads) // int(attention.n_kv_heads)
+            attention.sdpa = partial(self.attention, kv_groups=kv_groups)
 
     def shard(self, batch: Any) -> Any:
         """This rank's share of every [B, T] tensor of a batch (a (tokens, labels) pair or a dict)."""
@@ -126,8 +129,14 @@ class ContextParallel:
         dropout_p: float = 0.0,
         is_causal: bool = False,
         scale: float | None = None,
+        kv_groups: int = 1,
     ) -> torch.Tensor:
-        """SDPA; while :meth:`active`, local causal queries against the whole group's keys and values."""
+        """SDPA; while :meth:`active`, local causal queries against the whole group's keys and values.
+
+        The block hands SDPA keys and values repeated to the query heads (``kv_groups`` copies of
+        each under GQA); only one copy of each head is gathered, so the traffic is the key/value
+        heads', not the query heads'.
+        """
         if self._seq_len is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
@@ -139,8 +148,12 @@ class ContextParallel:
             )
         from torch.distributed._functional_collectives import all_gather_single_autograd
 
+        if kv_groups > 1:  # repeat_interleave laid the copies of a head side by side
+            k, v = k[:, ::kv_groups], v[:, ::kv_groups]
         k = all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
         v = all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
+        if kv_groups > 1:
+            k, v = k.repeat_interleave(kv_groups, dim=1), v.repeat_interleave(kv_groups, dim=1)
         mask = self._mask(self._seq_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
