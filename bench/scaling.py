@@ -6,14 +6,13 @@ GPU run (one node; each strategy is a fresh torchrun job on all local GPUs):
 
 Rows are also appended to bench/results/scaling.csv.
 
-Memory table by formula (any machine, no GPU needed) — what docs/scaling.md shows:
+Memory table from orchestra-plan's model (any machine, no GPU needed) — what docs/scaling.md shows:
 
     python bench/scaling.py --memory --gpus 8
+    python bench/scaling.py --anchors          # the time model against published runs
 
-Model states follow the ZeRO paper for mixed-precision Adam (K = 12 bytes of fp32 master
-weights and moments per parameter): DDP 16P, ZeRO-1 4P + 12P/N, ZeRO-2 2P + 14P/N, ZeRO-3 and
-FSDP 16P/N. Activations per layer (Korthikanti et al. 2022) with flash attention, bf16:
-34 s b h bytes without recompute and 2 s b h with full activation checkpointing.
+Every GPU row also records what orchestra-plan predicted for the same command line (peak memory
+without the CUDA/NCCL overhead, tokens/s per GPU), so the plan is checked against each run.
 """
 
 from __future__ import annotations
@@ -43,65 +42,76 @@ STRATEGIES = [
 ]
 
 
-def preset(name: str):  # -> ModelConfig
-    from hydra import compose, initialize_config_dir
+def plan_of(overrides: list[str], gpu: str = "h100-80gb"):  # -> orchestra.train.sizing.Plan
+    """orchestra-plan's prediction for a training command line (the same composition as orchestra-train)."""
+    from orchestra.cli.plan import compose_train_config
+    from orchestra.config import PlanConfig
+    from orchestra.train.sizing import plan_job
 
-    from orchestra.cli.common import CONF_DIR
-    from orchestra.cli.train import to_config
-    from orchestra.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_config(compose("config", overrides=[f"model={name}"])).model
+    return plan_job(compose_train_config(overrides), PlanConfig(gpu=gpu))
 
 
-def parameter_count(m, vocab: int) -> int:
-    kv = m.n_kv_heads * m.head_size
-    per_layer = m.dim * (2 * m.dim + 2 * kv) + 3 * m.dim * m.ffn_dim + 2 * m.dim
-    embeddings = vocab * m.dim * (1 if m.tie_embeddings else 2)
-    return m.n_layers * per_layer + embeddings + m.dim
+def predicted_peak_gib(plan) -> float:  # plan: orchestra.train.sizing.Plan
+    """What torch.cuda.max_memory_allocated should reach: the plan's total without the CUDA/NCCL overhead."""
+    return sum(r.bytes for r in plan.memory.rows if r.key != "overhead") / 2**30
 
 
-def model_state_bytes(params: int, strategy: str, n: int) -> float:
-    return {
-        "ddp": 16 * params,
-        "deepspeed_zero1": 4 * params + 12 * params / n,
-        "deepspeed_zero2": 2 * params + 14 * params / n,
-        "deepspeed_zero3": 16 * params / n,
-        "fsdp": 16 * params / n,
-    }[strategy]
+def memory_table(gpus: int, micro_batch: int, seq: int | None, gpu: str = "h100-80gb") -> str:
+    """GiB per rank of every preset under each strategy, as orchestra-plan predicts them."""
+    from orchestra.train.sizing import parameter_count
 
-
-def memory_table(gpus: int, micro_batch: int, seq: int | None) -> str:
+    strategies = ["ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
     lines = [
-        f"Per-GPU memory in GiB on {gpus} GPUs (bf16 mixed precision, AdamW), micro batch {micro_batch}.",
-        "Model states by formula; activations per the Korthikanti estimate (flash attention).",
+        f"GiB per rank on {gpus} x {gpu} (trainer.precision=bf16-mixed, AdamW, model.kernels=auto),",
+        f"micro batch {micro_batch}, no recomputation / full recomputation; orchestra-plan's model.",
         "",
-        "| preset | params | ddp | zero1 | zero2 | zero3 / fsdp | activations, no recompute | activations, full recompute |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | params | "
+        + " | ".join(strategies)
+        + " | fsdp + full recompute | fsdp tokens/s per GPU |",
+        "|---|---|" + "---|" * (len(strategies) + 2),
     ]
     for name in PRESETS:
-        m = preset(name)
-        vocab = m.vocab_size or 32000
-        params = parameter_count(m, vocab)
-        s = seq or m.max_seq_len
-        sbh = s * micro_batch * m.dim
-        act_full = m.n_layers * 34 * sbh + 4 * s * micro_batch * vocab * 3  # + logits/CE (fp32 logits, grads)
-        act_ckpt = m.n_layers * 2 * sbh + 34 * sbh + 4 * s * micro_batch * vocab * 3
-        gib = 2**30
-        cells = [
-            model_state_bytes(params, st, gpus) / gib
-            for st in ("ddp", "deepspeed_zero1", "deepspeed_zero2", "fsdp")
+        common = [
+            f"model={name}",
+            f"trainer.devices={gpus}",
+            f"trainer.micro_batch_size={micro_batch}",
+            f"trainer.global_batch_size={micro_batch * gpus}",
+            "trainer.accelerator=gpu",
+            *([f"model.max_seq_len={seq}"] if seq else []),
         ]
+        plans = [plan_of([*common, f"strategy={st}"], gpu) for st in strategies]
+        recomputed = plan_of([*common, "strategy=fsdp", "strategy.activation_checkpointing=full"], gpu)
+        params = plans[0].assessment.shape
+        cells = [f"{p.memory.total / 2**30:.1f}" for p in [*plans, recomputed]]
         lines.append(
-            f"| {name} | {params / 1e9:.2f} B | "
-            + " | ".join(f"{c:.1f}" for c in cells)
-            + f" | {act_full / gib:.1f} (s={s}) | {act_ckpt / gib:.1f} |"
+            f"| {name} (s={params.seq}) | {parameter_count(params.model, params.vocab) / 1e9:.2f} B | "
+            + " | ".join(cells)
+            + f" | {plans[-1].time.tokens_per_s_per_gpu:,.0f} |"
         )
     return "\n".join(lines)
 
 
-def run_strategy(preset_name: str, strategy: str, steps: int, gpus: int, out: Path, extra: list[str]) -> dict:
+def anchors_table() -> str:
+    """orchestra-plan's time model against the published runs it is calibrated on and checked against."""
+    from orchestra.train.sizing import anchor_results
+
+    lines = [
+        "| run | source | role | published tokens/s/GPU | planned | error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in anchor_results():
+        a = r.anchor
+        source = "torchtitan" if "torchtitan" in a.source else "llm-foundry"
+        lines.append(
+            f"| {a.name} | {source} | {a.role} | {a.published:,.0f} | {r.predicted:,.0f} | "
+            f"{r.predicted / a.published - 1:+.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def run_strategy(
+    preset_name: str, strategy: str, steps: int, gpus: int, out: Path, extra: list[str], plan_gpu: str
+) -> dict:
     run_dir = out / strategy
     world = 1 if strategy == "single" else gpus
     launcher = (
@@ -133,6 +143,7 @@ def run_strategy(preset_name: str, strategy: str, steps: int, gpus: int, out: Pa
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
+    plan = plan_of(cmd[len(launcher) :], gpu=plan_gpu)
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         return {"strategy": strategy, "error": f"exit {proc.returncode}"}
@@ -148,6 +159,8 @@ def run_strategy(preset_name: str, strategy: str, steps: int, gpus: int, out: Pa
         "tokens_per_s_per_gpu": round(tps / world),
         "mfu": round(sum(mfu) / len(mfu), 4) if mfu else None,
         "peak_mem_gb": summary.get("peak_mem_gb"),
+        "planned_peak_gib": round(predicted_peak_gib(plan), 2),
+        "planned_tokens_per_s_per_gpu": round(plan.time.tokens_per_s_per_gpu),
         "val_loss": summary.get("val_loss"),
     }
 
@@ -156,7 +169,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--memory", action="store_true", help="print the formula memory table and exit")
+    parser.add_argument("--memory", action="store_true", help="print orchestra-plan's memory table and exit")
+    parser.add_argument(
+        "--anchors", action="store_true", help="print orchestra-plan against the published runs and exit"
+    )
     parser.add_argument("--preset", default="llama-1b", choices=PRESETS)
     parser.add_argument(
         "--strategies",
@@ -175,12 +191,18 @@ def main() -> None:
     if args.memory:
         print(memory_table(args.gpus or 8, args.micro_batch, args.seq))
         return
+    if args.anchors:
+        print(anchors_table())
+        return
 
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("bench/scaling.py measures GPUs; this machine has none (use --memory for the formula table)")
     gpus = args.gpus or torch.cuda.device_count()
+    from orchestra.train.sizing import detect_gpu
+
+    plan_gpu = detect_gpu().key
     extra = [
         f"trainer.micro_batch_size={args.micro_batch}",
         f"trainer.global_batch_size={args.micro_batch * gpus}",
@@ -191,10 +213,20 @@ def main() -> None:
     results = []
     for st in args.strategies:
         # `single` keeps the global batch of the others through accumulation.
-        results.append(run_strategy(args.preset, st, args.steps, gpus, out, extra))
+        results.append(run_strategy(args.preset, st, args.steps, gpus, out, extra, plan_gpu))
     device = torch.cuda.get_device_name()
     print(f"\n{args.preset} on {gpus} x {device} — {dt.date.today().isoformat()}\n")
-    keys = ["strategy", "world", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gb", "val_loss"]
+    keys = [
+        "strategy",
+        "world",
+        "tokens_per_s",
+        "tokens_per_s_per_gpu",
+        "planned_tokens_per_s_per_gpu",
+        "mfu",
+        "peak_mem_gb",
+        "planned_peak_gib",
+        "val_loss",
+    ]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in results:
         print("| " + " | ".join(str(r.get(k, r.get("error", "-"))) for k in keys) + " |")

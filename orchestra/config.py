@@ -1229,6 +1229,43 @@ class RouteConfig:
         )
 
 
+@dataclass
+class PlanConfig:
+    """The keys of `orchestra-plan` itself (``plan.*``); conf/plan.yaml holds a site's defaults.
+
+    Every other key on its command line is orchestra-train's: the plan is of that training job.
+    """
+
+    gpu: str = "h100-80gb"
+    """GPU to plan for: h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s, or auto (read with nvidia-smi)."""
+    tokens: float | None = None
+    """Token budget; null: trainer.max_steps x trainer.global_batch_size x the sequence length."""
+    overhead_gib: float = 2.0
+    """Memory per rank outside PyTorch's tensors: CUDA context, cuBLAS workspaces, NCCL buffers."""
+    power_fraction: float = 0.8
+    """Average GPU power during training over its TDP."""
+    node_overhead_w: float = 2000.0
+    """Power of one node besides its GPUs: CPUs, memory, NICs, fans, storage."""
+    grid_g_per_kwh: float = 480.0
+    """Carbon intensity of the electricity in gCO2/kWh; default the 2023 world average (Ember,
+    Global Electricity Review 2024)."""
+    fail_above: float | None = None
+    """Exit with code 7 when the predicted memory per rank exceeds this multiple of the GPU's
+    (slurm/pretrain.sh passes 1.1)."""
+    out: str | None = None
+    """Also write the plan as JSON to this file (written atomically)."""
+
+    def validate(self, prefix: str = "plan") -> None:
+        if self.tokens is not None:
+            require(self.tokens > 0, f"{prefix}.tokens", f"must be positive or null, got {self.tokens}")
+        require(self.overhead_gib >= 0, f"{prefix}.overhead_gib", "must be >= 0")
+        require(0 < self.power_fraction <= 1, f"{prefix}.power_fraction", "must be in (0, 1]")
+        require(self.node_overhead_w >= 0, f"{prefix}.node_overhead_w", "must be >= 0")
+        require(self.grid_g_per_kwh >= 0, f"{prefix}.grid_g_per_kwh", "must be >= 0")
+        if self.fail_above is not None:
+            require(self.fail_above > 0, f"{prefix}.fail_above", "must be positive or null")
+
+
 def job_id() -> str:
     """Identity of the launch, the same on every rank: SLURM job, torchrun run id, else the time.
 

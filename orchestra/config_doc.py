@@ -21,6 +21,7 @@ from orchestra.config import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    PlanConfig,
     PrepareConfig,
     RouteConfig,
     ServeConfig,
@@ -149,6 +150,13 @@ def render() -> str:
         ("orchestra-route", RouteConfig),
     ):
         lines += [f"## {title}", "", *_table("(top level)", root, ""), *_sections(root, "")]
+    lines += [
+        "## orchestra-plan",
+        "",
+        "Every key of orchestra-train (the job being planned), plus these:",
+        "",
+        *_table("plan", PlanConfig, "plan."),
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 

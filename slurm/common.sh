@@ -86,6 +86,29 @@ orch_hydra_args() {
     ORCH_ARGS+=("$@")
 }
 
+# orchestra-plan on the job's own overrides before any rank starts: a layout certain to run out
+# of GPU memory (over ORCHESTRA_PLAN_FAIL_ABOVE x the GPU's, default 1.1) is refused here with
+# the fix to try, not after minutes of start-up. The GPU is ORCHESTRA_PLAN_GPU (a key of
+# `orchestra-plan`'s table), else the batch node's own (nvidia-smi). Skipped on CPU jobs (unless
+# ORCHESTRA_PLAN_GPU names a GPU) and with ORCHESTRA_SKIP_PLAN=1. A plan that cannot be made
+# (no GPU found, a config error the training step will report itself) only warns.
+orch_plan_check() {
+    [[ ${ORCHESTRA_SKIP_PLAN:-0} == 1 ]] && return 0
+    local arg cpu=0
+    for arg in "${ORCH_ARGS[@]}"; do [[ $arg == trainer.accelerator=cpu ]] && cpu=1; done
+    if ((cpu == 1)) && [[ -z ${ORCHESTRA_PLAN_GPU:-} ]]; then return 0; fi
+    local rc=0
+    "$ORCH_PYTHON" -m orchestra.cli.plan "${ORCH_ARGS[@]}" "plan.gpu=${ORCHESTRA_PLAN_GPU:-auto}" \
+        "plan.fail_above=${ORCHESTRA_PLAN_FAIL_ABOVE:-1.1}" || rc=$?
+    if ((rc == 7)); then
+        orch_log "error: orchestra-plan: this layout runs out of GPU memory (see above); not starting, not requeueing"
+        exit 2
+    elif ((rc != 0)); then
+        orch_log "warning: orchestra-plan could not plan this job (exit $rc); starting it anyway"
+    fi
+    return 0
+}
+
 # A warning signal (preemption, time limit) reaches the batch shell: pass it to every rank,
 # which checkpoint at their next step boundary and exit with ORCH_PREEMPTED_EXIT_CODE.
 _orch_on_signal() {

@@ -8,7 +8,9 @@
 # Every #SBATCH line below is a default: options on the sbatch command line win. One rank per
 # GPU (ntasks-per-node = gpus-per-node). On USR1 (sent --signal lead seconds before the time
 # limit or a preemption) or TERM, every rank checkpoints at its next step and the job requeues
-# itself; it resumes in the same run dir (named after the job id). See docs/slurm.md.
+# itself; it resumes in the same run dir (named after the job id). Before any rank starts,
+# orchestra-plan sizes the job and refuses a layout certain to run out of GPU memory, naming the
+# fix (ORCHESTRA_SKIP_PLAN=1 submits anyway). See docs/slurm.md and docs/scaling.md.
 #
 #SBATCH --job-name=orchestra-pretrain
 #SBATCH --nodes=1
@@ -32,5 +34,6 @@ orch_setup_env
 orch_setup_rendezvous
 orch_setup_run_id
 orch_hydra_args "$@"
+orch_plan_check  # refuses a layout certain to run out of GPU memory (ORCHESTRA_SKIP_PLAN=1 skips it)
 # --kill-on-bad-exit: one rank that dies must not leave the others waiting in a collective.
 orch_run_step srun --kill-on-bad-exit=1 "$ORCH_PYTHON" -m orchestra.cli.train "${ORCH_ARGS[@]}"

@@ -83,7 +83,10 @@ def reference(
 ) -> tuple[str, dict[str, str], Path, Path]:
     """The uninterrupted job: (job id, scontrol record, log, run dir)."""
     log = tmp_path_factory.mktemp("reference") / "job.out"
-    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=job_env)
+    # Planned for a GPU the way a GPU job is (CPU jobs skip the plan unless a GPU is named): a job
+    # that fits is started as before.
+    env = {**job_env, "ORCHESTRA_PLAN_GPU": "h100-80gb"}
+    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=env)
     info = slurm_cluster.wait(job_id)
     return job_id, info, log, slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
 
@@ -96,6 +99,7 @@ def test_two_nodes_one_process_group(
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert info["Restarts"] == "0"
     assert info["NodeList"] == "orch-node[1-2]"
+    assert "Orchestra plan" in text and "fits" in text  # orchestra-plan ran before the ranks
     assert "Starting with 2 processes" in text  # Lightning: both ranks joined one process group
     assert "MASTER_ADDR=orch-node1" in text
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -172,6 +176,27 @@ def test_mistyped_override_fails_once(
     assert "not requeueing" in text
     assert time.time() - started < 90
     assert not (slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id) / "checkpoints").exists()
+
+
+def test_a_layout_the_plan_says_cannot_fit_never_starts(
+    slurm_cluster: SlurmCluster, job_env: dict[str, str], corpus_dir: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    """orchestra-plan refuses before srun: one error naming the fix, no rank started, no requeue.
+
+    A limit of 0.1 % of an H100 makes the tiny job "too large" without building a large model
+    should the check ever let it through.
+    """
+    log = tmp_path / "job.out"
+    env = {**job_env, "ORCHESTRA_PLAN_GPU": "h100-80gb", "ORCHESTRA_PLAN_FAIL_ABOVE": "0.001"}
+    job_id = slurm_cluster.sbatch(*sbatch_args(log), *overrides(corpus_dir, data_cache), env=env)
+    info = slurm_cluster.wait(job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED", text[-3000:]
+    assert info["Restarts"] == "0" and info["ExitCode"] == "2:0"
+    assert "GiB per rank, more than 0.001 x" in text and "ORCHESTRA_SKIP_PLAN=1" in text
+    assert "not starting, not requeueing" in text
+    assert "command: srun" not in text  # the training step was never launched
+    assert not list(Path(job_env["ORCHESTRA_RUNS"]).glob(f"tiny/*-{job_id}-*"))
 
 
 def test_script_defaults_are_overridable() -> None:
