@@ -319,6 +319,13 @@ class Block(nn.Module):
         return h + (m if self.mlp_post_norm is None else self.mlp_post_norm(m))
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Attention mask [B, 1, T, T] of packed rows: causal, and within each token's own segment."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+
+
 def rope_cache(
     head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,28 +496,34 @@ class Transformer(nn.Module):
                     f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache "
                     "or prefix_embeds"
                 )
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            attn_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # [B, T, T]
-            attn_mask = attn_mask[:, None]  # broadcast over heads
+            attn_mask = segment_mask(segment_ids)
 
-        h = self._embed(tokens, prefix_embeds)
-        end = start_pos + n
-        if length_dependent(self.cfg) and end > original_length(self.cfg):
-            # Dynamic NTK / LongRoPE past the pretraining context: tables for this length.
-            cos, sin = rope_tables(self.cfg, end, tokens.device, seq_len=end)
-            cos, sin = cos[start_pos:end], sin[start_pos:end]
-        else:
-            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        local = (cos, sin)
-        if self.cfg.rope_local_theta is not None:
-            local = (self.rope_local_cos[start_pos:end], self.rope_local_sin[start_pos:end])
+        h = self.embed(tokens, prefix_embeds)
+        cos, sin, local = self.rope_window(start_pos, start_pos + n, tokens.device)
         for i, layer in enumerate(self.layers):
             c, s = local if self.cfg.is_windowed(i) else (cos, sin)
             h = layer(h, c, s, kv_cache, start_pos, attn_mask)
         h = self.norm(h)
         return h[:, P:] if P else h
 
-    def _embed(self, tokens: torch.Tensor, prefix_embeds: torch.Tensor | None) -> torch.Tensor:
+    def rope_window(
+        self, start: int, end: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin [end - start, head_dim] of positions start..end-1, and the windowed layers' pair.
+
+        Dynamic NTK / LongRoPE past the pretraining context get tables computed for this length.
+        """
+        if length_dependent(self.cfg) and end > original_length(self.cfg):
+            cos, sin = rope_tables(self.cfg, end, device, seq_len=end)
+            cos, sin = cos[start:end], sin[start:end]
+        else:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        local = (cos, sin)
+        if self.cfg.rope_local_theta is not None:
+            local = (self.rope_local_cos[start:end], self.rope_local_sin[start:end])
+        return cos, sin, local
+
+    def embed(self, tokens: torch.Tensor, prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings [B, P + T, dim]: the prefix embeddings, then the tokens'."""
         B = tokens.shape[0]
         h = self.tok_embeddings(tokens)
@@ -560,7 +573,7 @@ class Transformer(nn.Module):
         local = (cos, sin)
         if self.cfg.rope_local_theta is not None:
             local = (self.rope_local_cos[positions], self.rope_local_sin[positions])
-        h = self._embed(tokens, prefix_embeds)
+        h = self.embed(tokens, prefix_embeds)
         for i, layer in enumerate(self.layers):
             c, s = local if self.cfg.is_windowed(i) else (cos, sin)
             h = layer(h, c, s, kv_cache, rows)
