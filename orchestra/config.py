@@ -620,6 +620,39 @@ FP8_RECIPES = ("off", "tensorwise", "rowwise")
 """strategy.fp8 choices: torchao's Float8LinearConfig recipe names (off: no FP8)."""
 
 
+# Schedules that run one stage per rank; the others run several (pp_stages_per_rank).
+PP_SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
+# Schedules whose two stages per rank sit in a V (rank r: stages r and 2·pp-1-r).
+PP_V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+PP_SCHEDULES = (
+    *PP_SINGLE_STAGE_SCHEDULES,
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    *PP_V_SCHEDULES,
+)
+
+
+def microbatch_rule(schedule: str, n_microbatches: int, pp: int, stages_per_rank: int) -> str | None:
+    """Why torch's ``schedule`` refuses this many micro-batches per step (None: it runs).
+
+    The same arithmetic torch.distributed.pipelining checks when the schedule is built, here so
+    that a config is refused before any process starts (orchestra/train/pipeline.py runs them).
+    """
+    stages = pp * stages_per_rank
+    if schedule == "1F1B" and n_microbatches < pp:
+        return f"1F1B needs at least as many micro-batches per step as stages ({pp}), got {n_microbatches}"
+    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds != 0:
+            return (
+                f"{schedule} needs the micro-batches per step ({n_microbatches}) to be a multiple of {rounds}"
+            )
+    if schedule == "DualPipeV" and n_microbatches < stages:
+        return f"DualPipeV needs at least as many micro-batches per step as stages ({stages}), got {n_microbatches}"
+    return None
+
+
 @dataclass
 class StrategyConfig:
     """How the one model is spread over devices; applied from outside the model (train/strategy.py)."""
@@ -667,6 +700,19 @@ class StrategyConfig:
     """strategy=fsdp: context-parallel degree for long sequences. Each rank of a group holds
     2 of 2·cp load-balanced chunks of every row; attention gathers the group's keys and values
     (orchestra/train/context_parallel.py). FSDP shards over the data and context ranks together."""
+    pp: int = 1
+    """strategy=fsdp: pipeline-parallel degree. The blocks are cut into pp x pp_stages_per_rank
+    stages by layers, balanced by parameters with the embedding and output projection counted
+    (orchestra/train/pipeline.py); each step's rows run through them as its micro-batches
+    (trainer.global_batch_size / (micro_batch_size x data-parallel ranks) of them). FSDP shards
+    each stage over the data-parallel ranks. Pipeline ranks are the outermost mesh dimension,
+    so a stage boundary can sit between nodes."""
+    pp_schedule: str = "1F1B"
+    """strategy.pp: torch.distributed.pipelining's schedule: 1F1B, GPipe (one stage per rank),
+    Interleaved1F1B, LoopedBFS, InterleavedZeroBubble (pp_stages_per_rank >= 2), ZBVZeroBubble,
+    DualPipeV (two stages per rank in a V)."""
+    pp_stages_per_rank: int = 1
+    """strategy.pp: stages each pipeline rank holds (interleaved and V schedules: 2 or more)."""
 
     def validate(self, prefix: str = "strategy") -> None:
         require(self.ac_every_k > 0, f"{prefix}.ac_every_k", "must be positive")
@@ -723,6 +769,55 @@ class StrategyConfig:
             f"{prefix}.cp",
             "context and tensor parallelism together are not supported yet; choose strategy.cp or strategy.tp",
         )
+        self._validate_pipeline(prefix)
+
+    def _validate_pipeline(self, prefix: str) -> None:
+        require(self.pp >= 1, f"{prefix}.pp", f"must be >= 1 (1: no pipeline parallelism), got {self.pp}")
+        require(
+            self.pp_schedule in PP_SCHEDULES,
+            f"{prefix}.pp_schedule",
+            f"{self.pp_schedule!r} is not one of {list(PP_SCHEDULES)}",
+        )
+        require(self.pp_stages_per_rank >= 1, f"{prefix}.pp_stages_per_rank", "must be >= 1")
+        if self.pp == 1:
+            return
+        require(
+            self.name == StrategyName.fsdp,
+            f"{prefix}.pp",
+            f"pipeline parallelism composes with FSDP2: set strategy=fsdp (strategy={self.name.value})",
+        )
+        for key, degree, what in (("tp", self.tp, "tensor"), ("cp", self.cp, "context")):
+            require(
+                degree == 1,
+                f"{prefix}.{key}",
+                f"pipeline and {what} parallelism together are not supported yet; choose strategy.pp "
+                f"or strategy.{key}",
+            )
+        require(
+            not self.hybrid_shard,
+            f"{prefix}.hybrid_shard",
+            "HSDP and pipeline parallelism together are not supported; use one of them",
+        )
+        spr = self.pp_stages_per_rank
+        if self.pp_schedule in PP_SINGLE_STAGE_SCHEDULES:
+            require(
+                spr == 1,
+                f"{prefix}.pp_stages_per_rank",
+                f"{self.pp_schedule} runs one stage per rank (got {spr}); choose Interleaved1F1B for more",
+            )
+        elif self.pp_schedule in PP_V_SCHEDULES:
+            require(
+                spr == 2,
+                f"{prefix}.pp_stages_per_rank",
+                f"{self.pp_schedule} places exactly two stages per rank in a V (got {spr})",
+            )
+        else:
+            require(
+                spr >= 2,
+                f"{prefix}.pp_stages_per_rank",
+                f"{self.pp_schedule} interleaves several stages per rank: set it to 2 or more (got {spr}), "
+                "or choose pp_schedule=1F1B",
+            )
 
 
 @dataclass
@@ -1310,13 +1405,14 @@ def register_configs() -> None:
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int | None = None) -> int:
-    """Ranks that see different data: the world over the ranks of one tensor- x context-parallel group.
+    """Ranks that see different data: the world over the ranks of one tensor- x context- x pipeline group.
 
     The ranks of such a group read the same micro-batches (each computes its part of them), so
     the global batch splits over this many, and gradient accumulation is derived from it.
     """
     world = world_size if world_size is not None else cfg.trainer.world_size
-    return max(1, world // (max(1, cfg.strategy.tp) * max(1, cfg.strategy.cp)))
+    st = cfg.strategy
+    return max(1, world // (max(1, st.tp) * max(1, st.cp) * max(1, st.pp)))
 
 
 def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
@@ -1325,7 +1421,7 @@ def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
     if trainer.global_batch_size % per_step != 0:
         raise ConfigError(
             f"trainer.global_batch_size: {trainer.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel ranks (world size / (strategy.tp x strategy.cp)) = "
+            f"micro_batch_size x data-parallel ranks (world size / (strategy.tp x strategy.cp x strategy.pp)) = "
             f"{trainer.micro_batch_size} x {world_size} = {per_step}"
         )
     return trainer.global_batch_size // per_step
@@ -1377,6 +1473,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _check_tensor_parallel(cfg, world_size if world_size is not None else t.world_size)
     if st.cp > 1:
         _check_context_parallel(cfg, world_size if world_size is not None else t.world_size)
+    if st.pp > 1:
+        _check_pipeline_parallel(cfg, world_size if world_size is not None else t.world_size)
     if st.name == StrategyName.single:
         require(
             t.world_size == 1,
@@ -1472,6 +1570,36 @@ def _check_context_parallel(cfg: TrainConfig, world: int) -> None:
         not length_dependent(m),
         "strategy.cp",
         f"model.rope.type={RopeType(m.rope.type).value} tables depend on the whole sequence's length; set strategy.cp=1",
+    )
+
+
+def _check_pipeline_parallel(cfg: TrainConfig, world: int) -> None:
+    """strategy.pp against the world, the model's layers and the micro-batches of a step."""
+    st, m = cfg.strategy, cfg.model
+    require(
+        world % st.pp == 0,
+        "strategy.pp",
+        f"{st.pp} does not divide the world size trainer.devices x trainer.num_nodes = {world}",
+    )
+    stages = st.pp * st.pp_stages_per_rank
+    require(
+        m.n_layers >= stages,
+        "strategy.pp",
+        f"{stages} stages (strategy.pp x pp_stages_per_rank) need at least as many layers, and "
+        f"model.n_layers={m.n_layers}",
+    )
+    require(
+        not m.tie_embeddings,
+        "model.tie_embeddings",
+        "a tied input embedding and output projection would sit on the first and the last pipeline "
+        "stage; set strategy.pp=1 for this model",
+    )
+    microbatches = accumulation_steps(cfg.trainer, data_parallel_size(cfg, world))
+    why = microbatch_rule(st.pp_schedule, microbatches, st.pp, st.pp_stages_per_rank)
+    require(
+        why is None,
+        "trainer.global_batch_size",
+        f"{why}: a step's micro-batches are global_batch_size / (micro_batch_size x data-parallel ranks)",
     )
 
 

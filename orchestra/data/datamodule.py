@@ -93,10 +93,17 @@ class BatchPlan:
     loader_workers: int = 0
     # Data steps never trained on (GlobalBatchSampler); a checkpoint's own list is added on resume.
     skip_steps: tuple[int, ...] = ()
+    # Training batches of a rank's whole share of each step (pipeline parallelism, whose schedule
+    # cuts them into micro-batches); validation batches stay micro_batch_size rows.
+    whole_step: bool = False
 
     def accumulation(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each rank at ``world_size``."""
-        return self.global_batch_size // (self.micro_batch_size * world_size)
+        """Training batches per optimizer step on each rank at ``world_size``."""
+        return self.global_batch_size // (self.train_rows(world_size) * world_size)
+
+    def train_rows(self, world_size: int) -> int:
+        """Rows of one training batch: a micro-batch, or with ``whole_step`` a rank's whole step."""
+        return self.global_batch_size // world_size if self.whole_step else self.micro_batch_size
 
     def train_sampler(
         self,
@@ -126,7 +133,7 @@ class BatchPlan:
         return GlobalBatchSampler(
             num_samples=num_samples,
             global_batch_size=self.global_batch_size,
-            micro_batch_size=self.micro_batch_size,
+            micro_batch_size=self.train_rows(world_size),
             rank=rank,
             world_size=world_size,
             seed=self.seed,
@@ -215,6 +222,7 @@ class TokenDataModule(L.LightningDataModule):
         val_batches: int,
         loader_workers: int = 0,
         skip_steps: tuple[int, ...] = (),
+        whole_step: bool = False,
     ) -> None:
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
@@ -227,6 +235,7 @@ class TokenDataModule(L.LightningDataModule):
             val_batches,
             loader_workers,
             tuple(skip_steps),
+            whole_step,
         )
         self.manifest = load_manifest(self.dataset_dir)  # cheap; vocab_size/eos_id are needed before fit
         self._datasets: dict[str, PackedDataset] = {}

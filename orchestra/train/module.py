@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from orchestra.config import IGNORE_INDEX, StrategyName, to_plain
+from orchestra.config import IGNORE_INDEX, StrategyName, accumulation_steps, data_parallel_size, to_plain
 from orchestra.model import Transformer, build_model
 from orchestra.train.checkpoint.io import PREFIX
 from orchestra.train.checkpoint.meta import META_KEY, CheckpointMeta, LastRow, check_tensors
@@ -28,6 +28,7 @@ from orchestra.train.context_parallel import ContextParallel
 from orchestra.train.finetune import BaseModel, peft_record
 from orchestra.train.lightning_compat import realign_loop_progress
 from orchestra.train.optim import L2SP, build_optimizer, build_scheduler, layerwise_lr_groups
+from orchestra.train.pipeline import Pipeline
 from orchestra.train.plan import RunPlan
 from orchestra.train.strategy import decoder_of, parallelize
 
@@ -64,6 +65,8 @@ class CausalLMModule(L.LightningModule):
         # strategy.cp: this rank's context-parallel group and the row length of the last forward.
         self.context_parallel: ContextParallel | None = None
         self._cp_seq_len: int | None = None
+        # strategy.pp: this rank's stages and their schedules, built at the first step (on the device).
+        self._pipeline: Pipeline | None = None
         if self.cfg.strategy.name.is_deepspeed:
             # Built now, not in configure_model: Lightning runs that hook under DeepSpeed's
             # zero.Init for ZeRO-3, which partitions parameters before our init scheme could run.
@@ -164,7 +167,46 @@ class CausalLMModule(L.LightningModule):
         with self.context_parallel.active(self._cp_seq_len):
             yield
 
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """strategy.pp: the schedules over this rank's stages (None without pipeline parallelism)."""
+        if self.cfg.strategy.pp == 1:
+            return None
+        if self._pipeline is None:
+            st = self.cfg.strategy
+            stages = decoder_of(self.net).pipeline_stages
+            microbatches = accumulation_steps(
+                self.cfg.trainer, data_parallel_size(self.cfg, self.trainer.world_size)
+            )
+            mesh = self.device_mesh
+            assert mesh is not None, "strategy.pp runs under PipelineParallelStrategy's device mesh"
+            self._pipeline = Pipeline(
+                stages, mesh["pipeline_parallel"], st.pp_schedule, microbatches, self.device
+            )
+        return self._pipeline
+
+    @staticmethod
+    def _rows(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens, labels, segment ids or None) of a plain or packed batch."""
+        if isinstance(batch, dict):
+            return batch["tokens"], batch["labels"], batch.get("segment_ids")
+        return batch[0], batch[1], None
+
+    def _pipeline_segments(self, batch: Any) -> torch.Tensor | None:
+        return self._rows(batch)[2] if self.cfg.task.pack else None
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        pipeline = self.pipeline
+        if pipeline is not None:
+            # The whole step's rows: the schedule runs their micro-batches forward and backward,
+            # so the gradients are cleared here, before it (see optimizer_zero_grad).
+            for optimizer in self.trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            tokens, labels, _ = self._rows(batch)
+            loss = pipeline.train_step(tokens, labels, self._pipeline_segments(batch))
+            self._step_losses.append(loss)
+            self._log_step_loss()
+            return loss
         loss = self.task_loss(batch)
         self._step_losses.append(loss.detach())
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
@@ -174,6 +216,33 @@ class CausalLMModule(L.LightningModule):
             self.log("train/l2sp", penalty.detach(), on_step=True, on_epoch=False)
             return loss + penalty
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward; under strategy.pp the schedule already ran it in training_step."""
+        if self.cfg.strategy.pp > 1:
+            return
+        super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning clears gradients between a step's forward and its backward; under strategy.pp
+        both run inside training_step, which clears them first."""
+        if self.cfg.strategy.pp > 1:
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the whole model's gradient norm; under strategy.pp that spans every stage."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if gradient_clip_val:
+            pipeline.clip_grad_norm_(list(self.parameters()), float(gradient_clip_val))
 
     def _l2sp_penalty(self) -> torch.Tensor:
         assert self.l2sp is not None
@@ -202,6 +271,12 @@ class CausalLMModule(L.LightningModule):
             return
         for i, group in enumerate(optimizer.param_groups):
             self.log(f"train/lr_{group.get('name', i)}", group["lr"], on_step=True, on_epoch=False)
+        pipeline = self.pipeline
+        if pipeline is not None:  # every rank of the pipeline takes part (a collective)
+            self.log(
+                "train/grad_norm", pipeline.grad_norm(list(self.parameters())), on_step=True, on_epoch=False
+            )
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
@@ -213,6 +288,12 @@ class CausalLMModule(L.LightningModule):
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pipeline = self.pipeline
+        if pipeline is not None:
+            tokens, labels, _ = self._rows(batch)
+            summed, kept = pipeline.eval_sums(tokens, labels, self._pipeline_segments(batch))
+            self._val_sums += torch.stack([summed, kept])
+            return
         labels = batch["labels"] if isinstance(batch, dict) else batch[1]
         loss = self.task_loss(batch)
         tokens = (labels != IGNORE_INDEX).sum()

@@ -107,4 +107,5 @@ class RunPlan:
             "val_batches": t.val_batches,
             "loader_workers": self.config.data.loader_workers,
             "skip_steps": self.skip_steps,
+            "whole_step": self.config.strategy.pp > 1,
         }

@@ -143,6 +143,8 @@ def validate_run(cfg: TrainConfig) -> None:
         _check_tensor_parallel_run(cfg, method, task)
     if cfg.strategy.cp > 1:
         _check_context_parallel_run(cfg, method, task)
+    if cfg.strategy.pp > 1:
+        _check_pipeline_parallel_run(cfg, method, task)
     task.validate(cfg)
 
 
@@ -193,6 +195,41 @@ def _check_context_parallel_run(cfg: TrainConfig, method: MethodSpec, task: Task
         "eval.tasks",
         "evaluation during training scores whole sequences, which strategy.cp splits; evaluate the "
         "checkpoints with orchestra-eval instead",
+    )
+
+
+def _check_pipeline_parallel_run(cfg: TrainConfig, method: MethodSpec, task: TaskSpec) -> None:
+    """What strategy.pp splits: the decoder's layers, every weight trained, rows of one length."""
+    require(
+        task.model_parallel,
+        "strategy.pp",
+        f"task={task.name} has its own head or a second model, which pipeline parallelism does not "
+        "split; use strategy.pp=1 (FSDP shards it) for this task",
+    )
+    require(
+        method.name in ("none", "full"),
+        "strategy.pp",
+        f"finetune.method={method.name} changes the blocks or the inputs after the stages are cut; "
+        "use finetune=full (or none) with strategy.pp, or strategy.pp=1 for this method",
+    )
+    for flag, key, what in (
+        (cfg.finetune.l2sp > 0, "finetune.l2sp", "a penalty over every weight"),
+        (cfg.finetune.layer_lr_decay < 1.0, "finetune.layer_lr_decay", "learning rates by depth"),
+    ):
+        require(
+            not flag, key, f"{what} is not combined with strategy.pp yet; turn it off or use strategy.pp=1"
+        )
+    require(
+        task.full_rows or cfg.task.pack,
+        "task.pack",
+        "pipeline stages exchange activations of one fixed shape, and unpacked rows are padded to "
+        "each batch's longest; set task.pack=true with strategy.pp",
+    )
+    require(
+        not cfg.eval.tasks,
+        "eval.tasks",
+        "evaluation during training reads the whole model, which strategy.pp splits over ranks; "
+        "evaluate the checkpoints with orchestra-eval instead",
     )
 
 
@@ -342,7 +379,9 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         eos_id=eos_id,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         world_size=world_size,
-        accumulation=accumulation_steps(cfg.trainer, data_parallel_size(cfg)),
+        # strategy.pp: Lightning sees one batch per step (a rank's whole share of the global
+        # batch); the pipeline schedule cuts it into the micro-batches.
+        accumulation=1 if cfg.strategy.pp > 1 else accumulation_steps(cfg.trainer, data_parallel_size(cfg)),
         dataset_dir=dataset_dir,
         base=base,
         resume_path=resume_path,
@@ -739,10 +778,15 @@ def train(cfg: TrainConfig) -> RunResult:
                     plan, restarted = rollback_plan(cfg, outcome), True
                     continue
                 sample = ""
-                if plan.task.lm_head and plan.config.strategy.tp > 1:
-                    # Decoding one token at a time cannot be split over the sequence; the
-                    # checkpoint samples with orchestra-generate instead.
-                    log.info("no end-of-run sample under strategy.tp; use orchestra-generate on a checkpoint")
+                split = [k for k in ("tp", "pp") if getattr(plan.config.strategy, k) > 1]
+                if plan.task.lm_head and split:
+                    # Decoding one token at a time cannot be split over the sequence, and no
+                    # rank of a pipeline holds the whole model; the checkpoint samples with
+                    # orchestra-generate instead.
+                    log.info(
+                        "no end-of-run sample under strategy.%s; use orchestra-generate on a checkpoint",
+                        split[0],
+                    )
                 elif plan.task.lm_head:  # a classifier has no language-model head to sample from
                     sample = sample_text(
                         module.net,

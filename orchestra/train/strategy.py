@@ -75,9 +75,30 @@ def apply_activation_checkpointing(model: nn.Module, mode: ActivationCheckpointi
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     layers = decoder_of(model).layers
-    for i, block in enumerate(layers):
-        if mode == ActivationCheckpointing.full or i % every_k == 0:
-            layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    for key, block in blocks_of(model):
+        if mode == ActivationCheckpointing.full or key % every_k == 0:
+            wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            if isinstance(layers, nn.ModuleDict):
+                layers[str(key)] = wrapped
+            else:
+                layers[key] = wrapped
+    _refresh_stage_views(model)
+
+
+def blocks_of(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, block) of the decoder's blocks on this rank: all of them, or a pipeline rank's."""
+    layers = decoder_of(model).layers
+    if isinstance(layers, nn.ModuleDict):  # strategy.pp: this rank's blocks keyed by their index
+        return [(int(key), block) for key, block in layers.items()]
+    return list(enumerate(layers))
+
+
+def _refresh_stage_views(model: nn.Module) -> None:
+    """Point the pipeline stage views at the decoder's current blocks (after a wrapper replaced them)."""
+    decoder = decoder_of(model)
+    for stage in getattr(decoder, "pipeline_stages", ()):
+        for key in list(stage.layers.keys()):
+            stage.layers[key] = decoder.layers[key]
 
 
 def decoder_of(model: nn.Module) -> Any:
@@ -209,9 +230,16 @@ def parallelize(
         if device_mesh is None:
             raise RuntimeError("strategy.tp needs the device mesh of Lightning's ModelParallelStrategy")
         apply_tensor_parallel(model, device_mesh["tensor_parallel"])
+    if st.pp > 1:
+        if device_mesh is None:
+            raise RuntimeError("strategy.pp needs the device mesh of PipelineParallelStrategy")
+        from orchestra.train.pipeline import split_decoder
+
+        pp_rank = device_mesh["pipeline_parallel"].get_local_rank()
+        split_decoder(decoder_of(model), pp_rank, st.pp, st.pp_stages_per_rank, st.pp_schedule)
     apply_activation_checkpointing(model, st.activation_checkpointing, st.ac_every_k)
     if st.compile:
-        for block in decoder_of(model).layers:
+        for _, block in blocks_of(model):
             block.compile()
     if st.name == StrategyName.fsdp:
         if device_mesh is None:
@@ -234,11 +262,18 @@ def parallelize(
         }
         if st.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for block in decoder_of(model).layers:
+        for _, block in blocks_of(model):
             fully_shard(block, **kwargs)
-        # The root holds the embeddings, final norm and lm head (and a task head or soft prompt
-        # of a wrapper, so their gradients are reduced too).
-        fully_shard(model, **kwargs)
+        stages = getattr(decoder_of(model), "pipeline_stages", None)
+        if stages:
+            # strategy.pp: each stage view is its own FSDP root (the schedule calls the stages,
+            # never the decoder), holding whichever of the embedding, final norm and head it owns.
+            for stage in stages:
+                fully_shard(stage, **kwargs)
+        else:
+            # The root holds the embeddings, final norm and lm head (and a task head or soft
+            # prompt of a wrapper, so their gradients are reduced too).
+            fully_shard(model, **kwargs)
     return model
 
 
@@ -498,6 +533,34 @@ def _context_parallel_strategy(base: type, cp: int) -> type:
     return ContextParallelStrategy
 
 
+def _pipeline_parallel_strategy(base: type, pp: int) -> type:
+    """``base`` with a (pipeline, data, tensor) device mesh; the step's backward is the schedule's.
+
+    Lightning's ModelParallelStrategy builds a (data, tensor) mesh; here it is rebuilt with the
+    pipeline dimension outermost (consecutive ranks, usually one node, share a stage's FSDP
+    traffic; stage-to-stage sends may cross nodes), so ``distributed_sampler_kwargs`` (the data
+    dimension) gives every rank of a pipeline the same rows. The schedule runs the backward
+    itself, inside the training step (CausalLMModule.backward is then a no-op).
+    """
+
+    class PipelineParallelStrategy(base):  # type: ignore[misc, valid-type]
+        def setup_environment(self) -> None:
+            super().setup_environment()
+            from torch.distributed.device_mesh import init_device_mesh
+
+            dp = self.world_size // (pp * self._tensor_parallel_size)
+            mesh = init_device_mesh(
+                self.root_device.type,
+                (pp, dp, self._tensor_parallel_size),
+                mesh_dim_names=("pipeline_parallel", "data_parallel", "tensor_parallel"),
+            )
+            self._device_mesh = mesh
+            assert self.lightning_module is not None
+            self.lightning_module._device_mesh = mesh
+
+    return PipelineParallelStrategy
+
+
 def build_strategy(cfg: TrainConfig, precision: str) -> Any:
     """The Lightning strategy (object or name) for cfg.strategy."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
@@ -544,10 +607,12 @@ def build_strategy(cfg: TrainConfig, precision: str) -> Any:
             strategy_class = _tensor_parallel_strategy(strategy_class)
         if st.cp > 1:
             strategy_class = _context_parallel_strategy(strategy_class, st.cp)
+        if st.pp > 1:
+            strategy_class = _pipeline_parallel_strategy(strategy_class, st.pp)
         return strategy_class(
-            # Lightning's own mesh is (data, tensor); the context dimension is cut out of its
-            # data dimension by ContextParallelStrategy.
-            data_parallel_size=data_parallel_size(cfg) * st.cp,
+            # Lightning's own mesh is (data, tensor); the context and pipeline dimensions are cut
+            # out of its data dimension by ContextParallelStrategy / PipelineParallelStrategy.
+            data_parallel_size=data_parallel_size(cfg) * st.cp * st.pp,
             tensor_parallel_size=st.tp,
             save_distributed_checkpoint=True,
             timeout=timeout,

@@ -130,6 +130,7 @@ class TaskDataModule(L.LightningDataModule):
         loader_workers: int = 0,
         skip_steps: tuple[int, ...] = (),
         tokens: TokenizerSpec | None = None,
+        whole_step: bool = False,
     ) -> None:
         super().__init__()
         self.task = task
@@ -149,6 +150,7 @@ class TaskDataModule(L.LightningDataModule):
             val_batches,
             loader_workers,
             tuple(skip_steps),
+            whole_step,
         )
         try:
             self.tokenizer = Tokenizer.from_str(tokenizer_json)
