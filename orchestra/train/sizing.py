@@ -22,8 +22,7 @@ batch script can refuse a layout that cannot fit before ``srun`` starts it. The 
 - **Verdict** (:func:`plan_job`): fits or not, the largest term, and the fixes to try, each
   planned again with the change applied.
 
-The layout reads ``strategy.tp`` and ``strategy.cp``; it takes ``pp`` (pipeline stages) too,
-1 until the configuration has a pipeline-parallel key.
+The layout reads ``strategy.tp``, ``strategy.cp`` and ``strategy.pp``.
 """
 
 from __future__ import annotations
@@ -347,7 +346,7 @@ class Layout:
     """How the ranks of a job split the model and the batch.
 
     ``tp`` is the tensor-parallel degree inside a node, ``cp`` the context-parallel one (each rank
-    holds 1/cp of every row); ``pp`` (pipeline stages) is not configurable yet and stays 1. The
+    holds 1/cp of every row), ``pp`` the number of pipeline ranks (strategy.pp). The
     rest of the world is data parallel; FSDP shards the states over the data and context ranks
     (what strategy.py's mesh flattens), ZeRO over the data ranks (HSDP: over one node's ranks).
     """
@@ -407,6 +406,7 @@ def layout_of(cfg: TrainConfig) -> Layout:
         devices=t.devices,
         nodes=t.num_nodes,
         tp=st.tp,
+        pp=st.pp,
         cp=st.cp,
         hybrid_shard=st.hybrid_shard,
         reshard_after_forward=st.reshard_after_forward,
@@ -1418,6 +1418,8 @@ def assess(cfg: TrainConfig, shape: Shape, gpu: GPU, pc: PlanConfig) -> Assessme
     precision = resolve_precision(t.precision, t.accelerator)
     num = numerics(st.name, precision)
     kernels = kernels_of(cfg, layout.tp)
+    if layout.pp > 1:  # the schedule takes the loss outside the last stage: whole logits, unfused
+        kernels = replace(kernels, loss=False)
     dp = data_parallel_size(cfg)
     accumulation = accumulation_steps(t, dp)
     counts = param_counts(m, shape.vocab)

@@ -84,7 +84,8 @@ def test_pipeline_checkpoint_resumes_in_one_process(
     """PP=2's step-5 checkpoint continued by a single process: the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     ckpt = runs["pp2"] / "checkpoints" / "step0000005.ckpt"
-    overrides = job(corpus_dir, data_cache, run_dir, 1, "single", **SHAPE, resume=str(ckpt))
+    # One FSDP process: DCP reads the stages' shards into the whole model.
+    overrides = job(corpus_dir, data_cache, run_dir, 1, "fsdp", **SHAPE, resume=str(ckpt))
     run(overrides, 1, tmp_path / "log")
     ref, got = losses(runs["single"]), losses(run_dir)
     assert sorted(got) == list(range(5, STEPS))
