@@ -3,7 +3,8 @@
 PP=2 (1F1B), an interleaved schedule with two stages per rank, and FSDP x PP = 2 x 2 give the
 single-process losses step for step (a step's micro-batches are the single run's gradient
 accumulation); a checkpoint written with two stages resumes in one process (DCP reshards it by
-the unsplit model's names) exactly as the uninterrupted run continues.
+the unsplit model's names) exactly as the uninterrupted run continues, and exports to Hugging
+Face with the logits transformers computes.
 """
 
 from __future__ import annotations
@@ -90,3 +91,12 @@ def test_pipeline_checkpoint_resumes_in_one_process(
     ref, got = losses(runs["single"]), losses(run_dir)
     assert sorted(got) == list(range(5, STEPS))
     assert got == pytest.approx({s: ref[s] for s in got}, rel=1e-5, abs=1e-6)
+
+
+def test_export_of_pipeline_parallel_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The stages' shards export as one Hugging Face model whose logits transformers reproduces."""
+    from orchestra.train.export import export_hf
+    from tests.train.test_export import assert_transformers_matches
+
+    ckpt = runs["fsdp2xpp2"] / "checkpoints" / "last.ckpt"
+    assert_transformers_matches(ckpt, export_hf(ckpt, tmp_path / "hf"))
