@@ -91,6 +91,10 @@ class TaskName(str, Enum):
     sft = "sft"
     classification = "classification"
     dpo = "dpo"
+    kto = "kto"
+    orpo = "orpo"
+    simpo = "simpo"
+    reward = "reward"
 
 
 class ActivationCheckpointing(str, Enum):
@@ -872,13 +876,13 @@ class FinetuneConfig:
 class TaskConfig:
     """What the model learns (orchestra/train/tasks/, their data in orchestra/data/tasks/).
 
-    pretrain reads the data group's packed corpus; sft, classification and dpo read jsonl
-    examples (train_path/val_path), by default the bundled examples that
-    ``python -m orchestra.data.examples`` builds from the default corpus.
+    pretrain reads the data group's packed corpus; sft, classification and the preference tasks
+    (dpo, kto, orpo, simpo, reward) read jsonl examples (train_path/val_path), by default the
+    bundled examples that ``python -m orchestra.data.examples`` builds from the default corpus.
     """
 
     name: TaskName = TaskName.pretrain
-    """pretrain, sft, classification or dpo."""
+    """pretrain, sft, classification, dpo, kto, orpo, simpo or reward (docs/finetune.md: which when)."""
     train_path: str | None = None
     """jsonl examples to train on; null = the bundled example set of this task (built on first use)."""
     val_path: str | None = None
@@ -886,14 +890,21 @@ class TaskConfig:
     val_fraction: float = 0.05
     """With train_path set and no val_path: this fraction of the examples (seeded) is held out."""
     chat_template: str | None = None
-    """sft, dpo: a Jinja2 chat template over ``messages`` (HF style); null = a Hugging Face base's own
+    """sft and the preference tasks: a Jinja2 chat template over ``messages`` (HF style); null = a Hugging Face base's own
     (its tokenizer_config.json / chat_template.jinja), else Orchestra's plain template."""
     pack: bool = True
     """sft: pack several examples into one row (attention masked at example boundaries)."""
     labels: list[str] = field(default_factory=list)
     """classification: label names in class-index order; empty = sorted labels of the train file."""
     beta: float = 0.1
-    """dpo: strength of the implicit KL penalty toward the reference model."""
+    """dpo, kto: strength of the implicit KL penalty toward the reference model; simpo: the reward's
+    scale (the paper's 2.0-2.5); orpo: lambda, the weight of the odds-ratio term next to the SFT loss."""
+    simpo_gamma: float = 1.0
+    """simpo: the target margin between the chosen and the rejected reward (the paper's 0.5-1.6)."""
+    kto_desirable_weight: float = 1.0
+    """kto: weight of the chosen (desirable) responses' loss."""
+    kto_undesirable_weight: float = 1.0
+    """kto: weight of the rejected (undesirable) responses' loss."""
 
     def validate(self, prefix: str = "task") -> None:
         require(

@@ -16,7 +16,7 @@ from orchestra.model.transformer import Transformer
 
 
 class SequenceClassifier(nn.Module):
-    """Class logits from the hidden state of each sequence's last real token.
+    """Class logits (or, with one label, a scalar score) from the hidden state of each sequence's last real token.
 
     A causal decoder has seen the whole sequence only at its last position, so that token's
     final-norm hidden state is the sequence summary (as in GPT-1 and HF's Llama classifier).
@@ -25,8 +25,8 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, model: Transformer, num_labels: int) -> None:
         super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"a classifier needs at least 2 labels, got {num_labels}")
+        if num_labels < 1:
+            raise ValueError(f"a classifier needs at least 1 label (1: a scalar score), got {num_labels}")
         self.model = model
         self.num_labels = num_labels
         w = model.tok_embeddings.weight

@@ -1,11 +1,16 @@
 """Task losses and metrics that are not plain next-token cross-entropy.
 
 Classification metrics come from torchmetrics (a Lightning dependency, tested against
-scikit-learn in tests/train/test_metrics.py); the DPO loss is written out here because it is four
-lines of the paper's equation 7 and no dependency we already have provides it.
+scikit-learn in tests/train/test_metrics.py). The preference losses (DPO, KTO, ORPO, SimPO and the
+reward model's Bradley-Terry loss) are written out here: each is a few lines of its paper's
+equation over per-sequence log-probabilities, and the one library that has them (TRL) ties them to
+its own trainers; tests/train/test_preference_losses.py checks them against TRL's where it installs
+and against hand computations.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,82 @@ def dpo_loss(
     rejected = beta * (policy_rejected - reference_rejected)
     loss = -F.logsigmoid(chosen - rejected).mean()
     return loss, chosen.detach(), rejected.detach()
+
+
+def kto_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, eq. 8), mean over every response.
+
+    Inputs are summed log-probabilities [B] of the desirable (chosen) and undesirable (rejected)
+    responses. ``kl`` is the reference point z0: the batch's estimate of KL(policy || reference)
+    from mismatched (prompt, response) pairs, taken without gradient and clamped at 0. A desirable
+    response's loss is 1 - sigmoid(beta * (log-ratio - z0)), an undesirable one's 1 - sigmoid(beta *
+    (z0 - log-ratio)), each weighted. Returns (loss, chosen rewards, rejected rewards), detached.
+    """
+    z0 = kl.detach().clamp(min=0)
+    chosen = policy_chosen - reference_chosen
+    rejected = policy_rejected - reference_rejected
+    losses = torch.cat(
+        [
+            desirable_weight * (1 - torch.sigmoid(beta * (chosen - z0))),
+            undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rejected))),
+        ]
+    )
+    return losses.mean(), beta * chosen.detach(), beta * rejected.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012: switch at -log 2)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Odds-Ratio Preference Optimization (Hong et al. 2024, eqs. 6-7): SFT loss plus an odds-ratio term.
+
+    Inputs are each response's mean per-token log-probability [B] (so odds = p / (1 - p) of a
+    length-normalised likelihood) and the chosen responses' next-token loss; ``beta`` is the
+    paper's lambda. No reference model. Returns (loss, chosen rewards, rejected rewards) with
+    rewards beta * mean log-probability, detached.
+    """
+    chosen, rejected = chosen_mean_logps.float(), rejected_mean_logps.float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    loss = chosen_nll - beta * F.logsigmoid(log_odds).mean()
+    return loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+def simpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Simple Preference Optimization (Meng et al. 2024, eq. 6), mean over the batch.
+
+    The reward is the length-normalised log-likelihood beta * mean log p(y|x) (no reference
+    model); the loss is -log sigmoid(reward_chosen - reward_rejected - gamma), gamma the target
+    margin. Returns (loss, chosen rewards, rejected rewards), rewards detached.
+    """
+    chosen, rejected = beta * chosen_mean_logps, beta * rejected_mean_logps
+    loss = -F.logsigmoid(chosen - rejected - gamma).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """A reward model's pairwise loss (Bradley-Terry, as in Ouyang et al. 2022): -log sigmoid(r_c - r_r), mean."""
+    return -F.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()
 
 
 def classification_metrics(

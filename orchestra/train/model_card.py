@@ -44,7 +44,7 @@ DATASET_MANIFEST = "manifest.json"  # orchestra/data/shards.py and orchestra/dat
 DATA_CARD = "datacard.md"  # orchestra/data/pipeline/card.py
 DEFAULT_CACHE_DIR = "data"  # DataConfig.cache_dir's default
 BIAS_TASK = "bias"
-PREFERENCE_TASKS = ("dpo",)
+PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")  # orchestra/train/tasks/: the policy tasks on pairs
 BIAS_HINT = "orchestra-eval ckpt={ckpt} tasks=[bias]"
 
 
@@ -923,6 +923,8 @@ def _hyperparameters(card: _Card) -> list[str]:
     rows += _method_settings(card)
     if card.task in PREFERENCE_TASKS:
         put("task.beta", _get(cfg, "task.beta"))
+    if card.task == "simpo":
+        put("task.simpo_gamma", _get(cfg, "task.simpo_gamma"))
     put("optimizer", _get(cfg, "optim.name"))
     put("learning rate", _get(cfg, "optim.lr"))
     put("betas", _get(cfg, "optim.betas"))

@@ -44,6 +44,10 @@ class TaskSpec:
     model_parallel: bool = False
     # The task's own config rules and its combinations with method and strategy.
     validate: Callable[[TrainConfig], None] = no_rules
+    # Rows of one example in a batch: 2 for a preference pair, 3 for KTO (plus a mismatched row).
+    rows_per_example: int = 1
+    # A frozen reference model runs a forward over the rows (DPO, KTO): sizing counts it.
+    reference: bool = False
 
 
 @dataclass(frozen=True)

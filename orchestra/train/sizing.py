@@ -54,6 +54,7 @@ from orchestra.config import (
     validate,
 )
 from orchestra.model.config import Activation
+from orchestra.train.tasks import task_spec
 
 GIB = 2**30
 MIB = 2**20
@@ -1355,7 +1356,7 @@ def job_shape(cfg: TrainConfig) -> Shape:
             except Exception as err:  # tokenizers raises its own Exception subclass
                 raise ConfigError(f"data.tokenizer_path: {cfg.data.tokenizer_path}: {err}") from None
         vocab = padded_vocab_size(m, tokenizer_vocab)
-    return Shape(m, vocab, seq, 2 if cfg.task.name == TaskName.dpo else 1)
+    return Shape(m, vocab, seq, task_spec(cfg.task.name).rows_per_example)
 
 
 @dataclass(frozen=True)
@@ -1425,15 +1426,14 @@ def assess(cfg: TrainConfig, shape: Shape, gpu: GPU, pc: PlanConfig) -> Assessme
     counts = param_counts(m, shape.vocab)
     frozen = _frozen_base(cfg)
     trainable = trainable_parameters(cfg, counts) if frozen else None
-    states = state_memory(
-        counts, layout, num, trainable, reference=cfg.task.name == TaskName.dpo and not frozen
-    )
+    task = task_spec(cfg.task.name)
+    states = state_memory(counts, layout, num, trainable, reference=task.reference and not frozen)
     rows = t.micro_batch_size * shape.rows_per_sample
     acts = activation_memory(
         m, shape.vocab, shape.seq, rows, num, kernels, st.activation_checkpointing, st.ac_every_k,
         tp=layout.tp, pp=layout.pp, cp=layout.cp,
         packed=cfg.task.name == TaskName.sft and cfg.task.pack,
-        lm_head=cfg.task.name != TaskName.classification,
+        lm_head=task.lm_head,
     )  # fmt: skip
     memory_rows = (
         MemoryRow("parameters", "parameters", states.parameters),
@@ -1463,8 +1463,8 @@ def assess(cfg: TrainConfig, shape: Shape, gpu: GPU, pc: PlanConfig) -> Assessme
         recomputed_blocks=wrapped / m.n_layers,
         fp8=cfg.strategy.fp8 != "off",
         weight_grads=not frozen,
-        lm_head=cfg.task.name != TaskName.classification,
-        reference_forward=cfg.task.name == TaskName.dpo,
+        lm_head=task.lm_head,
+        reference_forward=task.reference,
     )
     return Assessment(cfg, shape, layout, precision, accumulation, memory, step_time(work, gpu), kernels)
 

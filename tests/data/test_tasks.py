@@ -562,3 +562,55 @@ def test_too_small_val_split_names_the_task_keys(
     held = datamodule(tokenizer, "dpo", train, None, cfg={"val_fraction": 0.01})  # 1 of 48 held out
     with pytest.raises(DataError, match=r"fewer than .*; raise task\.val_fraction \(or set task\.val_path\)"):
         held.val_dataloader()
+
+
+# --------------------------------------------------------------------------- kto and reward rows
+
+
+def test_kto_mismatched_rows_pair_each_prompt_with_the_next_chosen_response() -> None:
+    from orchestra.data.tasks.dpo import KTODataset, collate_kto
+
+    examples = [([1, 2, 3], [10, 11], [20]), ([4, 5], [12, 13, 14], [21, 22]), ([6], [15], [23, 24, 25])]
+    pairs = DPODataset(examples, seq_len=16, eos_id=EOS_ID)
+    kto = KTODataset(pairs, seq_len=16)
+    for i, (prompt, _, _) in enumerate(examples):
+        other_chosen = examples[(i + 1) % len(examples)][1]
+        tokens, labels = dpo_side(prompt, other_chosen, EOS_ID, 16)  # the independent rendering
+        assert kto[i]["kl_tokens"].tolist() == tokens and kto[i]["kl_labels"].tolist() == labels
+        assert torch.equal(kto[i]["chosen_tokens"], pairs[i]["chosen_tokens"])
+    batch = collate_kto([kto[0], kto[1]], pad_id=EOS_ID)
+    assert batch["tokens"].shape[0] == 6
+    assert batch["tokens"][4, :4].tolist() == [1, 2, 3, 12]  # prompt 0 + example 1's chosen response
+    # A long prompt loses its start, so the row fits and keeps the mismatched response's first tokens.
+    cut = KTODataset(DPODataset([([1] * 10, [2], [3]), ([4, 5], [6, 7, 8], [9])], 8, EOS_ID), 8)
+    row_tokens, row_labels = cut[0]["kl_tokens"].tolist(), cut[0]["kl_labels"].tolist()
+    assert len(row_tokens) == len(row_labels) == 8 and set(row_tokens[:-1]) == {1}
+    assert [y for y in row_labels if y != IGNORE_INDEX] == [6, 7]
+
+
+def test_reward_rows_are_scored_at_the_token_transformers_pools() -> None:
+    """last_index = Hugging Face's sequence-classifier pooling: the rightmost token that is not padding."""
+    from orchestra.data.tasks.dpo import last_real_index
+
+    pad = EOS_ID
+    tokens = torch.tensor([[5, 6, pad, 7, pad, pad], [5, 6, 7, 8, 9, 9], [pad, 3, pad, pad, pad, pad]])
+    # transformers' rule (LlamaForSequenceClassification.forward), written out independently:
+    expected = [max(j for j, t in enumerate(row) if t != pad) for row in tokens.tolist()]
+    assert last_real_index(tokens, pad).tolist() == expected == [3, 5, 1]
+
+
+def test_kto_and_reward_batches_from_the_datamodule(tokenizer: Tokenizer, task_files: Any) -> None:
+    train, val = task_files["dpo"]
+    dpo = next(iter(datamodule(tokenizer, "dpo", train, val).train_dataloader()))
+    kto = next(iter(datamodule(tokenizer, "kto", train, val).train_dataloader()))
+    assert set(kto) == {"tokens", "labels"} and kto["tokens"].shape[0] == 6
+    width = dpo["tokens"].shape[1]
+    assert torch.equal(kto["tokens"][:4, :width], dpo["tokens"])  # the same pairs, in the same order
+    assert (kto["labels"][4:] != IGNORE_INDEX).any(1).all()  # every mismatched row has a response
+    reward = next(iter(datamodule(tokenizer, "reward", train, val).train_dataloader()))
+    assert set(reward) == {"tokens", "labels", "last_index"} and torch.equal(reward["tokens"], dpo["tokens"])
+    for row, last in zip(reward["tokens"], reward["last_index"], strict=True):
+        assert row[last] != EOS_ID and (row[last + 1 :] == EOS_ID).all()
+    for task in ("orpo", "simpo"):
+        batch = next(iter(datamodule(tokenizer, task, train, val).train_dataloader()))
+        assert same([batch], [dpo])

@@ -240,7 +240,16 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
 
 
 @pytest.mark.parametrize(
-    ("task", "method"), [("sft", "lora"), ("dpo", "full"), ("classification", "unfreeze")]
+    ("task", "method"),
+    [
+        ("sft", "lora"),
+        ("dpo", "full"),
+        ("classification", "unfreeze"),
+        ("kto", "lora"),
+        ("orpo", "full"),
+        ("simpo", "lora"),
+        ("reward", "full"),
+    ],
 )
 def test_task_resume_continues_exactly(
     corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path, task: str, method: str
@@ -339,3 +348,102 @@ def test_finetune_throughput_counts_the_padded_batches_it_ran(
     )
     expected = sum(batch["tokens"].numel() for batch in dm.train_dataloader())
     assert 0 < result.summary["tokens"] == expected < 4 * 8 * 64  # padded to the batch, not to the context
+
+
+def _pairs_config(
+    corpus_dir: Path,
+    examples_cache: Path,
+    trained_run: Path,
+    tmp_path: Path,
+    task: str,
+    method: str,
+    steps: int,
+) -> TrainConfig:
+    """Eight bundled pairs, trained and validated on, as the DPO test above."""
+    from orchestra.data.examples import example_paths
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(example_paths(examples_cache, "dpo")[0].read_text().splitlines(True)[:8]))
+    cfg = task_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        tmp_path / task,
+        task,
+        method,
+        max_steps=steps,
+        val_every_n_steps=steps // 2,
+        val_batches=2,
+    )
+    cfg.task.train_path = cfg.task.val_path = str(pairs)
+    cfg.finetune.lora_targets = ["all-linear"]
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("task", "method", "lr"), [("kto", "lora", 1e-2), ("orpo", "full", 3e-3), ("simpo", "lora", 3e-3)]
+)
+def test_preference_tasks_learn_the_preferences(
+    corpus_dir: Path,
+    examples_cache: Path,
+    trained_run: Path,
+    tmp_path: Path,
+    task: str,
+    method: str,
+    lr: float,
+) -> None:
+    """KTO starts at 1/2 (policy = reference, z0 = 0); every task ends ranking all eight pairs right."""
+    cfg = _pairs_config(corpus_dir, examples_cache, trained_run, tmp_path, task, method, 80)
+    cfg.optim.lr = lr
+    if task == "simpo":
+        cfg.task.beta, cfg.task.simpo_gamma = 2.0, 1.0
+    result = train(cfg)
+    loss = column(read_metrics(tmp_path / task), "train/loss")
+    if task == "kto":
+        assert float(loss[0]) == pytest.approx(0.5, abs=1e-5)
+    assert float(loss[79]) < 0.8 * float(loss[0])
+    metrics = result.summary["val_metrics"]
+    assert metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] > 0, metrics
+
+
+def test_reward_model_ranks_the_pairs_and_exports_with_transformers_scores(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """Bradley-Terry starts near log 2 (a fresh head scores both sides alike) and learns the eight pairs;
+    the export is a one-label LlamaForSequenceClassification scoring padded batches as training did."""
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestra.train.export import export_hf
+
+    cfg = _pairs_config(corpus_dir, examples_cache, trained_run, tmp_path, "reward", "full", 60)
+    # Short pairs of unequal lengths, so the batches hold padded rows.
+    short = []
+    for i, line in enumerate(Path(cfg.task.train_path or "").read_text().splitlines()):
+        record = json.loads(line)
+        cut = {
+            key: " ".join(record[key].split()[:n])
+            for key, n in (("prompt", 8), ("chosen", 3 + i), ("rejected", 9 - i))
+        }
+        short.append(json.dumps(cut) + "\n")
+    Path(cfg.task.train_path or "").write_text("".join(short))
+    cfg.optim.lr = 1e-3
+    result = train(cfg)
+    loss = column(read_metrics(tmp_path / "reward"), "train/loss")
+    assert float(loss[0]) == pytest.approx(math.log(2), abs=0.05)  # a fresh head scores both sides alike
+    assert float(loss[59]) < 0.5 * math.log(2)
+    metrics = result.summary["val_metrics"]
+    assert metrics["reward_accuracy"] == 1.0 and metrics["reward_chosen"] > metrics["reward_rejected"]
+    assert result.sample == ""  # no language-model head to sample from
+
+    assert result.module is not None
+    module = result.module
+    folder = export_hf(tmp_path / "reward" / "checkpoints" / "last.ckpt", tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = next(iter(module.trainer.datamodule.val_dataloader()))
+    assert (batch["last_index"] < batch["tokens"].shape[1] - 1).any()  # some rows are padded
+    with torch.no_grad():
+        chosen, rejected = module.eval().scores(batch)
+        theirs = hf(batch["tokens"]).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, torch.cat([chosen, rejected]), rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from orchestra.config import ConfigError, TaskConfig, TaskName
 from orchestra.data.datamodule import BatchPlan, rank_world
 from orchestra.data.errors import DataError
 from orchestra.data.tasks.classification import ClassificationTask, class_counts
-from orchestra.data.tasks.dpo import DPOTask
+from orchestra.data.tasks.dpo import DPOTask, KTOTask, RewardTask
 from orchestra.data.tasks.sft import SFTTask
 from orchestra.data.tokenizer import vocab_size_of
 
@@ -59,6 +59,17 @@ TASKS: dict[TaskName, Callable[[TaskConfig, TokenizerSpec | None], TaskData]] = 
     TaskName.sft: SFTTask,
     TaskName.classification: ClassificationTask,
     TaskName.dpo: DPOTask,
+    TaskName.orpo: DPOTask,
+    TaskName.simpo: DPOTask,
+    TaskName.kto: KTOTask,
+    TaskName.reward: RewardTask,
+}
+
+# The bundled example set each task reads when task.train_path is null (preference tasks share dpo's).
+EXAMPLE_SETS: dict[TaskName, str] = {
+    TaskName.sft: "sft",
+    TaskName.classification: "classification",
+    **{name: "dpo" for name in (TaskName.dpo, TaskName.orpo, TaskName.simpo, TaskName.kto, TaskName.reward)},
 }
 
 
@@ -75,7 +86,7 @@ def resolve_task_paths(task: TaskConfig, cache_dir: str | os.PathLike[str]) -> t
             )
         from orchestra.data.examples import example_paths
 
-        return example_paths(cache_dir, name.value)
+        return example_paths(cache_dir, EXAMPLE_SETS[name])
     paths: list[Path | None] = []
     for key, value in (("task.train_path", task.train_path), ("task.val_path", task.val_path)):
         if value is None:
@@ -137,7 +148,8 @@ class TaskDataModule(L.LightningDataModule):
         self.task_name = TaskName(task.name)
         if self.task_name not in TASKS:
             raise ConfigError(
-                "task.name: TaskDataModule serves sft, classification and dpo; pretrain uses TokenDataModule"
+                f"task.name: TaskDataModule serves {', '.join(t.value for t in TASKS)}; pretrain uses "
+                "TokenDataModule"
             )
         self.task_data = TASKS[self.task_name](task, tokens)
         self.train_path, self.val_path = Path(train_path), Path(val_path) if val_path is not None else None

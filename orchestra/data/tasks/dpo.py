@@ -1,8 +1,13 @@
-"""dpo: a prompt with a chosen and a rejected response, rendered through the sft chat template.
+"""Preference pairs: a prompt with a chosen and a rejected response, rendered through the sft chat template.
 
-Records are ``{"prompt": str, "chosen": str, "rejected": str}``. Batches are ``{"tokens": [2B, T],
-"labels": [2B, T]}``: the B chosen rows, then the B rejected rows, padded to one common length so
-both halves go through the model in one forward.
+Records are ``{"prompt": str, "chosen": str, "rejected": str}``; dpo, orpo, simpo, kto and reward
+all read them. Batches are ``{"tokens": [2B, T], "labels": [2B, T]}``: the B chosen rows, then the
+B rejected rows, padded to one common length so both halves go through the model in one forward.
+
+* kto adds B rows after those: each prompt with another example's chosen response (the mismatched
+  pairs whose log-ratio estimates KTO's reference point, as Ethayarajh et al. 2024 do).
+* reward adds ``last_index`` [2B]: each row's last position that is not padding, the token whose
+  hidden state the reward head scores (Hugging Face's sequence classifiers pick the same one).
 """
 
 from __future__ import annotations
@@ -131,6 +136,41 @@ def collate_dpo(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dic
     """Chosen rows then rejected rows, right-padded to one common length: ``[2B, T]``."""
     rows = [(item["chosen_tokens"], item["chosen_labels"]) for item in batch]
     rows += [(item["rejected_tokens"], item["rejected_labels"]) for item in batch]
+    return _pad_rows(rows, pad_id)
+
+
+def split_side(tokens: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one shifted (inputs, targets) side, the response with its EOS."""
+    full = [*tokens.tolist(), int(labels[-1])]
+    masked = int(np.argmax(labels != IGNORE_INDEX)) if (labels != IGNORE_INDEX).any() else len(labels)
+    return full[: masked + 1], full[masked + 1 :]
+
+
+class KTODataset(Dataset[dict[str, torch.Tensor]]):
+    """Preference pairs plus, per pair, a mismatched row: its prompt with the next example's chosen response.
+
+    The mismatched partner is fixed by dataset order ((i + 1) mod N, as TRL's KTO shifts
+    completions by one), so every rank and every resume sees the same rows.
+    """
+
+    def __init__(self, pairs: DPODataset, seq_len: int) -> None:
+        self.pairs = pairs
+        self.seq_len = seq_len
+        self.truncated = pairs.truncated
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.pairs[index]
+        prompt, _ = split_side(item["chosen_tokens"].numpy(), item["chosen_labels"].numpy())
+        other = self.pairs[(index + 1) % len(self.pairs)]
+        _, response = split_side(other["chosen_tokens"].numpy(), other["chosen_labels"].numpy())
+        tokens, labels = dpo_row(prompt + response, [IGNORE_INDEX] * len(prompt) + response, self.seq_len)
+        return {**item, "kl_tokens": torch.tensor(tokens), "kl_labels": torch.tensor(labels)}
+
+
+def _pad_rows(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(tokens) for tokens, _ in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -139,8 +179,33 @@ def collate_dpo(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dic
     return {"tokens": tokens, "labels": labels}
 
 
+def collate_kto(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows, rejected rows, then the mismatched rows, right-padded to one length: ``[3B, T]``."""
+    rows = [(item["chosen_tokens"], item["chosen_labels"]) for item in batch]
+    rows += [(item["rejected_tokens"], item["rejected_labels"]) for item in batch]
+    rows += [(item["kl_tokens"], item["kl_labels"]) for item in batch]
+    return _pad_rows(rows, pad_id)
+
+
+def last_real_index(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Each row's last position whose token is not ``pad_id`` [B] (0 for an all-padding row).
+
+    Hugging Face's ``<Family>ForSequenceClassification`` pools the same token (the rightmost
+    non-pad one), so an exported reward model scores a row as training did.
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return (positions * (tokens != pad_id)).argmax(-1)
+
+
+def collate_reward(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`collate_dpo` plus ``last_index`` [2B], the position the reward head reads."""
+    out = collate_dpo(batch, pad_id)
+    out["last_index"] = last_real_index(out["tokens"], pad_id)
+    return out
+
+
 class DPOTask:
-    """dpo for :class:`~orchestra.data.tasks.datamodule.TaskDataModule` (see its ``TaskData``)."""
+    """dpo, orpo and simpo for :class:`~orchestra.data.tasks.datamodule.TaskDataModule` (see its ``TaskData``)."""
 
     def __init__(self, task: TaskConfig, tokens: TokenizerSpec | None = None) -> None:
         self.task, self.tokens = task, tokens
@@ -165,3 +230,24 @@ class DPOTask:
 
     def collate_fn(self, pad_id: int) -> Callable[[Any], dict[str, torch.Tensor]]:
         return functools.partial(collate_dpo, pad_id=pad_id)
+
+
+class KTOTask(DPOTask):
+    """kto: the pairs' chosen responses as desirable, rejected as undesirable, plus mismatched rows."""
+
+    def dataset(
+        self, records: list[Any], tokenizer: Tokenizer, eos_id: int, seq_len: int, where: str
+    ) -> Dataset[Any]:
+        pairs = super().dataset(records, tokenizer, eos_id, seq_len, where)
+        assert isinstance(pairs, DPODataset)
+        return KTODataset(pairs, seq_len)
+
+    def collate_fn(self, pad_id: int) -> Callable[[Any], dict[str, torch.Tensor]]:
+        return functools.partial(collate_kto, pad_id=pad_id)
+
+
+class RewardTask(DPOTask):
+    """reward: the pairs, with the position each row's score is read at."""
+
+    def collate_fn(self, pad_id: int) -> Callable[[Any], dict[str, torch.Tensor]]:
+        return functools.partial(collate_reward, pad_id=pad_id)

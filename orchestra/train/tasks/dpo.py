@@ -9,113 +9,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-from torch.distributed.tensor import DTensor
 
-from orchestra.config import StrategyName, TrainConfig, require
-from orchestra.model import build_model
-from orchestra.train.finetune import peft_disabled
-from orchestra.train.methods import method_spec
 from orchestra.train.metrics import dpo_loss
-from orchestra.train.module import CausalLMModule
 from orchestra.train.plan import TaskSpec
-from orchestra.train.strategy import parallelize
+from orchestra.train.tasks.preference import PreferenceModule, validate_reference
 from orchestra.train.tasks.sft import task_datamodule
 
 
-def _validate(cfg: TrainConfig) -> None:
-    require(cfg.task.beta > 0, "task.beta", f"must be positive, got {cfg.task.beta}")
-    method, strategy = method_spec(cfg.finetune.method), cfg.strategy.name
-    if not method.frozen_base:
-        # A full-weight policy needs a second, frozen copy as reference; ZeRO-3 would have to
-        # partition it in its own engine.
-        require(
-            strategy not in (StrategyName.deepspeed_zero3, StrategyName.deepspeed_zero3_offload),
-            "strategy",
-            f"task=dpo with finetune={method.name} keeps a frozen reference copy, which "
-            "ZeRO-3 cannot partition here; use strategy=fsdp or deepspeed_zero2, or finetune=lora "
-            "(whose reference is the base with the adapters switched off)",
-        )
+class DPOModule(PreferenceModule):
+    """DPO: -log sigmoid of the chosen minus the rejected implicit reward, beta * log(pi / pi_ref)."""
 
-
-class DPOModule(CausalLMModule):
-    """Direct Preference Optimization against a frozen reference model.
-
-    Batches hold chosen rows then rejected rows ([2B, T], labels -100 outside the responses).
-    The reference is the base model: for LoRA / adapters the same network with the PEFT
-    modules switched off (no second copy in memory), for full-weight methods a frozen copy built
-    and sharded like the policy (kept outside the module tree, so it is never checkpointed).
-    """
-
-    def _sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # per_sequence gives each row's summed NLL over its response tokens.
-        return -model(batch["tokens"], batch["labels"], per_sequence=True)
-
-    def _after_base(self, weights: dict[str, torch.Tensor], mesh: Any) -> None:
-        if self.method.frozen_base:
-            return  # the reference is the base with the method switched off (peft_disabled)
-        # A full-weight policy needs a frozen copy of the base, built and sharded like it.
-        reference = build_model(self.cfg.model, self.vocab_size, init=False)
-        reference.load_state_dict(weights, strict=True)
-        reference.requires_grad_(False).eval()
-        self._frozen_reference.append(parallelize(reference, self.cfg.strategy, self.precision_name, mesh))
-
-    def on_fit_start(self) -> None:
-        # Lightning moved the policy; the reference is outside the module tree, so move it too
-        # (a sharded one already lives on its mesh's devices).
-        for reference in self._frozen_reference:
-            if not isinstance(next(reference.parameters()), DTensor):
-                reference.to(self.device)
-
-    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            if self._frozen_reference:
-                return self._sequence_logps(self._frozen_reference[0], batch)
-            with peft_disabled(self.net):
-                return self._sequence_logps(self.net, batch)
-
-    def _dpo(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        reference = self._reference_logps(batch)
-        policy = self._sequence_logps(self.net, batch)
+    def preference_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        reference = self.reference_logps(batch)
+        policy, _ = self.sequence_logps(self.net, batch)
         half = policy.shape[0] // 2
         return dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], self.cfg.task.beta)
 
-    def task_loss(self, batch: Any) -> torch.Tensor:
-        loss, chosen, rejected = self._dpo(batch)
-        margin = chosen - rejected
-        self.log("train/reward_margin", margin.mean(), on_step=True, on_epoch=False, sync_dist=True)
-        self.log(
-            "train/reward_accuracy", (margin > 0).float().mean(), on_step=True, on_epoch=False, sync_dist=True
-        )
-        return loss
 
-    def on_validation_epoch_start(self) -> None:
-        # loss sum, margin sum, correct pairs, pairs, chosen reward sum, rejected reward sum
-        self._val_sums = torch.zeros(6, dtype=torch.float64, device=self.device)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, chosen, rejected = self._dpo(batch)
-        n = chosen.numel()
-        margin = (chosen - rejected).double()
-        self._val_sums += torch.stack(
-            [
-                loss.detach().double() * n,
-                margin.sum(),
-                (margin > 0).double().sum(),
-                torch.tensor(float(n), dtype=torch.float64, device=self.device),
-                chosen.double().sum(),
-                rejected.double().sum(),
-            ]
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        s = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        pairs = float(s[3])
-        self.log("val/loss", float(s[0]) / pairs, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/reward_margin", float(s[1]) / pairs, on_step=False, on_epoch=True)
-        self.log("val/reward_accuracy", float(s[2]) / pairs, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/reward_chosen", float(s[4]) / pairs, on_step=False, on_epoch=True)
-        self.log("val/reward_rejected", float(s[5]) / pairs, on_step=False, on_epoch=True)
-
-
-SPEC = TaskSpec(name="dpo", module=DPOModule, build_datamodule=task_datamodule, validate=_validate)
+SPEC = TaskSpec(
+    name="dpo",
+    module=DPOModule,
+    build_datamodule=task_datamodule,
+    validate=validate_reference,
+    rows_per_example=2,
+    reference=True,
+)
