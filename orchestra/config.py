@@ -81,6 +81,7 @@ class FinetuneMethod(str, Enum):
     none = "none"
     full = "full"
     lora = "lora"
+    dora = "dora"
     adapter = "adapter"
     prompt = "prompt"
     unfreeze = "unfreeze"
@@ -833,17 +834,17 @@ class FinetuneConfig:
 
     method: FinetuneMethod = FinetuneMethod.none
     """none: pretraining from scratch; full / unfreeze: every weight trains (unfreeze on a
-    schedule); lora / adapter / prompt: base frozen, only the method's new weights train."""
+    schedule); lora / dora / adapter / prompt: base frozen, only the method's new weights train."""
     init_from: str | None = None
     """The base: an Orchestra checkpoint (file or sharded dir) or a Hugging Face folder with config.json."""
     lora_rank: int = 8
-    """lora: rank of the update."""
+    """lora, dora: rank of the update."""
     lora_alpha: float = 16.0
-    """lora: the update is scaled by alpha / rank."""
+    """lora, dora: the update is scaled by alpha / rank."""
     lora_dropout: float = 0.0
-    """lora: dropout on the update's input."""
+    """lora, dora: dropout on the update's input."""
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """lora: linear-layer name suffixes, or ["all-linear"]."""
+    """lora, dora: linear-layer name suffixes, or ["all-linear"]."""
     adapter_bottleneck: int = 16
     """adapter: width of the bottleneck."""
     layer_lr_decay: float = 1.0

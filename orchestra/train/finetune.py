@@ -315,25 +315,24 @@ def rebuild_peft_model(
 
 @contextmanager
 def peft_disabled(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base: LoRA updates scaled to zero, adapters bypassed (DPO's reference).
+    """Run ``model`` as its base: LoRA / DoRA layers off, adapters bypassed (DPO's reference).
 
-    Exact, not approximate: a LoRA layer then returns base(x) + 0 and an adapted sublayer its
+    Exact, not approximate: a LoRA or DoRA layer then returns base(x) and an adapted sublayer its
     inner output, so no second copy of the base is needed.
     """
     from orchestra.model.peft import AdaptedModule, LoRALinear
 
     loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
     adapted = [m for m in model.modules() if isinstance(m, AdaptedModule)]
-    scales = [m.scale for m in loras]
     forwards = [m.adapter.forward for m in adapted]
     try:
         for lora in loras:
-            lora.scale = 0.0
+            lora.enabled = False
         for sub in adapted:
             sub.adapter.forward = torch.zeros_like  # type: ignore[method-assign, assignment]
         yield
     finally:
-        for lora, scale in zip(loras, scales, strict=True):
-            lora.scale = scale
+        for lora in loras:
+            lora.enabled = True
         for sub, fwd in zip(adapted, forwards, strict=True):
             sub.adapter.forward = fwd  # type: ignore[method-assign]

@@ -175,6 +175,64 @@ def test_lora_matches_hf_peft():
     torch.testing.assert_close(ours.merge().weight, theirs.get_base_layer().weight)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_matches_hf_peft_in_output_gradients_and_merge(bias: bool) -> None:
+    """DoRA against peft's own DoRA layer: outputs, every trainable gradient, and the merged weight."""
+    peft = pytest.importorskip("peft", reason="peft is not installed; parity with HF peft not checked")
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from orchestra.model.peft import DoRALinear
+
+    torch.manual_seed(5)
+    base = nn.Linear(16, 24, bias=bias)
+    copy = nn.Linear(16, 24, bias=bias)
+    copy.load_state_dict(base.state_dict())
+    ours = DoRALinear(copy, rank=4, alpha=8.0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True)
+    theirs = PeftLoraLinear(base, "default", config=cfg, r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(ours(x), base(x), rtol=1e-6, atol=1e-6)  # starts at the base output
+    magnitude = theirs.lora_magnitude_vector["default"].weight
+    torch.testing.assert_close(ours.lora_magnitude_vector.detach(), magnitude.detach())
+    with torch.no_grad():  # a trained state: B, and the magnitudes, away from their initial values
+        nn.init.normal_(ours.lora_B.weight, std=0.3)
+        ours.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 24))
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        magnitude.copy_(ours.lora_magnitude_vector)
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-6)
+    (y_ours**2).sum().backward()
+    (y_theirs**2).sum().backward()
+    for mine, peft_param in (
+        (ours.lora_A.weight, theirs.lora_A["default"].weight),
+        (ours.lora_B.weight, theirs.lora_B["default"].weight),
+        (ours.lora_magnitude_vector, magnitude),
+    ):
+        assert mine.grad is not None and peft_param.grad is not None
+        torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        theirs.merge()
+        merged = ours.merge()
+    torch.testing.assert_close(merged.weight, theirs.get_base_layer().weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged(x), y_theirs.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_turned_off_is_the_base() -> None:
+    from orchestra.model.peft import DoRALinear
+    from orchestra.train.finetune import peft_disabled
+
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(8, 6), rank=2, alpha=4.0)
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B.weight)
+        layer.lora_magnitude_vector.mul_(2.0)
+    x = torch.randn(4, 8)
+    with peft_disabled(layer):
+        torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+    assert layer.enabled and not torch.allclose(layer(x), layer.base(x))
+
+
 # ---------------------------------------------------------------------------------- adapters
 
 

@@ -195,6 +195,33 @@ def test_lora_export_loads_in_peft_with_our_logits(
         torch.testing.assert_close(merged(x).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_dora_export_loads_in_peft_as_dora_with_our_logits(base: Path, hf_base: Path, tmp_path: Path) -> None:
+    """finetune=dora: peft's files with use_dora and the magnitudes; peft's DoRA and the merged model agree."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    ours = write_peft_checkpoint(base, "dora", tmp_path / "dora.ckpt", lora_targets=["all-linear"])
+    out = export_peft(tmp_path / "dora.ckpt", tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector" in keys
+    assert len(keys) == 3 * 7 * 2  # A, B and magnitude of seven projections in two layers
+    theirs = PeftModel.from_pretrained(hf_model(hf_base), out).eval()
+    merged = hf_model(export_hf(tmp_path / "dora.ckpt", tmp_path / "merged"))
+    x = tokens()
+    with torch.no_grad():
+        expected = ours(x)
+        assert not torch.allclose(hf_model(hf_base)(x).logits, expected, atol=1e-3)
+        torch.testing.assert_close(theirs(x).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(x).logits, expected, atol=1e-5, rtol=0)
+    tensors, meta = load_peft_export(out)  # and back into our model, from peft's files
+    assert sum(name.endswith(".lora_magnitude_vector") for name in tensors) == 14
+    rebuilt = rebuild_peft_model(tensors, meta, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), expected, atol=1e-6, rtol=0)
+
+
 def test_prompt_export_loads_in_peft_with_our_logits(base: Path, hf_base: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file

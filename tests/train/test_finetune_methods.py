@@ -51,7 +51,7 @@ def run_method(
     return base, params, trainable
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "adapter", "prompt"])
 def test_frozen_base_methods_change_only_their_own_weights(
     corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path, method: str
 ) -> None:
@@ -59,13 +59,21 @@ def test_frozen_base_methods_change_only_their_own_weights(
     base, params, trainable = run_method(
         corpus_dir, data_cache, trained_run, tmp_path / "run", method, **extra
     )
-    markers = {"lora": ("lora_A", "lora_B"), "adapter": (".adapter.",), "prompt": ("soft_prompt",)}[method]
+    markers = {
+        "lora": ("lora_A", "lora_B"),
+        "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+        "adapter": (".adapter.",),
+        "prompt": ("soft_prompt",),
+    }[method]
     assert trainable and all(any(m in n for m in markers) for n in trainable)
     for name, tensor in base.items():
         assert torch.equal(params[name], tensor), f"{method}: frozen {name} changed"
     new = {n: p for n, p in params.items() if n not in base}
     assert set(new) == trainable
     moved = [n for n in trainable if "lora_A" not in n and ".down." not in n]
+    if method == "dora":  # the magnitudes start at the base's row norms and train
+        magnitudes = [n for n in trainable if n.endswith("lora_magnitude_vector")]
+        assert magnitudes and len(magnitudes) == sum(n.endswith("lora_A.weight") for n in trainable)
     if method == "prompt":
         assert not torch.equal(
             new["soft_prompt.weight"], base["tok_embeddings.weight"][result_init_ids(8, base)]

@@ -243,6 +243,7 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
     ("task", "method"),
     [
         ("sft", "lora"),
+        ("sft", "dora"),
         ("dpo", "full"),
         ("classification", "unfreeze"),
         ("kto", "lora"),

@@ -26,7 +26,7 @@ from orchestra.model.peft.freeze import (
     trainable_parameter_names,
     unfreeze_schedule,
 )
-from orchestra.model.peft.lora import ALL_LINEAR, LoraConfig, LoRALinear, apply_lora, merge_lora
+from orchestra.model.peft.lora import ALL_LINEAR, DoRALinear, LoraConfig, LoRALinear, apply_lora, merge_lora
 from orchestra.model.peft.prompt import PromptTunedModel, SoftPrompt
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "NEW_PARAM_MARKERS",
     "AdaptedModule",
     "Adapter",
+    "DoRALinear",
     "LoRALinear",
     "LoraConfig",
     "PromptTunedModel",

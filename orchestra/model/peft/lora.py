@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021): a frozen linear plus a trainable low-rank update, merged away for export."""
+"""LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024): a frozen linear plus a trainable low-rank
+update (DoRA: and a trainable per-output magnitude), merged away for export."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ALL_LINEAR = "all-linear"
@@ -21,6 +23,8 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Weight-decomposed LoRA (peft's use_dora): a learned magnitude per output row.
+    use_dora: bool = False
 
 
 class LoRALinear(nn.Module):
@@ -48,6 +52,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # False: the layer computes its base alone (a preference task's reference, peft_disabled).
+        self.enabled = True
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -64,7 +70,10 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update scale * B @ A, computed in fp32 for an exact-as-possible merge."""
@@ -79,6 +88,52 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class DoRALinear(LoRALinear):
+    """Weight-decomposed LoRA: W' = m * (W + s B A) / ||W + s B A||, the norm taken per output row.
+
+    The magnitude m (``lora_magnitude_vector``, peft's name) starts at the base's row norms, so
+    the layer starts at exactly the base output. As in the paper (section 4.3) and peft, the norm
+    is treated as a constant in the backward pass (no gradient through it), which saves the
+    memory of its graph. The output is computed as base(x) + (m / n - 1) * W x + (m / n) * s B A x,
+    so the dense [out, in] update exists only for the norm.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        with torch.no_grad():
+            norm = self.weight_norm(torch.zeros((), device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_magnitude_vector = nn.Parameter(norm.to(base.weight.dtype))
+
+    def weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """Row norms [out] of W + delta."""
+        return torch.linalg.vector_norm(self.base.weight + delta, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        w = self.base.weight
+        with torch.no_grad():
+            norm = self.weight_norm((self.lora_B.weight @ self.lora_A.weight) * self.scale)
+        factor = self.lora_magnitude_vector / norm
+        dropped = self.dropout(x)
+        if isinstance(self.dropout, nn.Identity):
+            plain = out if self.base.bias is None else out - self.base.bias
+        else:
+            plain = F.linear(dropped, w)
+        return out + (factor - 1) * plain + factor * self.lora_B(self.lora_A(dropped)) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' - W in fp32: the merged weight's difference from the base."""
+        w = self.base.weight.float()
+        direction = w + super().delta_weight()
+        norm = torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+        return self.lora_magnitude_vector.float().unsqueeze(1) * direction / norm - w
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, dora"
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -120,7 +175,8 @@ def _lora_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, freeze_base: bool = True) -> list[str]:
-    """Wrap the targeted linears in :class:`LoRALinear` in place and return their names.
+    """Wrap the targeted linears in :class:`LoRALinear` (:class:`DoRALinear` with ``use_dora``) in
+    place and return their names.
 
     With ``freeze_base`` every pre-existing parameter is frozen first, so only the LoRA matrices
     train (set ``requires_grad`` on others afterwards to also train, say, the norms).
@@ -131,7 +187,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, freeze_base: bool = True) -> l
     for name in names:
         base = model.get_submodule(name)
         assert isinstance(base, nn.Linear)
-        _set_submodule(model, name, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+        layer = DoRALinear if cfg.use_dora else LoRALinear
+        _set_submodule(model, name, layer(base, cfg.rank, cfg.alpha, cfg.dropout))
     return names
 
 

@@ -7,6 +7,7 @@ them alone in peft's LORA format (``adapter_config.json`` + ``adapter_model.safe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +34,25 @@ def _validate(cfg: TrainConfig) -> None:
     )
 
 
-def _apply(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
-    try:
-        apply_lora(
-            model,
-            LoraConfig(
-                rank=cfg.lora_rank,
-                alpha=cfg.lora_alpha,
-                dropout=cfg.lora_dropout,
-                target_modules=list(cfg.lora_targets),
-            ),
-        )
-    except ValueError as err:
-        raise ConfigError(f"finetune.lora_targets: {err}") from err
-    return model
+def lora_config(cfg: FinetuneConfig, use_dora: bool) -> LoraConfig:
+    return LoraConfig(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        use_dora=use_dora,
+    )
+
+
+def _apply_with(use_dora: bool) -> Callable[[nn.Module, FinetuneConfig], nn.Module]:
+    def apply(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+        try:
+            apply_lora(model, lora_config(cfg, use_dora))
+        except ValueError as err:
+            raise ConfigError(f"finetune.lora_targets: {err}") from err
+        return model
+
+    return apply
 
 
 def peft_names(names: list[str], cfg: ModelConfig) -> dict[str, str]:
@@ -65,9 +71,9 @@ def peft_names(names: list[str], cfg: ModelConfig) -> dict[str, str]:
                 f"({', '.join(fused)}): peft has no adapter for one slice of a fused projection; export the "
                 "merged model instead (orchestra-export without peft_only=true)"
             )
-        if leaf not in ("A.weight", "B.weight") or f"{module}.weight" not in weights:
+        if leaf not in ("A.weight", "B.weight", "magnitude_vector") or f"{module}.weight" not in weights:
             raise CheckpointError(
-                f"LoRA tensor {name!r} is not a lora_A/lora_B weight of a decoder projection"
+                f"LoRA tensor {name!r} is not a lora_A/lora_B weight (or DoRA magnitude) of a decoder projection"
             )
         hf_module = weights[f"{module}.weight"].removesuffix(".weight")
         out[name] = f"{PEFT_PREFIX}{hf_module}.lora_{leaf}"
@@ -88,7 +94,7 @@ def _target_modules(wrapped: set[str], cfg: ModelConfig) -> list[str] | str:
 
 
 def _peft_files(trainable: dict[str, torch.Tensor], cfg: ModelConfig, peft: PeftRecord) -> PeftFiles:
-    """peft LORA adapter_config.json + tensors under peft's key names."""
+    """peft LORA adapter_config.json (use_dora for DoRA) + tensors under peft's key names."""
     ft = peft.config
     names = peft_names(sorted(trainable), cfg)
     tensors = {names[k]: v for k, v in trainable.items()}
@@ -112,32 +118,41 @@ def _peft_files(trainable: dict[str, torch.Tensor], cfg: ModelConfig, peft: Peft
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_rslora": False,  # our scale is alpha / r, peft's default
-        "use_dora": False,
+        "use_dora": any(name.endswith(".lora_magnitude_vector") for name in trainable),
     }
     return config, tensors, "peft"
 
 
-def _read_peft_files(
-    tensors: dict[str, torch.Tensor], meta: CheckpointMeta, folder: Path
-) -> dict[str, torch.Tensor]:
-    ours = {
-        theirs: name
-        for name, theirs in peft_names(
-            sorted(trainable_layout(meta, folder, _apply)), meta.model_config
-        ).items()
-    }
-    unknown = sorted(set(tensors) - set(ours))
-    if unknown:
-        raise CheckpointError(f"{folder}: tensors {unknown[:3]} are not LoRA weights of this model")
-    return {ours[k]: v for k, v in tensors.items()}
+def _read_peft_files_with(
+    apply: Callable[[nn.Module, FinetuneConfig], nn.Module],
+) -> Callable[[dict[str, torch.Tensor], CheckpointMeta, Path], dict[str, torch.Tensor]]:
+    def read(tensors: dict[str, torch.Tensor], meta: CheckpointMeta, folder: Path) -> dict[str, torch.Tensor]:
+        ours = {
+            theirs: name
+            for name, theirs in peft_names(
+                sorted(trainable_layout(meta, folder, apply)), meta.model_config
+            ).items()
+        }
+        unknown = sorted(set(tensors) - set(ours))
+        if unknown:
+            raise CheckpointError(f"{folder}: tensors {unknown[:3]} are not LoRA weights of this model")
+        return {ours[k]: v for k, v in tensors.items()}
+
+    return read
 
 
-SPEC = MethodSpec(
-    name="lora",
-    frozen_base=True,
-    apply=_apply,
-    merge=merge_lora,
-    validate=_validate,
-    peft_files=_peft_files,
-    read_peft_files=_read_peft_files,
-)
+def lora_spec(name: str, use_dora: bool) -> MethodSpec:
+    """The spec of LoRA, or of DoRA (its weight-decomposed form, the same files with use_dora)."""
+    apply = _apply_with(use_dora)
+    return MethodSpec(
+        name=name,
+        frozen_base=True,
+        apply=apply,
+        merge=merge_lora,
+        validate=_validate,
+        peft_files=_peft_files,
+        read_peft_files=_read_peft_files_with(apply),
+    )
+
+
+SPEC = lora_spec("lora", use_dora=False)
