@@ -82,6 +82,7 @@ class FinetuneMethod(str, Enum):
     full = "full"
     lora = "lora"
     dora = "dora"
+    qlora = "qlora"
     adapter = "adapter"
     prompt = "prompt"
     unfreeze = "unfreeze"
@@ -834,17 +835,17 @@ class FinetuneConfig:
 
     method: FinetuneMethod = FinetuneMethod.none
     """none: pretraining from scratch; full / unfreeze: every weight trains (unfreeze on a
-    schedule); lora / dora / adapter / prompt: base frozen, only the method's new weights train."""
+    schedule); lora / dora / qlora (NF4 base) / adapter / prompt: base frozen, only the method's new weights train."""
     init_from: str | None = None
     """The base: an Orchestra checkpoint (file or sharded dir) or a Hugging Face folder with config.json."""
     lora_rank: int = 8
-    """lora, dora: rank of the update."""
+    """lora, dora, qlora: rank of the update."""
     lora_alpha: float = 16.0
-    """lora, dora: the update is scaled by alpha / rank."""
+    """lora, dora, qlora: the update is scaled by alpha / rank."""
     lora_dropout: float = 0.0
-    """lora, dora: dropout on the update's input."""
+    """lora, dora, qlora: dropout on the update's input."""
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """lora, dora: linear-layer name suffixes, or ["all-linear"]."""
+    """lora, dora, qlora: linear-layer name suffixes, or ["all-linear"]."""
     adapter_bottleneck: int = 16
     """adapter: width of the bottleneck."""
     layer_lr_decay: float = 1.0

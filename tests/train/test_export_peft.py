@@ -222,6 +222,24 @@ def test_dora_export_loads_in_peft_as_dora_with_our_logits(base: Path, hf_base: 
         torch.testing.assert_close(rebuilt(x), expected, atol=1e-6, rtol=0)
 
 
+def test_qlora_exports_plain_lora_adapters_and_rebuilds_over_the_nf4_base(base: Path, tmp_path: Path) -> None:
+    """finetune=qlora: peft's LORA files (the adapters alone, for a base in any precision); read back, the
+    NF4 base is quantized again and computes what training computed."""
+    from safetensors.torch import load_file
+
+    ours = write_peft_checkpoint(base, "qlora", tmp_path / "qlora.ckpt", lora_targets=["q_proj", "v_proj"])
+    out = export_peft(tmp_path / "qlora.ckpt", tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is False
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert len(load_file(out / "adapter_model.safetensors")) == 2 * 2 * 2
+    tensors, meta = load_peft_export(out)
+    rebuilt = rebuild_peft_model(tensors, meta, out).eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), ours(x), atol=0, rtol=0)  # NF4 quantization is deterministic
+
+
 def test_prompt_export_loads_in_peft_with_our_logits(base: Path, hf_base: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file

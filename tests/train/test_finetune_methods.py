@@ -185,6 +185,48 @@ def test_model_hf_preset_sets_the_base() -> None:
         validate(composed("model=hf", "model.path=/models/llama", "finetune=full", "finetune.init_from=x"))
 
 
+def test_qlora_trains_lora_over_an_nf4_base_and_exports_what_it_computes(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """finetune=qlora in one process: NF4 blocks, LoRA alone trains and is saved, the merged export is the model."""
+    from transformers import AutoModelForCausalLM
+
+    from orchestra.model.peft.nf4 import NF4Linear
+    from orchestra.train.export import export_hf
+
+    run = tmp_path / "run"
+    cfg = ft_config(corpus_dir, data_cache, run, "qlora", base_ckpt(trained_run), max_steps=8)
+    cfg.finetune.lora_targets = ["all-linear"]
+    cfg.optim.lr = 3e-3
+    result = train(cfg)
+    assert result.module is not None
+    model = result.module.model.eval()
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2 * 7
+    loss = column(read_metrics(run), "train/loss")
+    assert sorted(loss) == list(range(8)) and all(0 < float(v) < 10 for v in loss.values())
+    trainable, meta = consolidated_state_dict(run / "checkpoints" / "last.ckpt")
+    assert meta.peft is not None and meta.peft.method == "qlora"
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)  # no NF4 tensor saved
+    assert all(trainable[n].abs().max() > 0 for n in trainable if ".lora_B." in n)  # B left zero: it trained
+    hf = AutoModelForCausalLM.from_pretrained(
+        export_hf(run / "checkpoints" / "last.ckpt", tmp_path / "hf")
+    ).eval()
+    probe = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(probe).logits, model(probe), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_qlora_is_refused_beyond_one_device(
+    corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path, strategy: str
+) -> None:
+    cfg = ft_config(corpus_dir, data_cache, tmp_path / "run", "qlora", base_ckpt(trained_run), max_steps=2)
+    cfg.strategy.name = StrategyName(strategy)
+    with pytest.raises(ConfigError, match=r"^strategy: finetune=qlora runs on one device"):
+        validate(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_peft_resume_on_another_base_is_refused(
     corpus_dir: Path, data_cache: Path, trained_run: Path, tmp_path: Path
 ) -> None:

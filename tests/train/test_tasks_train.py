@@ -244,6 +244,7 @@ def test_cli_one_command_sft_lora_on_an_hf_folder(
     [
         ("sft", "lora"),
         ("sft", "dora"),
+        ("sft", "qlora"),
         ("dpo", "full"),
         ("classification", "unfreeze"),
         ("kto", "lora"),

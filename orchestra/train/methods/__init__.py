@@ -12,11 +12,11 @@ from pathlib import Path
 
 from orchestra.config import ConfigError, FinetuneMethod, TrainConfig
 from orchestra.train.checkpoint.meta import CheckpointError
-from orchestra.train.methods import adapter, dora, full, lora, none, prompt, unfreeze
+from orchestra.train.methods import adapter, dora, full, lora, none, prompt, qlora, unfreeze
 from orchestra.train.methods.spec import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
-    m.SPEC.name: m.SPEC for m in (none, full, lora, dora, adapter, prompt, unfreeze)
+    m.SPEC.name: m.SPEC for m in (none, full, lora, dora, qlora, adapter, prompt, unfreeze)
 }
 
 

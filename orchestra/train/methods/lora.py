@@ -123,7 +123,7 @@ def _peft_files(trainable: dict[str, torch.Tensor], cfg: ModelConfig, peft: Peft
     return config, tensors, "peft"
 
 
-def _read_peft_files_with(
+def read_peft_files_with(
     apply: Callable[[nn.Module, FinetuneConfig], nn.Module],
 ) -> Callable[[dict[str, torch.Tensor], CheckpointMeta, Path], dict[str, torch.Tensor]]:
     def read(tensors: dict[str, torch.Tensor], meta: CheckpointMeta, folder: Path) -> dict[str, torch.Tensor]:
@@ -151,7 +151,7 @@ def lora_spec(name: str, use_dora: bool) -> MethodSpec:
         merge=merge_lora,
         validate=_validate,
         peft_files=_peft_files,
-        read_peft_files=_read_peft_files_with(apply),
+        read_peft_files=read_peft_files_with(apply),
     )
 
 
