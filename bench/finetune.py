@@ -85,6 +85,18 @@ METHODS: dict[str, list[str]] = {
         "finetune.lora_alpha=32",
         "finetune.lora_targets=[all-linear]",
     ],
+    "dora-all": [
+        "finetune=dora",
+        "finetune.lora_rank=16",
+        "finetune.lora_alpha=32",
+        "finetune.lora_targets=[all-linear]",
+    ],
+    "qlora-all": [
+        "finetune=qlora",
+        "finetune.lora_rank=16",
+        "finetune.lora_alpha=32",
+        "finetune.lora_targets=[all-linear]",
+    ],
     "adapter": ["finetune=adapter"],
     # A soft prompt is prepended per row, so packing is off (the prompt method refuses it otherwise).
     "prompt": ["finetune=prompt", "task.pack=false"],
@@ -95,6 +107,8 @@ METHODS: dict[str, list[str]] = {
 FROZEN_COLUMNS = [
     ("lora r=8 q,v", "lora"),
     ("lora r=16 all-linear", "lora-all"),
+    ("dora r=16 all-linear", "dora-all"),
+    ("qlora r=16 all-linear", "qlora-all"),
     ("adapter 16", "adapter"),
     ("prompt 20", "prompt"),
 ]
@@ -139,6 +153,10 @@ def count_parameters(m: Any, vocab: int) -> dict[str, tuple[int, int]]:
         model = Transformer(m, vocab)
         apply_lora(model, LoraConfig(rank=16, alpha=32.0, target_modules=["all-linear"]))
         out["lora-all"] = counts(model)
+        out["qlora-all"] = out["lora-all"]  # the same LoRA tensors, over an NF4 base
+        model = Transformer(m, vocab)
+        apply_lora(model, LoraConfig(rank=16, alpha=32.0, target_modules=["all-linear"], use_dora=True))
+        out["dora-all"] = counts(model)
         model = Transformer(m, vocab)
         apply_adapters(model, 16)
         out["adapter"] = counts(model)
@@ -146,13 +164,34 @@ def count_parameters(m: Any, vocab: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def state_bytes(trainable: int, total: int, precision: str, l2sp: bool = False) -> int:
-    """Weights + gradients + AdamW state (+ the L2-SP reference) on one GPU."""
-    frozen = total - trainable
+# Bytes per NF4 weight (QLoRA): a 4-bit code, an 8-bit absmax per 64 weights, and per 256 absmax
+# values one fp32 scale (the double quantization): 0.5 + 1/64 + 4/16384.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def nf4_parameters(m: Any, vocab: int) -> int:
+    """Weights finetune=qlora stores in NF4: every decoder linear but the output head."""
+    import torch
+
+    from orchestra.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(m, vocab)
+    return sum(
+        mod.weight.numel()
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+    )
+
+
+def state_bytes(trainable: int, total: int, precision: str, l2sp: bool = False, nf4: int = 0) -> int:
+    """Weights + gradients + AdamW state (+ the L2-SP reference) on one GPU; ``nf4`` frozen weights in NF4."""
+    frozen = total - trainable - nf4
+    quantized = round(NF4_BYTES * nf4)
     if precision == "bf16-mixed":  # fp32 weights; fp32 grads and moments for what trains
-        return 4 * frozen + 16 * trainable + (4 * trainable if l2sp else 0)
+        return 4 * frozen + quantized + 16 * trainable + (4 * trainable if l2sp else 0)
     if precision == "bf16-true":  # bf16 everything: weight 2 + grad 2 + two moments 2 + 2
-        return 2 * frozen + 8 * trainable + (2 * trainable if l2sp else 0)
+        return 2 * frozen + quantized + 8 * trainable + (2 * trainable if l2sp else 0)
     raise ValueError(f"precision: {precision!r} is not bf16-mixed or bf16-true")
 
 
@@ -211,7 +250,7 @@ def memory_table(micro_batch: int = 4, seq: int | None = None, names: list[str] 
         + " | activations, no recompute | full recompute | of which logits |",
         "|---|---|---|" + "---|" * len(FROZEN_COLUMNS) + "---|---|---|",
     ]
-    for name, _, c, (act, act_ckpt, logits), s in rows:
+    for name, m, c, (act, act_ckpt, logits), s in rows:
         trainable, total = c["full"]
         cells = [
             _gib(state_bytes(trainable, total, "bf16-mixed")),
@@ -219,7 +258,9 @@ def memory_table(micro_batch: int = 4, seq: int | None = None, names: list[str] 
         ]
         for _, key in FROZEN_COLUMNS:
             t, n = c[key]
-            cells.append(f"{_gib(state_bytes(t, n, 'bf16-mixed'))} / {_gib(state_bytes(t, n, 'bf16-true'))}")
+            q = nf4_parameters(m, m.vocab_size or DEFAULT_VOCAB) if key == "qlora-all" else 0
+            mixed, true = (state_bytes(t, n, p, nf4=q) for p in ("bf16-mixed", "bf16-true"))
+            cells.append(f"{_gib(mixed)} / {_gib(true)}")
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
@@ -231,6 +272,10 @@ def memory_table(micro_batch: int = 4, seq: int | None = None, names: list[str] 
         "pretrained weights (4 B/param); finetune.layer_lr_decay adds nothing. Frozen base: 4 B/param under",
         "bf16-mixed, 2 under bf16-true, plus 16 B (bf16-mixed) or 8 B (bf16-true) per trainable parameter:",
         "bf16-true also keeps the trainable weights, their gradients and the AdamW moments in bf16.",
+        f"qlora: the decoder's linear weights in NF4 at {NF4_BYTES:.3f} B/param (4-bit codes, an 8-bit absmax per 64,",
+        "an fp32 scale per 256 absmax values); embeddings, norms and the output head as for a frozen base.",
+        "dora: LoRA's tensors plus one magnitude per output row; each targeted layer also builds its dense",
+        "[out, in] update for the row norms in its forward (transient, one layer at a time).",
         "`logits` (fp32 logits and their gradient, 12 s b V) is not allocated with model.kernels=triton",
         "(the fused linear cross-entropy; `auto` picks it on CUDA).",
     ]

@@ -923,8 +923,6 @@ def _hyperparameters(card: _Card) -> list[str]:
     rows += _method_settings(card)
     if card.task in PREFERENCE_TASKS:
         put("task.beta", _get(cfg, "task.beta"))
-    if card.task == "simpo":
-        put("task.simpo_gamma", _get(cfg, "task.simpo_gamma"))
     put("optimizer", _get(cfg, "optim.name"))
     put("learning rate", _get(cfg, "optim.lr"))
     put("betas", _get(cfg, "optim.betas"))

@@ -42,7 +42,9 @@ def test_trainable_counts_match_hand_counts(bench, debug):
     per_layer = m.dim * (2 * m.dim + 2 * kv) + 3 * m.dim * m.ffn_dim + 2 * m.dim
     total = m.n_layers * per_layer + 2 * vocab * m.dim + m.dim  # untied embeddings
     assert counts["full"] == (total, total)
-    for method in ("lora", "lora-all", "adapter", "prompt"):  # base frozen, new parameters added
+    dora = counts["dora-all"][0] - counts["lora-all"][0]
+    assert dora == m.n_layers * (2 * m.dim + 2 * kv + 2 * m.ffn_dim + m.dim)  # one magnitude per output row
+    for method in ("lora", "lora-all", "dora-all", "adapter", "prompt"):  # base frozen, new parameters added
         trainable, n = counts[method]
         assert n == total + trainable
 
@@ -60,11 +62,28 @@ def test_memory_table_orders_methods(bench):
     assert len(rows) == 2  # one row in the trainable-parameter table, one in the memory table
     cells = [c.strip() for c in rows[1].strip("|").split("|")]
     full, l2sp = float(cells[1]), float(cells[2])
-    mixed = [float(c.split(" / ")[0]) for c in cells[3:7]]
-    true = [float(c.split(" / ")[1]) for c in cells[3:7]]
+    frozen = len(bench.FROZEN_COLUMNS)
+    mixed = [float(c.split(" / ")[0]) for c in cells[3 : 3 + frozen]]
+    true = [float(c.split(" / ")[1]) for c in cells[3 : 3 + frozen]]
     assert l2sp > full > max(mixed)
     assert all(t < x for t, x in zip(true, mixed, strict=True))
-    assert "(s=256)" in cells[7]
+    column = {label: i for i, (label, _) in enumerate(bench.FROZEN_COLUMNS)}
+    lora, qlora = (true[column[f"{k} r=16 all-linear"]] for k in ("lora", "qlora"))
+    assert qlora < lora  # the NF4 base
+    assert "(s=256)" in cells[3 + frozen]
+
+
+def test_nf4_bytes_are_what_torchao_stores(bench, debug):
+    """NF4_BYTES against the storage of a real NF4Tensor (QLoRA's block sizes)."""
+    from torch import nn
+
+    from orchestra.model.peft.nf4 import NF4Linear
+
+    weight = NF4Linear.from_linear(nn.Linear(4096, 256, bias=False)).weight
+    inner = weight.__tensor_flatten__()[0]
+    stored = sum(getattr(weight, name).untyped_storage().nbytes() for name in inner)
+    assert stored / weight.numel() == pytest.approx(bench.NF4_BYTES, rel=0.02)
+    assert bench.state_bytes(0, 1000, "bf16-true", nf4=1000) == round(bench.NF4_BYTES * 1000)
 
 
 def test_run_commands_compose_and_validate(bench, tmp_path):
