@@ -54,6 +54,8 @@ from orchestra.config import (
     validate,
 )
 from orchestra.model.config import Activation
+from orchestra.model.peft.nf4 import NF4_BYTES
+from orchestra.train.methods import method_spec
 from orchestra.train.tasks import task_spec
 
 GIB = 2**30
@@ -256,11 +258,12 @@ def parameter_count(m: ModelConfig, vocab: int) -> int:
 def trainable_parameters(cfg: TrainConfig, counts: ParamCounts) -> int:
     """Parameters that get gradients and optimizer state: all of them, or a frozen base's method weights.
 
-    LoRA: rank x (in + out) per targeted projection; adapters: two bottleneck MLPs per block
-    (orchestra/model/peft/adapter.py); prompt tuning: the virtual tokens' embeddings.
+    LoRA and QLoRA: rank x (in + out) per targeted projection, DoRA one magnitude per output row
+    more; adapters: two bottleneck MLPs per block (orchestra/model/peft/adapter.py); prompt tuning:
+    the virtual tokens' embeddings.
     """
     f, m = cfg.finetune, cfg.model
-    if f.method == FinetuneMethod.lora:
+    if f.method in (FinetuneMethod.lora, FinetuneMethod.dora, FinetuneMethod.qlora):
         h, q, kv, ffn = m.dim, m.n_heads * m.head_size, m.n_kv_heads * m.head_size, m.ffn_dim
         shapes = {
             "q_proj": (h, q),
@@ -273,6 +276,8 @@ def trainable_parameters(cfg: TrainConfig, counts: ParamCounts) -> int:
         }
         names = set(shapes) if "all-linear" in f.lora_targets else {t.split(".")[-1] for t in f.lora_targets}
         per_layer = sum(f.lora_rank * (i + o) for name, (i, o) in shapes.items() if name in names)
+        if f.method == FinetuneMethod.dora:
+            per_layer += sum(o for name, (_, o) in shapes.items() if name in names)
         return m.n_layers * per_layer
     if f.method == FinetuneMethod.adapter:
         b = f.adapter_bottleneck
@@ -477,11 +482,13 @@ def state_memory(
     num: Numerics,
     trainable: float | None = None,
     reference: bool = False,
+    nf4: float = 0.0,
 ) -> States:
     """Parameters, gradients, optimizer states and working buffers of one rank.
 
     ``trainable`` parameters (default: all) get gradients and AdamW state; a frozen base keeps
     only its weights. ``reference`` adds a frozen copy of the weights (DPO with full fine-tuning).
+    ``nf4`` of the frozen weights are stored in NF4 (finetune=qlora, one device) at NF4_BYTES each.
     FSDP2's working set is the unsharded root (never resharded between forward and backward),
     two gathered blocks (the current and the prefetched one; every block with
     ``reshard_after_forward=false``) and one block's unsharded gradients in bf16 and in the fp32
@@ -497,7 +504,8 @@ def state_memory(
         working, note = 0.0, ""
         if st == StrategyName.ddp and not layout.gradient_as_bucket_view:
             working, note = t * num.grad, "DDP gradient buckets (strategy.gradient_as_bucket_view=false)"
-        return States(p * num.param + ref, t * num.grad, t * num.optimizer, working, note)
+        weights = (p - nf4) * num.param + nf4 * NF4_BYTES
+        return States(weights + ref, t * num.grad, t * num.optimizer, working, note)
     if st == StrategyName.fsdp:
         block, g = counts.block_per_rank(tp), num.gathered
         gathered_blocks = 2 if layout.reshard_after_forward else counts.n_layers // pp
@@ -1407,7 +1415,12 @@ class Assessment:
 
 
 def _frozen_base(cfg: TrainConfig) -> bool:
-    return cfg.finetune.method in (FinetuneMethod.lora, FinetuneMethod.adapter, FinetuneMethod.prompt)
+    return method_spec(cfg.finetune.method).frozen_base
+
+
+def nf4_parameters(cfg: TrainConfig, counts: ParamCounts) -> float:
+    """Weights finetune=qlora keeps in NF4: the blocks' projections (their biases too, a rounding)."""
+    return float(counts.n_layers * counts.block_split) if cfg.finetune.method == FinetuneMethod.qlora else 0.0
 
 
 def assess(cfg: TrainConfig, shape: Shape, gpu: GPU, pc: PlanConfig) -> Assessment:
@@ -1427,7 +1440,14 @@ def assess(cfg: TrainConfig, shape: Shape, gpu: GPU, pc: PlanConfig) -> Assessme
     frozen = _frozen_base(cfg)
     trainable = trainable_parameters(cfg, counts) if frozen else None
     task = task_spec(cfg.task.name)
-    states = state_memory(counts, layout, num, trainable, reference=task.reference and not frozen)
+    states = state_memory(
+        counts,
+        layout,
+        num,
+        trainable,
+        reference=task.reference and not frozen,
+        nf4=nf4_parameters(cfg, counts),
+    )
     rows = t.micro_batch_size * shape.rows_per_sample
     acts = activation_memory(
         m, shape.vocab, shape.seq, rows, num, kernels, st.activation_checkpointing, st.ac_every_k,

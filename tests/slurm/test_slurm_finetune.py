@@ -1,4 +1,4 @@
-"""`sbatch slurm/finetune.sh` on the real two-node cluster: an SFT LoRA job, and a job without a base."""
+"""`sbatch slurm/finetune.sh` on the real two-node cluster: SFT and KTO LoRA jobs, and a job without a base."""
 
 from __future__ import annotations
 
@@ -43,20 +43,24 @@ def finetune_overrides(corpus_dir: Path, data_cache: Path, *extra: str) -> list[
     ]
 
 
-def test_sft_lora_job_on_two_nodes(
+# KTO: a preference task (the pairs' data path, a frozen-reference forward) whose reference point
+# is averaged over the two nodes' ranks inside every step.
+@pytest.mark.parametrize("task", ["sft", "kto"])
+def test_lora_job_on_two_nodes(
     slurm_cluster: SlurmCluster,
     job_env: dict[str, str],  # noqa: F811
     corpus_dir: Path,
     examples_cache: Path,
     trained_run: Path,
     tmp_path: Path,
+    task: str,
 ) -> None:
     log = tmp_path / "job.out"
     base = trained_run / "checkpoints" / "last.ckpt"
     job_id = slurm_cluster.sbatch(
         *finetune_args(log),
         *finetune_overrides(
-            corpus_dir, examples_cache, "task=sft", "finetune=lora", f"finetune.init_from={base}"
+            corpus_dir, examples_cache, f"task={task}", "finetune=lora", f"finetune.init_from={base}"
         ),
         env=job_env,
     )
@@ -66,13 +70,16 @@ def test_sft_lora_job_on_two_nodes(
     run_dir = slurm_cluster.run_dir(job_env["ORCHESTRA_RUNS"], "tiny", job_id)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["task"], summary["finetune"], summary["world_size"], summary["steps"]) == (
-        "sft",
+        task,
         "lora",
         2,
         6,
     )
     assert sorted(losses(run_dir)) == list(range(6))
-    assert json.loads(json.dumps(summary["val_metrics"]))["loss"] > 0
+    metrics = json.loads(json.dumps(summary["val_metrics"]))
+    assert metrics["loss"] > 0
+    if task == "kto":
+        assert 0 <= metrics["reward_accuracy"] <= 1 and "reward_margin" in metrics
 
 
 def test_job_without_a_base_fails_once_naming_the_key(

@@ -39,6 +39,7 @@ from orchestra.config import (
     TrainerConfig,
 )
 from orchestra.model.build import build_model
+from orchestra.model.peft.nf4 import NF4_BYTES
 from orchestra.model.transformer import Transformer
 from orchestra.train import sizing
 from orchestra.train.sizing import Layout, Plan, plan_job, plan_to_dict
@@ -1004,3 +1005,43 @@ def test_every_memory_row_is_reported() -> None:
         "overhead",
     ]
     assert rows(plan)["overhead"] == 3.0 * 2**30
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
+def test_low_rank_methods_train_what_the_built_model_trains(method: str, targets: list[str]) -> None:
+    """orchestra-plan's trainable count = the parameters with requires_grad after the real method is applied."""
+    from orchestra.model import Transformer
+    from orchestra.train.finetune import apply_method
+
+    m = small(n_kv_heads=2, vocab_size=512)
+    ft = FinetuneConfig(method=FinetuneMethod(method), lora_rank=4, lora_targets=targets)
+    cfg = TrainConfig(model=m, finetune=ft)
+    with torch.device("meta"):
+        model = apply_method(Transformer(m, 512), ft)
+    built = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sizing.trainable_parameters(cfg, sizing.param_counts(m, 512)) == built
+
+
+def test_qlora_plans_its_nf4_base_and_dora_plans_a_frozen_base(tmp_path: Path) -> None:
+    """QLoRA's weights take NF4's bytes for the block projections; DoRA and QLoRA keep no base optimizer state."""
+    hf = _hf_model("Llama", **HF_SHAPE)
+    hf.config.save_pretrained(str(tmp_path))
+
+    def memory(method: str) -> dict[str, float]:
+        cfg = TrainConfig(
+            finetune=FinetuneConfig(method=FinetuneMethod(method), init_from=str(tmp_path), seq_len=128),
+            trainer=TrainerConfig(accelerator="cpu", precision="bf16-mixed"),
+        )
+        gib: dict[str, float] = plan_to_dict(plan_job(cfg, PlanConfig()))["memory_gib"]
+        return gib
+
+    full, lora, dora, qlora = (memory(m) for m in ("full", "lora", "dora", "qlora"))
+    counts = sizing.param_counts(small(n_kv_heads=2), HF_SHAPE["vocab_size"])
+    projections = counts.n_layers * counts.block_split
+    expected = (
+        (counts.total - projections) * 4 + projections * NF4_BYTES
+    ) / 2**30  # fp32 rest under bf16-mixed
+    assert qlora["parameters"] == pytest.approx(expected, rel=1e-6)
+    assert qlora["parameters"] < lora["parameters"] == dora["parameters"] == full["parameters"]
+    assert dora["optimizer"] < 0.2 * full["optimizer"] and qlora["optimizer"] == lora["optimizer"]

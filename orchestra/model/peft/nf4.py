@@ -14,6 +14,8 @@ from torch import nn
 # QLoRA's block sizes: an absmax per 64 weights, the absmax values double-quantized per 256.
 BLOCK_SIZE = 64
 SCALER_BLOCK_SIZE = 256
+# Bytes per weight stored: a 4-bit code, an 8-bit absmax per block, one fp32 scale per scaler block.
+NF4_BYTES = 0.5 + 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * SCALER_BLOCK_SIZE)
 
 
 def _nf4():  # type: ignore[no-untyped-def]
