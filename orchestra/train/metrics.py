@@ -143,3 +143,54 @@ def classification_metrics(
         metrics[f"{name}_macro"] = float(per_class.mean())
     confusion = multiclass_confusion_matrix(preds, target, n).tolist()
     return metrics, confusion
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages (Shao et al. 2024, sec. 4.1.2): each reward minus its group's mean, over the group's std.
+
+    ``rewards`` [P * G] holds G samples of each of P prompts, the samples of a prompt adjacent. The
+    std is the unbiased one (as TRL's GRPO); a group whose samples all scored alike gets advantage 0.
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards: {rewards.numel()} samples do not split into groups of {group_size} (>= 2)"
+        )
+    groups = rewards.float().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return (centred / (groups.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    reference_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's objective (Shao et al. 2024, eq. 3), negated for descent, per token then per sequence.
+
+    Inputs are per-token log-probabilities [N, T] of the sampled completions under the policy
+    being trained, under the policy that sampled them (``old_logps``, no gradient) and under the
+    reference; ``advantages`` [N]; ``mask`` [N, T] marks completion tokens. The surrogate is PPO's
+    clipped min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A); the KL penalty is the unbiased k3
+    estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020), weighted by ``beta`` (skipped
+    with no reference). Each sequence averages its tokens, the batch averages its sequences.
+    Returns (loss, mean KL per token, share of tokens whose ratio was clipped), the last two detached.
+    """
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps.detach())
+    a = advantages.detach().to(logps.dtype).unsqueeze(1)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    per_token = -surrogate
+    kl = torch.zeros_like(logps)
+    if reference_logps is not None:
+        delta = reference_logps.detach() - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    tokens = mask.sum(1).clamp(min=1)
+    loss = ((per_token * mask).sum(1) / tokens).mean()
+    n = mask.sum().clamp(min=1)
+    clipped = ((ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0).to(logps.dtype)
+    return loss, ((kl * mask).sum() / n).detach(), ((clipped * mask).sum() / n).detach()
