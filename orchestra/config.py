@@ -97,6 +97,7 @@ class TaskName(str, Enum):
     orpo = "orpo"
     simpo = "simpo"
     reward = "reward"
+    grpo = "grpo"
 
 
 class ActivationCheckpointing(str, Enum):
@@ -884,7 +885,7 @@ class TaskConfig:
     """
 
     name: TaskName = TaskName.pretrain
-    """pretrain, sft, classification, dpo, kto, orpo, simpo or reward (docs/finetune.md: which when)."""
+    """pretrain, sft, classification, dpo, kto, orpo, simpo, reward or grpo (docs/finetune.md: which when)."""
     train_path: str | None = None
     """jsonl examples to train on; null = the bundled example set of this task (built on first use)."""
     val_path: str | None = None
@@ -907,6 +908,21 @@ class TaskConfig:
     """kto: weight of the chosen (desirable) responses' loss."""
     kto_undesirable_weight: float = 1.0
     """kto: weight of the rejected (undesirable) responses' loss."""
+    group_size: int = 8
+    """grpo: completions sampled per prompt; advantages are normalised within each group."""
+    max_new_tokens: int = 64
+    """grpo: tokens sampled per completion at most (the prompt keeps the rest of the row)."""
+    temperature: float = 1.0
+    """grpo: sampling temperature of the completions (> 0)."""
+    reward: str = "exact_match"
+    """grpo: the reward of a completion against the example's answer: exact_match, arithmetic (the
+    first integer equals the answer), regex (task.reward_pattern), or a user's ``package.module:function``
+    taking (completion, answer) and returning a float."""
+    reward_pattern: str | None = None
+    """grpo with reward=regex: the pattern a rewarded completion contains (its first group, if any,
+    must equal the answer)."""
+    clip_eps: float = 0.2
+    """grpo: PPO's clip range of the probability ratio."""
 
     def validate(self, prefix: str = "task") -> None:
         require(

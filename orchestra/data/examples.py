@@ -1,12 +1,14 @@
-"""The bundled fine-tuning examples (sft, classification, dpo), built from the Shakespeare corpus.
+"""The bundled fine-tuning examples (sft, classification, dpo from the Shakespeare corpus; grpo generated).
 
-They let ``task=sft|classification|dpo`` run out of the box, with no data of the user's, and
+They let ``task=sft|classification|dpo|grpo`` (and the tasks reading dpo's pairs) run out of the box, with no data of the user's, and
 give the tests a real, non-trivial set. Layout of ``<cache_dir>/examples-v<N>/``::
 
     manifest.json                      version, seed, corpus, counts and sha256 of every file
     classification/{train,val}.jsonl   {"text": 1-6 lines of one speech, "label": comedy|history|tragedy}
     sft/{train,val}.jsonl              {"prompt", "response"} or {"messages": [...]} (about 20%)
     dpo/{train,val}.jsonl              {"prompt", "chosen", "rejected"}
+    grpo/{train,val}.jsonl             {"prompt": "What is 23 + 58?", "answer": "81"}: sums and differences
+                                       of numbers below 100, checked by the arithmetic reward
 
 A play's text is a run of speeches: a speaker line ("Ham.", "HAMLET.", "THESEUS") then its
 lines, speeches separated by blank lines. Everything is drawn with ``random.Random`` seeded per
@@ -38,10 +40,10 @@ from orchestra.io import staged_dir
 log = logging.getLogger(__name__)
 
 # Bump when the content of the examples changes: the cache directory is named after it.
-EXAMPLES_VERSION = 2
+EXAMPLES_VERSION = 3
 DEFAULT_SEED = 1234
 DEFAULT_VERSION = "0.6"
-TASKS = ("sft", "classification", "dpo")
+TASKS = ("sft", "classification", "dpo", "grpo")
 SPLITS = ("train", "val")
 MANIFEST_FILE = "manifest.json"
 VAL_FRACTION = 0.1
@@ -287,7 +289,30 @@ def dpo_examples(plays: dict[str, list[Speech]], seed: int) -> tuple[list[dict[s
     return _split(records, _rng(seed, "dpo", "split"))
 
 
-_BUILDERS = {"sft": sft_examples, "classification": classification_examples, "dpo": dpo_examples}
+# Arithmetic prompts for task=grpo: generated, not read from the corpus (a reward must be checkable).
+ARITHMETIC_EXAMPLES = 2000
+
+
+def arithmetic_examples(plays: dict[str, list[Speech]], seed: int) -> tuple[list[dict[str, Any]], ...]:
+    """Sums and differences of two numbers below 100, each with its integer answer."""
+    rng = _rng(seed, "grpo", "arithmetic")
+    records: list[dict[str, Any]] = []
+    for _ in range(ARITHMETIC_EXAMPLES):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice("+-")
+        answer = a + b if op == "+" else a - b
+        records.append(
+            {"prompt": f"What is {a} {op} {b}? Answer with the number only.", "answer": str(answer)}
+        )
+    return _split(records, _rng(seed, "grpo", "split"))
+
+
+_BUILDERS = {
+    "sft": sft_examples,
+    "classification": classification_examples,
+    "dpo": dpo_examples,
+    "grpo": arithmetic_examples,
+}
 
 
 # --------------------------------------------------------------------------- writing

@@ -113,6 +113,8 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     prompt_lengths: Sequence[int] | None = None,
+    stop_early: bool = True,
+    logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` ([B, T] or [T] token ids) by up to ``max_new_tokens`` tokens.
 
@@ -126,6 +128,12 @@ def generate(
     b's prompt is its last ``prompt_lengths[b]`` tokens; the padding is never attended to (see
     :class:`~orchestra.model.transformer.KVCache`). Not for a soft prompt, nor for dynamic NTK /
     LongRoPE past their original context, whose outputs depend on absolute positions.
+
+    ``stop_early=False`` runs all ``max_new_tokens`` steps even when every row has finished (a
+    sharded model must run the same number of forwards on every rank). ``logprobs``, a [B,
+    max_new_tokens] tensor, receives each emitted token's log-probability under the distribution it
+    was sampled from (logits / temperature; the plain logits when greedy), which a training forward
+    over the same tokens must reproduce (GRPO checks it).
     """
     squeeze = prompt.dim() == 1
     if squeeze:
@@ -175,8 +183,11 @@ def generate(
                 if stop:
                     tok = tok.masked_fill(finished[:, None], stop[0])
                     finished |= torch.isin(tok[:, 0], stop_ids)
+                if logprobs is not None:
+                    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+                    logprobs[:, step] = torch.log_softmax(scaled, dim=-1).gather(1, tok)[:, 0]
                 out = torch.cat([out, tok], dim=1)
-                if (stop and bool(finished.all())) or step == max_new_tokens - 1:
+                if (stop_early and stop and bool(finished.all())) or step == max_new_tokens - 1:
                     break
                 if _switches_rope(base, virtual, pos):
                     # LongRoPE changes every position's rotation once the sequence passes the

@@ -25,6 +25,7 @@ from orchestra.data.datamodule import BatchPlan, rank_world
 from orchestra.data.errors import DataError
 from orchestra.data.tasks.classification import ClassificationTask, class_counts
 from orchestra.data.tasks.dpo import DPOTask, KTOTask, RewardTask
+from orchestra.data.tasks.grpo import GRPOTask
 from orchestra.data.tasks.sft import SFTTask
 from orchestra.data.tokenizer import vocab_size_of
 
@@ -63,12 +64,14 @@ TASKS: dict[TaskName, Callable[[TaskConfig, TokenizerSpec | None], TaskData]] = 
     TaskName.simpo: DPOTask,
     TaskName.kto: KTOTask,
     TaskName.reward: RewardTask,
+    TaskName.grpo: GRPOTask,
 }
 
 # The bundled example set each task reads when task.train_path is null (preference tasks share dpo's).
 EXAMPLE_SETS: dict[TaskName, str] = {
     TaskName.sft: "sft",
     TaskName.classification: "classification",
+    TaskName.grpo: "grpo",
     **{name: "dpo" for name in (TaskName.dpo, TaskName.orpo, TaskName.simpo, TaskName.kto, TaskName.reward)},
 }
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from orchestra.config import ConfigError, TaskName
 from orchestra.train.plan import TaskSpec
-from orchestra.train.tasks import classification, dpo, kto, orpo, pretrain, reward, sft, simpo
+from orchestra.train.tasks import classification, dpo, grpo, kto, orpo, pretrain, reward, sft, simpo
 
 TASKS: dict[str, TaskSpec] = {
-    t.SPEC.name: t.SPEC for t in (pretrain, sft, classification, dpo, kto, orpo, simpo, reward)
+    t.SPEC.name: t.SPEC for t in (pretrain, sft, classification, dpo, kto, orpo, simpo, reward, grpo)
 }
 
 
