@@ -114,7 +114,13 @@ def test_counts_sizes_and_manifest(built: Path, corpus: Corpus) -> None:
         assert 0.08 <= n["val"] / total <= 0.12
         for split in ex.SPLITS:
             assert (built / task / f"{split}.jsonl").stat().st_size < 1_000_000
-    assert sorted(p.name for p in built.iterdir()) == ["classification", "dpo", "grpo", "manifest.json", "sft"]
+    assert sorted(p.name for p in built.iterdir()) == [
+        "classification",
+        "dpo",
+        "grpo",
+        "manifest.json",
+        "sft",
+    ]
 
 
 def test_two_builds_are_byte_identical_and_the_seed_matters(
