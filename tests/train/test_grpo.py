@@ -55,7 +55,7 @@ def test_grpo_raises_the_mean_reward(
     assert sorted(reward) == list(range(30))
     before = sum(float(reward[s]) for s in range(5)) / 5
     after = sum(float(reward[s]) for s in range(15, 30)) / 15
-    assert after > max(2 * before, before + 0.1), (before, after)  # measured: 0.07 -> 0.28
+    assert after > max(2 * before, before + 0.1), (before, after)  # measured: 0.11 -> 0.28
     assert result.summary["val_metrics"]["loss"] == -result.summary["val_metrics"]["reward"]
     # The training forward re-scores the sampled tokens as the sampler scored them.
     assert max(float(v) for v in column(rows, "train/logprob_mismatch").values()) < 1e-4

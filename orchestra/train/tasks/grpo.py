@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from orchestra.config import FinetuneMethod, StrategyName, TrainConfig, require
 from orchestra.model import Transformer
 from orchestra.model.generate import generate
+from orchestra.train.finetune import peft_disabled
 from orchestra.train.metrics import group_advantages, grpo_loss
 from orchestra.train.plan import TaskSpec
 from orchestra.train.rewards import RewardFn, reward_function
@@ -69,6 +70,8 @@ class GRPOModule(PreferenceModule):
         self.datamodule = datamodule
         self.reward: RewardFn = reward_function(self.cfg.task.reward, self.cfg.task.reward_pattern)
         self._tokenizer: Tokenizer | None = None
+        # Per micro-batch: reward, reward std within groups, KL, clip fraction, completion tokens, mismatch.
+        self._step_stats: list[torch.Tensor] = []
 
     @property
     def uses_reference(self) -> bool:  # type: ignore[override]
@@ -162,25 +165,33 @@ class GRPOModule(PreferenceModule):
                         self._frozen_reference[0], rows, segments, n, task.temperature
                     )
                 else:
-                    from orchestra.train.finetune import peft_disabled
-
                     with peft_disabled(self.net):
                         reference = self.token_logps(self.net, rows, segments, n, task.temperature)
         loss, kl, clipped = grpo_loss(
             logps, logps.detach(), reference, advantages, mask, task.beta, task.clip_eps
         )
         mismatch = ((logps.detach() - sampler_logps).abs() * mask).max()
-        for key, value in (
-            ("reward", rewards.mean()),
-            ("reward_std", rewards.view(-1, task.group_size).std(1).mean()),
-            ("kl", kl),
-            ("clip_fraction", clipped),
-            ("completion_tokens", mask.sum(1).float().mean()),
-        ):
-            self.log(f"train/{key}", value, on_step=True, on_epoch=False, sync_dist=True)
-        self.log(
-            "train/logprob_mismatch", mismatch, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max"
+        spread = rewards.view(-1, task.group_size).std(1).mean()
+        self._step_stats.append(
+            torch.stack([rewards.mean(), spread, kl, clipped, mask.sum(1).float().mean(), mismatch]).detach()
         )
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = super().training_step(batch, batch_idx)
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            # One row per optimizer step, over all its micro-batches (as train/loss): the same
+            # numbers at any world size. The logprob mismatch is the step's largest.
+            stats = torch.stack(self._step_stats)
+            self._step_stats.clear()
+            means = stats.mean(0)
+            keys = ("reward", "reward_std", "kl", "clip_fraction", "completion_tokens")
+            for i, key in enumerate(keys):
+                self.log(f"train/{key}", means[i], on_step=True, on_epoch=False, sync_dist=True)
+            self.log(
+                "train/logprob_mismatch", stats[:, 5].max(), on_step=True, on_epoch=False, sync_dist=True,
+                reduce_fx="max",
+            )  # fmt: skip
         return loss
 
     def on_validation_epoch_start(self) -> None:
