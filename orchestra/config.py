@@ -916,8 +916,11 @@ class TaskConfig:
     """grpo: sampling temperature of the completions (> 0)."""
     reward: str = "exact_match"
     """grpo: the reward of a completion against the example's answer: exact_match, arithmetic (the
-    first integer equals the answer), regex (task.reward_pattern), or a user's ``package.module:function``
-    taking (completion, answer) and returning a float."""
+    first integer equals the answer), regex (task.reward_pattern), a user's ``package.module:function``
+    taking (completion, answer) and returning a float, or none (task.reward_model alone)."""
+    reward_model: str | None = None
+    """grpo: a reward model's checkpoint (task=reward, same tokenizer) whose score of prompt + completion
+    is added to task.reward's."""
     reward_pattern: str | None = None
     """grpo with reward=regex: the pattern a rewarded completion contains (its first group, if any,
     must equal the answer)."""

@@ -49,11 +49,18 @@ def arithmetic(completion: str, answer: str) -> float:
         return 0.0
 
 
+def _no_reward(completion: str, answer: str) -> float:
+    return 0.0
+
+
 SHIPPED: dict[str, RewardFn] = {"exact_match": exact_match, "arithmetic": arithmetic}
 
 
 def reward_function(name: str, pattern: str | None = None, key: str = "task.reward") -> RewardFn:
-    """The reward named by ``name``: a shipped one, ``regex`` (with ``pattern``), or ``module:function``."""
+    """The reward named by ``name``: a shipped one, ``regex`` (with ``pattern``), ``module:function``,
+    or ``none`` (0 for every completion: a reward model alone scores them)."""
+    if name == "none":
+        return _no_reward
     if name == "regex":
         if not pattern:
             raise ConfigError(f"{key}: regex needs a pattern (task.reward_pattern)")
@@ -69,7 +76,7 @@ def reward_function(name: str, pattern: str | None = None, key: str = "task.rewa
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
-            f"{key}: {name!r} is not one of {', '.join([*SHIPPED, 'regex'])} nor a 'package.module:function'"
+            f"{key}: {name!r} is not one of {', '.join([*SHIPPED, 'regex', 'none'])} nor a 'package.module:function'"
         )
     try:
         fn = getattr(importlib.import_module(module_name), attr)

@@ -143,3 +143,61 @@ def test_grpo_prompts_are_the_sft_rendering_of_a_user_turn(tmp_path: Path) -> No
     short = batch["tokens"][1]
     assert (short[: max(lengths) - lengths[1]] == eos).all()  # left padding
     assert data.answers == ["3", "2"]
+
+
+def test_a_reward_model_scores_the_completions(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """task.reward_model: a task=reward checkpoint scores prompt + completion, as it scores a pair's side."""
+    from orchestra.data.tasks.dpo import last_real_index
+    from orchestra.train.checkpoint import load_model_from_checkpoint
+
+    reward_run = tmp_path / "reward"
+    rm_cfg = task_config(corpus_dir, examples_cache, trained_run, reward_run, "reward", "full", max_steps=2)
+    train(rm_cfg)
+    reward_ckpt = reward_run / "checkpoints" / "last.ckpt"
+    cfg = grpo_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        tmp_path / "run",
+        2,
+        reward="none",
+        reward_model=str(reward_ckpt),
+    )
+    result = train(cfg)
+    assert result.module is not None
+    rewards = column(read_metrics(tmp_path / "run"), "train/reward")
+    assert sorted(rewards) == [0, 1] and all(float(v) != 0 for v in rewards.values())
+    # Padding does not change a score: each row alone scores what it scores in a padded batch.
+    module = result.module
+    scorer = load_model_from_checkpoint(reward_ckpt, allow_classifier=True).model.eval()
+    rows = [[5, 9, 13, 2], [7, 8], [3, 4, 11, 12, 6, 1]]
+    batched = module.reward_model_scores(rows)
+    with torch.no_grad():
+        alone = [float(scorer(torch.tensor([r]), torch.tensor([len(r) - 1]))[0, 0]) for r in rows]
+    torch.testing.assert_close(batched, torch.tensor(alone), rtol=1e-5, atol=1e-6)
+    pad = module.eos_id
+    assert last_real_index(torch.tensor([[5, 9, pad, pad]]), pad).tolist() == [1]
+
+
+def test_a_checkpoint_that_is_no_reward_model_is_refused(
+    corpus_dir: Path, examples_cache: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    base = trained_run / "checkpoints" / "last.ckpt"
+    cfg = grpo_config(corpus_dir, examples_cache, trained_run, tmp_path / "run", 2, reward_model=str(base))
+    with pytest.raises(ConfigError, match=r"^task.reward_model: .* is not a reward model"):
+        train(cfg)
+    missing = grpo_config(
+        corpus_dir,
+        examples_cache,
+        trained_run,
+        tmp_path / "run2",
+        2,
+        reward_model=str(tmp_path / "nope.ckpt"),
+    )
+    with pytest.raises(ConfigError, match=r"^task.reward_model: .*nope.ckpt does not exist"):
+        validate(missing)
+    nothing = grpo_config(corpus_dir, examples_cache, trained_run, tmp_path / "run3", 2, reward="none")
+    with pytest.raises(ConfigError, match=r"^task.reward: is none and no task.reward_model"):
+        validate(nothing)

@@ -115,7 +115,7 @@ def test_reward_function_names_and_refusals() -> None:
     with pytest.raises(ConfigError, match=r"^task.reward_pattern: '\(' is not a regular expression"):
         reward_function("regex", "(")
     with pytest.raises(
-        ConfigError, match=r"^task.reward: 'nope' is not one of exact_match, arithmetic, regex"
+        ConfigError, match=r"^task.reward: 'nope' is not one of exact_match, arithmetic, regex, none"
     ):
         reward_function("nope")
     with pytest.raises(ConfigError, match=r"^task.reward: cannot import 'no_such_module:f'"):

@@ -3,7 +3,8 @@
 Data: jsonl ``{"prompt": str, "answer": str}`` (orchestra/data/tasks/grpo.py; the bundled set is
 arithmetic). Every step, each prompt of the batch is continued task.group_size times by the policy
 itself (model/generate.py's KV-cache sampling, seeded by step and example so a resumed run, or
-one at another world size, samples the same), each completion is scored by task.reward against the answer, and the
+one at another world size, samples the same), each completion is scored by task.reward against
+the answer (plus a reward model's score of prompt + completion with task.reward_model), and the
 advantages are the rewards normalised within their prompt's group. The loss is the clipped
 surrogate with the k3 KL to the reference (train/metrics.py:grpo_loss); one optimizer step per
 sample batch, so the ratio is 1 and the clip guards only the numerics. The reference is the
@@ -18,12 +19,13 @@ negation (what checkpoint selection and early stopping minimise).
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer
 
-from orchestra.config import FinetuneMethod, StrategyName, TrainConfig, require
+from orchestra.config import ConfigError, FinetuneMethod, StrategyName, TrainConfig, require
 from orchestra.model import Transformer
 from orchestra.model.generate import generate
 from orchestra.train.finetune import peft_disabled
@@ -57,8 +59,31 @@ def _validate(cfg: TrainConfig) -> None:
         "finetune",
         "task=grpo samples left-padded prompt batches, which a soft prompt cannot; use finetune=lora or full",
     )
+    if t.reward_model is not None:
+        require(Path(t.reward_model).exists(), "task.reward_model", f"{t.reward_model} does not exist")
+    else:
+        require(t.reward != "none", "task.reward", "is none and no task.reward_model is set: nothing scores")
     if t.beta > 0:
         validate_reference(cfg)
+
+
+def load_reward_model(path: str, tokenizer_json: str, device: torch.device) -> torch.nn.Module:
+    """A task=reward checkpoint as a frozen scorer; it must read the policy's tokens."""
+    from orchestra.train.checkpoint import CheckpointError, load_model_from_checkpoint
+    from orchestra.train.tasks.reward import REWARD_LABEL
+
+    try:
+        loaded = load_model_from_checkpoint(path, map_location=device, allow_classifier=True)
+    except CheckpointError as err:
+        raise ConfigError(f"task.reward_model: {err}") from None
+    if loaded.meta.labels != (REWARD_LABEL,):
+        raise ConfigError(f"task.reward_model: {path} is not a reward model (train one with task=reward)")
+    if loaded.meta.tokenizer_json != tokenizer_json:
+        raise ConfigError(
+            f"task.reward_model: {path} has another tokenizer than the policy; train the reward model from "
+            "the same base"
+        )
+    return loaded.model.requires_grad_(False).eval()
 
 
 class GRPOModule(PreferenceModule):
@@ -70,6 +95,8 @@ class GRPOModule(PreferenceModule):
         self.datamodule = datamodule
         self.reward: RewardFn = reward_function(self.cfg.task.reward, self.cfg.task.reward_pattern)
         self._tokenizer: Tokenizer | None = None
+        # Outside the module tree (not checkpointed, not wrapped): the frozen reward model, if any.
+        self._reward_model: list[torch.nn.Module] = []
         # Per micro-batch: reward, reward std within groups, KL, clip fraction, completion tokens, mismatch.
         self._step_stats: list[torch.Tensor] = []
 
@@ -82,6 +109,13 @@ class GRPOModule(PreferenceModule):
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
         return self._tokenizer
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.cfg.task.reward_model is not None and not self._reward_model:
+            self._reward_model.append(
+                load_reward_model(self.cfg.task.reward_model, self.tokenizer_json, self.device)
+            )
 
     def _generator(self, batch: dict[str, torch.Tensor], tag: str) -> torch.Generator:
         """Seeded by (seed, step, the batch's first example): the same samples after a resume, and
@@ -130,31 +164,56 @@ class GRPOModule(PreferenceModule):
         return torch.log_softmax(logits, dim=-1).gather(2, rows[:, -n:, None])[..., 0]
 
     def rewards(
-        self, rows: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, split: str, copies: int
+        self,
+        rows: torch.Tensor,
+        mask: torch.Tensor,
+        lengths: torch.Tensor,
+        indices: torch.Tensor,
+        split: str,
+        copies: int,
     ) -> torch.Tensor:
-        """task.reward of every completion (its text up to the first stop token) against its example's answer."""
+        """Each completion's reward: task.reward of its text (up to its first stop token) against the
+        example's answer, plus the reward model's score of prompt + completion when one is set."""
         answers = self.datamodule.dataset(split).answers
         n = mask.shape[1]
+        T = rows.shape[1] - n
         stop_ids = set(self.eos_ids)
-        scores = []
-        for row, example in zip(
-            rows[:, -n:].tolist(), indices.repeat_interleave(copies).tolist(), strict=True
+        scores, sequences = [], []
+        for b, (row, example) in enumerate(
+            zip(rows.tolist(), indices.repeat_interleave(copies).tolist(), strict=True)
         ):
-            ids = []
-            for tok in row:
+            completion = []
+            for tok in row[T:]:
                 if tok in stop_ids:
                     break
-                ids.append(tok)
-            scores.append(
-                float(self.reward(self.tokenizer.decode(ids, skip_special_tokens=True), answers[example]))
-            )
-        return torch.tensor(scores, device=self.device)
+                completion.append(tok)
+            text = self.tokenizer.decode(completion, skip_special_tokens=True)
+            scores.append(float(self.reward(text, answers[example])))
+            sequences.append(row[T - int(lengths[b]) : T] + completion)
+        total = torch.tensor(scores, device=self.device)
+        if self._reward_model:
+            total = total + self.reward_model_scores(sequences)
+        return total
+
+    @torch.no_grad()
+    def reward_model_scores(self, sequences: list[list[int]]) -> torch.Tensor:
+        """The reward model's scores of unpadded token rows, right-padded with EOS as it was trained."""
+        from orchestra.data.tasks.dpo import last_real_index
+
+        pad = self.eos_id
+        width = max(len(s) for s in sequences)
+        tokens = torch.full((len(sequences), width), pad, dtype=torch.long, device=self.device)
+        for i, seq in enumerate(sequences):
+            tokens[i, : len(seq)] = torch.tensor(seq, device=self.device)
+        scores: torch.Tensor = self._reward_model[0](tokens, last_real_index(tokens, pad))
+        return scores.squeeze(-1).float()
 
     def task_loss(self, batch: Any) -> torch.Tensor:
         task = self.cfg.task
         rows, mask, sampler_logps, segments = self.sample(batch, task.group_size, task.temperature, "train")
         n = mask.shape[1]
-        rewards = self.rewards(rows, mask, batch["index"], "train", task.group_size)
+        lengths = batch["prompt_lengths"].repeat_interleave(task.group_size)
+        rewards = self.rewards(rows, mask, lengths, batch["index"], "train", task.group_size)
         advantages = group_advantages(rewards, task.group_size)
         logps = self.token_logps(self.net, rows, segments, n, task.temperature)
         reference = None
@@ -200,7 +259,7 @@ class GRPOModule(PreferenceModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         rows, mask, _, _ = self.sample(batch, 1, 0.0, "val")
-        rewards = self.rewards(rows, mask, batch["index"], "val", 1)
+        rewards = self.rewards(rows, mask, batch["prompt_lengths"], batch["index"], "val", 1)
         self._val_sums += torch.stack(
             [
                 rewards.double().sum(),
