@@ -1,4 +1,4 @@
-"""`sbatch slurm/finetune.sh` on the real two-node cluster: SFT and KTO LoRA jobs, and a job without a base."""
+"""`sbatch slurm/finetune.sh` on the real two-node cluster: SFT, KTO and GRPO LoRA jobs, and a job without a base."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def finetune_overrides(corpus_dir: Path, data_cache: Path, *extra: str) -> list[
 
 
 # KTO: a preference task (the pairs' data path, a frozen-reference forward) whose reference point
-# is averaged over the two nodes' ranks inside every step.
-@pytest.mark.parametrize("task", ["sft", "kto"])
+# is averaged over the two nodes' ranks inside every step; GRPO samples with the policy in each step.
+@pytest.mark.parametrize("task", ["sft", "kto", "grpo"])
 def test_lora_job_on_two_nodes(
     slurm_cluster: SlurmCluster,
     job_env: dict[str, str],  # noqa: F811
@@ -60,7 +60,12 @@ def test_lora_job_on_two_nodes(
     job_id = slurm_cluster.sbatch(
         *finetune_args(log),
         *finetune_overrides(
-            corpus_dir, examples_cache, f"task={task}", "finetune=lora", f"finetune.init_from={base}"
+            corpus_dir,
+            examples_cache,
+            f"task={task}",
+            "finetune=lora",
+            f"finetune.init_from={base}",
+            *(["task.group_size=2", "task.max_new_tokens=8"] if task == "grpo" else []),
         ),
         env=job_env,
     )
@@ -77,9 +82,11 @@ def test_lora_job_on_two_nodes(
     )
     assert sorted(losses(run_dir)) == list(range(6))
     metrics = json.loads(json.dumps(summary["val_metrics"]))
-    assert metrics["loss"] > 0
+    assert metrics["loss"] > 0 or task == "grpo"  # grpo's val/loss is the negated reward
     if task == "kto":
         assert 0 <= metrics["reward_accuracy"] <= 1 and "reward_margin" in metrics
+    if task == "grpo":
+        assert metrics["loss"] == -metrics["reward"] and metrics["completion_tokens"] > 0
 
 
 def test_job_without_a_base_fails_once_naming_the_key(
