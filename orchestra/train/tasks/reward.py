@@ -17,16 +17,22 @@ from torch import nn
 from orchestra.model import Transformer
 from orchestra.model.heads import SequenceClassifier
 from orchestra.train.metrics import bradley_terry_loss
-from orchestra.train.module import CausalLMModule
 from orchestra.train.plan import TaskSpec
+from orchestra.train.tasks.preference import PreferenceModule
 from orchestra.train.tasks.sft import task_datamodule
 
 # The one "class" of a reward model: checkpoints record it as labels, so export writes num_labels=1.
 REWARD_LABEL = "reward"
 
 
-class RewardModule(CausalLMModule):
-    """Bradley-Terry training of a scalar reward on [2B, T] batches, chosen rows first."""
+class RewardModule(PreferenceModule):
+    """Bradley-Terry training of a scalar reward on [2B, T] batches, chosen rows first.
+
+    The pair metrics (margin, accuracy, mean chosen / rejected) are the preference tasks'; there is
+    no reference model.
+    """
+
+    uses_reference = False
 
     def _labels(self, datamodule: Any) -> list[str]:
         return [REWARD_LABEL]
@@ -45,42 +51,10 @@ class RewardModule(CausalLMModule):
         half = rewards.shape[0] // 2
         return rewards[:half], rewards[half:]
 
-    def task_loss(self, batch: Any) -> torch.Tensor:
+    def preference_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bradley-Terry over the pairs; the "rewards" logged are the scores themselves."""
         chosen, rejected = self.scores(batch)
-        margin = (chosen - rejected).detach()
-        self.log("train/reward_margin", margin.mean(), on_step=True, on_epoch=False, sync_dist=True)
-        self.log(
-            "train/reward_accuracy", (margin > 0).float().mean(), on_step=True, on_epoch=False, sync_dist=True
-        )
-        return bradley_terry_loss(chosen, rejected)
-
-    def on_validation_epoch_start(self) -> None:
-        # loss sum, margin sum, correct pairs, pairs, chosen score sum, rejected score sum
-        self._val_sums = torch.zeros(6, dtype=torch.float64, device=self.device)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        chosen, rejected = self.scores(batch)
-        n = chosen.numel()
-        margin = (chosen - rejected).double()
-        self._val_sums += torch.stack(
-            [
-                bradley_terry_loss(chosen, rejected).double() * n,
-                margin.sum(),
-                (margin > 0).double().sum(),
-                torch.tensor(float(n), dtype=torch.float64, device=self.device),
-                chosen.double().sum(),
-                rejected.double().sum(),
-            ]
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        s = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        pairs = float(s[3])
-        self.log("val/loss", float(s[0]) / pairs, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/reward_margin", float(s[1]) / pairs, on_step=False, on_epoch=True)
-        self.log("val/reward_accuracy", float(s[2]) / pairs, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/reward_chosen", float(s[4]) / pairs, on_step=False, on_epoch=True)
-        self.log("val/reward_rejected", float(s[5]) / pairs, on_step=False, on_epoch=True)
+        return bradley_terry_loss(chosen, rejected), chosen.detach(), rejected.detach()
 
 
 SPEC = TaskSpec(
