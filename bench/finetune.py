@@ -52,6 +52,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.benchlib import compose_check  # noqa: E402
 
+# Bytes per NF4 weight (QLoRA's 4-bit codes and their scales), as orchestra-plan counts them.
+from orchestra.model.peft.nf4 import NF4_BYTES  # noqa: E402
+
 PRESETS = [
     "debug",
     "llama-125m",
@@ -162,11 +165,6 @@ def count_parameters(m: Any, vocab: int) -> dict[str, tuple[int, int]]:
         out["adapter"] = counts(model)
         out["prompt"] = counts(PromptTunedModel(Transformer(m, vocab), 20))
     return out
-
-
-# Bytes per NF4 weight (QLoRA): a 4-bit code, an 8-bit absmax per 64 weights, and per 256 absmax
-# values one fp32 scale (the double quantization): 0.5 + 1/64 + 4/16384.
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 def nf4_parameters(m: Any, vocab: int) -> int:

@@ -44,7 +44,7 @@ DATASET_MANIFEST = "manifest.json"  # orchestra/data/shards.py and orchestra/dat
 DATA_CARD = "datacard.md"  # orchestra/data/pipeline/card.py
 DEFAULT_CACHE_DIR = "data"  # DataConfig.cache_dir's default
 BIAS_TASK = "bias"
-PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")  # orchestra/train/tasks/: the policy tasks on pairs
+PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo", "grpo")  # orchestra/train/tasks/: preference and RL tuning
 BIAS_HINT = "orchestra-eval ckpt={ckpt} tasks=[bias]"
 
 
@@ -1119,7 +1119,7 @@ def _limitations(card: _Card) -> list[str]:
         lines.append("- No bias probe was run, so nothing is known about its biases; assume it has them.")
     if card.task in PREFERENCE_TASKS:
         lines.append(
-            f"- It was trained with a preference task (`{card.task}`) on the data above; that moves it "
+            f"- It was trained with a preference or reinforcement-learning task (`{card.task}`) on the data above; that moves it "
             "towards those preferences and is not safety training unless that data was built for it. It "
             "has no output filtering."
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestra.config import ConfigError, StrategyName, TrainConfig
+from orchestra.config import ConfigError, FinetuneMethod, StrategyName, TrainConfig
 from orchestra.train.run import train
 from orchestra.train.run import validate_run as validate
 from tests.train.test_run import column, read_metrics
@@ -118,6 +118,11 @@ def test_grpo_refuses_deepspeed_and_soft_prompts(
     cfg.strategy.name = StrategyName.deepspeed_zero2
     with pytest.raises(ConfigError, match=r"^strategy: task=grpo samples with the policy"):
         validate(cfg)
+    prompt = grpo_config(corpus_dir, examples_cache, trained_run, tmp_path / "run2", 2)
+    prompt.finetune.method = FinetuneMethod.prompt
+    # The prompt-tuning spec refuses every task but pretrain and sft (its soft prompt conditions generation).
+    with pytest.raises(ConfigError, match=r"^finetune: finetune=prompt .* does not apply to task=grpo"):
+        validate(prompt)
 
 
 def test_grpo_prompts_are_the_sft_rendering_of_a_user_turn(tmp_path: Path) -> None:

@@ -25,10 +25,9 @@ from typing import Any, cast
 import torch
 from tokenizers import Tokenizer
 
-from orchestra.config import ConfigError, FinetuneMethod, StrategyName, TrainConfig, require
+from orchestra.config import ConfigError, StrategyName, TrainConfig, require
 from orchestra.model import Transformer
 from orchestra.model.generate import generate
-from orchestra.train.finetune import peft_disabled
 from orchestra.train.metrics import group_advantages, grpo_loss
 from orchestra.train.plan import TaskSpec
 from orchestra.train.rewards import RewardFn, reward_function
@@ -53,11 +52,6 @@ def _validate(cfg: TrainConfig) -> None:
         "strategy",
         "task=grpo samples with the policy inside each step, which DeepSpeed's engine does not support "
         "here; use strategy=single, ddp or fsdp",
-    )
-    require(
-        cfg.finetune.method != FinetuneMethod.prompt,
-        "finetune",
-        "task=grpo samples left-padded prompt batches, which a soft prompt cannot; use finetune=lora or full",
     )
     if t.reward_model is not None:
         require(Path(t.reward_model).exists(), "task.reward_model", f"{t.reward_model} does not exist")
@@ -179,14 +173,12 @@ class GRPOModule(PreferenceModule):
         T = rows.shape[1] - n
         stop_ids = set(self.eos_ids)
         scores, sequences = [], []
-        for b, (row, example) in enumerate(
-            zip(rows.tolist(), indices.repeat_interleave(copies).tolist(), strict=True)
-        ):
-            completion = []
-            for tok in row[T:]:
-                if tok in stop_ids:
-                    break
-                completion.append(tok)
+        examples = indices.repeat_interleave(copies).tolist()
+        for b, (row, keep, example) in enumerate(zip(rows.tolist(), mask.tolist(), examples, strict=True)):
+            # The mask runs to the first stop token, included: the text is what comes before it.
+            completion = [
+                tok for tok, kept in zip(row[T:], keep, strict=True) if kept and tok not in stop_ids
+            ]
             text = self.tokenizer.decode(completion, skip_special_tokens=True)
             scores.append(float(self.reward(text, answers[example])))
             sequences.append(row[T - int(lengths[b]) : T] + completion)
@@ -218,14 +210,8 @@ class GRPOModule(PreferenceModule):
         logps = self.token_logps(self.net, rows, segments, n, task.temperature)
         reference = None
         if self.uses_reference:
-            with torch.no_grad():
-                if self._frozen_reference:
-                    reference = self.token_logps(
-                        self._frozen_reference[0], rows, segments, n, task.temperature
-                    )
-                else:
-                    with peft_disabled(self.net):
-                        reference = self.token_logps(self.net, rows, segments, n, task.temperature)
+            with self.reference() as model:
+                reference = self.token_logps(model, rows, segments, n, task.temperature)
         loss, kl, clipped = grpo_loss(
             logps, logps.detach(), reference, advantages, mask, task.beta, task.clip_eps
         )

@@ -28,9 +28,8 @@ class ORPOModule(PreferenceModule):
     uses_reference = False
 
     def preference_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logps, counts = self.sequence_logps(self.net, batch)
+        logps, counts, mean_logps = self.mean_logps(batch)
         half = logps.shape[0] // 2
-        mean_logps = logps / counts.clamp(min=1)
         # The SFT term: mean next-token loss over every chosen token of the batch.
         chosen_nll = -logps[:half].sum() / counts[:half].sum().clamp(min=1)
         return orpo_loss(mean_logps[:half], mean_logps[half:], chosen_nll, self.cfg.task.beta)

@@ -8,6 +8,8 @@ orchestra/data/tasks/dpo.py, rendered through the sft chat template.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -75,13 +77,25 @@ class PreferenceModule(CausalLMModule):
             if not isinstance(next(reference.parameters()), DTensor):
                 reference.to(self.device)
 
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The reference model's summed log-probabilities of the rows [R], without gradient."""
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The reference model, without gradient: the frozen copy, or the policy with its method off."""
         with torch.no_grad():
             if self._frozen_reference:
-                return self.sequence_logps(self._frozen_reference[0], batch)[0]
-            with peft_disabled(self.net):
-                return self.sequence_logps(self.net, batch)[0]
+                yield self._frozen_reference[0]
+            else:
+                with peft_disabled(self.net):
+                    yield self.net
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference model's summed log-probabilities of the rows [R], without gradient."""
+        with self.reference() as model:
+            return self.sequence_logps(model, batch)[0]
+
+    def mean_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's (summed log-probabilities [2B], response tokens [2B], their mean per token [2B])."""
+        logps, counts = self.sequence_logps(self.net, batch)
+        return logps, counts, logps / counts.clamp(min=1)
 
     def preference_loss(
         self, batch: dict[str, torch.Tensor]

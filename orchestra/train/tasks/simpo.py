@@ -29,9 +29,8 @@ class SimPOModule(PreferenceModule):
     uses_reference = False
 
     def preference_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logps, counts = self.sequence_logps(self.net, batch)
-        half = logps.shape[0] // 2
-        mean_logps = logps / counts.clamp(min=1)
+        _, _, mean_logps = self.mean_logps(batch)
+        half = mean_logps.shape[0] // 2
         task = self.cfg.task
         return simpo_loss(mean_logps[:half], mean_logps[half:], task.beta, task.simpo_gamma)
 
