@@ -21,10 +21,12 @@ from typing import Any
 
 # The model's own configuration lives next to the model; re-exported here for the schema and callers.
 from orchestra.model.config import IGNORE_INDEX as IGNORE_INDEX
+from orchestra.model.config import AttentionImpl as AttentionImpl
 from orchestra.model.config import ConfigError as ConfigError
 from orchestra.model.config import InitScheme as InitScheme
 from orchestra.model.config import KernelBackend as KernelBackend
 from orchestra.model.config import ModelConfig as ModelConfig
+from orchestra.model.config import SdpaBackend as SdpaBackend
 from orchestra.model.config import model_config_from_dict as model_config_from_dict
 from orchestra.model.config import require as require
 from orchestra.model.config import validate_model as validate_model
@@ -400,6 +402,10 @@ class OptimConfig:
     """AdamW's denominator epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay of matrices (norm gains and embeddings excepted)."""
+    fused: bool | None = None
+    """AdamW's fused kernel (one launch for every parameter's update) instead of its foreach
+    one; null: fused when the parameters are on CUDA, except under DeepSpeed (which wraps the
+    optimizer in its own). Both compute the same update, up to rounding."""
 
     def validate(self, prefix: str = "optim") -> None:
         require(
@@ -473,7 +479,18 @@ class TrainerConfig:
     max_steps: int = 1000
     """Optimizer steps to train for."""
     micro_batch_size: int = 8
-    """Samples per forward/backward on one device."""
+    """Samples per forward/backward on one device (trainer.memory_probe chooses it instead)."""
+    memory_probe: bool = False
+    """strategy=single: before training, measure real steps of the run's model on its device and
+    choose trainer.micro_batch_size (a divisor of the global batch) and
+    strategy.activation_checkpointing (the least recomputation that fits) from the memory they
+    take; logged and written to memory_probe.json in the run dir (orchestra/train/memory_probe.py)."""
+    memory_budget_gb: float | None = None
+    """trainer.memory_probe: the GiB a step may take; null: the device's free memory less
+    trainer.memory_headroom of its total."""
+    memory_headroom: float = 0.1
+    """trainer.memory_probe: the share of the device's memory kept free (allocator fragmentation,
+    compiled kernels' workspaces, other processes)."""
     global_batch_size: int = 8
     """Samples per optimizer step over all ranks; accumulation = global / (micro x world size)."""
     accelerator: str = "auto"
@@ -550,6 +567,16 @@ class TrainerConfig:
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
         require(
             self.peak_flops is None or self.peak_flops > 0, f"{prefix}.peak_flops", "must be positive or null"
+        )
+        require(
+            self.memory_budget_gb is None or self.memory_budget_gb > 0,
+            f"{prefix}.memory_budget_gb",
+            f"must be positive or null, got {self.memory_budget_gb}",
+        )
+        require(
+            0 <= self.memory_headroom < 1,
+            f"{prefix}.memory_headroom",
+            f"must be a share in [0, 1), got {self.memory_headroom}",
         )
         require(
             self.precision in PRECISIONS,
@@ -672,6 +699,14 @@ class StrategyConfig:
     """every_k: checkpoint one block in this many."""
     compile: bool = False
     """torch.compile each transformer block (regional compilation: fast to compile, same speed)."""
+    compile_fullgraph: bool | None = None
+    """strategy.compile: one graph per block, or an error naming the break (true), graph breaks
+    allowed (false); null: one graph for the plain decoder's blocks, breaks allowed where a
+    fine-tuning method or FP8 has replaced their linear layers."""
+    cuda_graphs: bool = False
+    """strategy.compile on one GPU (strategy=single): replay each compiled block as a CUDA graph
+    (torch.compile's reduce-overhead mode), cutting the CPU's launch overhead; needs fixed shapes
+    (packed or fixed-length rows) and keeps its static buffers in GPU memory."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3 like) or keep them until backward."""
     cpu_offload: bool = False
@@ -723,6 +758,18 @@ class StrategyConfig:
 
     def validate(self, prefix: str = "strategy") -> None:
         require(self.ac_every_k > 0, f"{prefix}.ac_every_k", "must be positive")
+        if self.compile_fullgraph is not None:
+            require(self.compile, f"{prefix}.compile_fullgraph", "applies to strategy.compile=true")
+        if self.cuda_graphs:
+            require(
+                self.compile, f"{prefix}.cuda_graphs", "replays compiled blocks: set strategy.compile=true"
+            )
+            require(
+                self.name == StrategyName.single,
+                f"{prefix}.cuda_graphs",
+                f"runs under strategy=single only (strategy={self.name.value}: its gradient hooks and "
+                "collectives cannot be captured in a graph)",
+            )
         require(
             self.reduce_bucket_size > 0 and self.allgather_bucket_size > 0,
             f"{prefix}.reduce_bucket_size",
@@ -1595,6 +1642,11 @@ def _check_context_parallel(cfg: TrainConfig, world: int) -> None:
         (m.attn_softcap is not None, "model.attn_softcap (soft-capped attention scores)"),
     ):
         require(not flag, "strategy.cp", f"{what} cannot be split over the sequence; set strategy.cp=1")
+    require(
+        AttentionImpl(m.attention) != AttentionImpl.flex,
+        "model.attention",
+        "flex: context parallelism gathers keys through SDPA; use model.attention=auto or sdpa with strategy.cp",
+    )
     from orchestra.model.config import RopeType
     from orchestra.model.rope import length_dependent
 

@@ -3,7 +3,7 @@
 Each op lives in its own file (Triton kernels, autograd.Function, public function), and the
 package exports those plain functions through its submodules: ``rms_norm.rms_norm``,
 ``rope.apply_rope``, ``swiglu.swiglu``, ``linear_cross_entropy.linear_cross_entropy`` and
-``add_rms_norm.add_rms_norm`` (fused residual add + RMSNorm, not used by the model yet).
+``add_rms_norm.add_rms_norm`` (fused residual add + RMSNorm, inside each block).
 The model builds its ops table from them (orchestra.model.ops, inside ``get_ops``), and the
 PyTorch reference each one reproduces, "the torch op" in these files, is that table's torch
 side (``orchestra.model.ops.torch_*``): one reference serves the model and the kernel tests.

@@ -6,8 +6,12 @@ reads x and residual, writes h and y; the backward reads dy, h and the gradient 
 from the residual stream, and writes one gradient for both inputs (d x = d residual = d h).
 
 The Triton kernels are rms_norm.py's, compiled with their residual flags (HAS_RESIDUAL in the
-forward, HAS_DH in the backward), so both ops share one tested code path. Not in the model's ops
-table yet: wiring it into the Block changes the model's ops table and transformer.py.
+forward, HAS_DH in the backward), so both ops share one tested code path. The model's blocks use
+it (through ``ops.add_rms_norm``) for the attention residual and the MLP's norm.
+
+The sum is computed in fp32 and stored in x's dtype, which is torch's promotion when the
+residual is no wider than x: the fp32 residual stream plus a bf16 sublayer output under autocast
+gives the fp32 sum torch gives. The residual's gradient is x's, cast back by autograd.
 """
 
 from __future__ import annotations
@@ -44,11 +48,14 @@ class AddRMSNormFunction(torch.autograd.Function):
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual, weight, eps), x + residual) for same-shape, same-dtype x and residual."""
-    if x.shape != residual.shape or x.dtype != residual.dtype:
+    """(rms_norm(x + residual, weight, eps), x + residual) for same-shape x and residual.
+
+    The residual's dtype must be no wider than x's (the sum is returned in x's dtype).
+    """
+    if x.shape != residual.shape or torch.promote_types(x.dtype, residual.dtype) != x.dtype:
         raise ValueError(
             f"add_rms_norm: x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
-            f"{residual.dtype} must match"
+            f"{residual.dtype} must have one shape, the residual's dtype no wider than x's"
         )
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")

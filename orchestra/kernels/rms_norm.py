@@ -132,7 +132,7 @@ def rms_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on x [M, D] (unit stride in D): (y [M, D], rstd [M] fp32, h).
 
-    With ``residual`` (same shape and dtype) the row normalised is h = x + residual, returned as
+    With ``residual`` (same shape, a dtype no wider than x's) the row normalised is h = x + residual, returned as
     h; without it h is x itself.
     """
     n_rows, n_cols = x.shape

@@ -98,6 +98,30 @@ class KernelBackend(str, Enum):
     triton = "triton"
 
 
+class AttentionImpl(str, Enum):
+    """How attention is computed; every choice gives the same outputs (orchestra/model/flex.py)."""
+
+    auto = "auto"
+    """SDPA reading grouped key/value heads in place for causal rows; on CUDA, FlexAttention
+    block masks for packed rows, sliding windows and soft-capped scores (dense masks elsewhere)."""
+    sdpa = "sdpa"
+    """SDPA everywhere: grouped heads in place, dense masks for packed rows and windows."""
+    flex = "flex"
+    """FlexAttention for every forward without a KV cache (compiled on CUDA, its reference on CPU)."""
+    repeat_kv = "repeat_kv"
+    """Key/value heads copied to the query heads and dense masks, as transformers' eager code does."""
+
+
+class SdpaBackend(str, Enum):
+    """The SDPA kernel tried first on CUDA; the others stay as fallbacks, in torch's order."""
+
+    auto = "auto"
+    cudnn = "cudnn"
+    flash = "flash"
+    efficient = "efficient"
+    math = "math"
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise the one ConfigError naming ``key`` and what is accepted, unless ``condition`` holds."""
     if not condition:
@@ -180,6 +204,12 @@ class ModelConfig:
     rope_theta and rope."""
     kernels: KernelBackend = KernelBackend.auto
     """Which implementation of the fusable ops to use: torch, Triton, or auto (Triton where it can run)."""
+    attention: AttentionImpl = AttentionImpl.auto
+    """How attention runs: auto, sdpa, flex (FlexAttention block masks) or repeat_kv (the
+    reference); all give the same outputs, see orchestra/model/flex.py."""
+    sdpa_backend: SdpaBackend = SdpaBackend.auto
+    """The SDPA kernel to prefer on CUDA: auto (torch's order: flash, efficient, math, cudnn),
+    cudnn, flash, efficient or math. Ignored off CUDA."""
     path: str | None = None
     """model=hf: a pretrained Hugging Face folder (or Orchestra checkpoint) whose shape replaces the
     fields above; the same as finetune.init_from."""
@@ -276,6 +306,10 @@ class ModelConfig:
             kw["kernels"] = KernelBackend(kw["kernels"])
         if "activation" in kw:
             kw["activation"] = Activation(kw["activation"])
+        if "attention" in kw:
+            kw["attention"] = AttentionImpl(kw["attention"])
+        if "sdpa_backend" in kw:
+            kw["sdpa_backend"] = SdpaBackend(kw["sdpa_backend"])
         if isinstance(kw.get("rope"), Mapping):
             rope = dict(kw["rope"])
             known_rope = {f.name for f in fields(RopeScaling)}

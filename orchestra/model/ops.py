@@ -39,6 +39,10 @@ class Ops:
     ]
     # (gate, up) -> silu(gate) * up
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # (x [..., D], residual [..., D], weight [D], eps) -> (rms_norm(x + residual), x + residual)
+    add_rms_norm: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+    ]
     # (hidden [N, D], weight [V, D], targets [N], ignore_index, reduction=mean|sum, z_loss) -> scalar loss
     linear_cross_entropy: Callable[..., torch.Tensor]
     # Architecture variants this table cannot compute (see VARIANTS); DeviceOps runs those calls
@@ -73,6 +77,17 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     if offset:
         return (h * (offset + weight.to(h.dtype))).to(input_dtype)
     return weight * h.to(input_dtype)
+
+
+def torch_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a block's residual add and the next sublayer's norm.
+
+    The sum is torch's own (so in the wider of the two dtypes); the norm is :func:`torch_rms_norm`.
+    """
+    h = x + residual
+    return torch_rms_norm(h, weight, eps, offset), h
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +160,7 @@ TORCH_OPS = Ops(
     rms_norm=torch_rms_norm,
     apply_rope=torch_apply_rope,
     swiglu=torch_swiglu,
+    add_rms_norm=torch_add_rms_norm,
     linear_cross_entropy=torch_linear_cross_entropy,
 )
 
@@ -156,13 +172,14 @@ def _triton_ops() -> tuple[Ops, bool]:
     model; the import is deferred so the model imports without Triton. ImportError when this
     build has no kernels (e.g. no triton installed).
     """
-    from orchestra.kernels import INTERPRET, linear_cross_entropy, rms_norm, rope, swiglu
+    from orchestra.kernels import INTERPRET, add_rms_norm, linear_cross_entropy, rms_norm, rope, swiglu
 
     ops = Ops(
         name="triton",
         rms_norm=rms_norm.rms_norm,
         apply_rope=rope.apply_rope,
         swiglu=swiglu.swiglu,
+        add_rms_norm=add_rms_norm.add_rms_norm,
         linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
         # Not (yet) fused: these run in torch, op by op, for the models that need them.
         unsupported=frozenset(VARIANTS),
@@ -274,6 +291,23 @@ class DeviceOps:
             self.covers(table, "norm_offset")
             return torch_rms_norm(x, weight, eps, offset)
         return table.rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual) in one kernel where the table has one.
+
+        The fused kernel writes the sum in x's dtype, so it takes a residual no wider than x
+        (the residual stream x in fp32 and a bf16 sublayer output under autocast, or both bf16);
+        otherwise, and for offset gains, the two torch ops run.
+        """
+        table = self.table(x)
+        if offset:
+            self.covers(table, "norm_offset")
+            return torch_add_rms_norm(x, residual, weight, eps, offset)
+        if torch.promote_types(x.dtype, residual.dtype) != x.dtype or x.shape != residual.shape:
+            return torch_add_rms_norm(x, residual, weight, eps)
+        return table.add_rms_norm(x, residual, weight, eps)
 
     def apply_rope(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from orchestra.model.config import IGNORE_INDEX, Activation, ModelConfig
+from orchestra.model.config import IGNORE_INDEX, Activation, AttentionImpl, ModelConfig, SdpaBackend
+from orchestra.model.flex import BlockMasks, block_masks, flex_attention
 from orchestra.model.ops import DeviceOps, device_ops, softcap, torch_apply_rope
 from orchestra.model.rope import length_dependent, local_rope_tables, original_length, rope_tables
 
@@ -133,12 +135,45 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps, self.offset)
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), fused into one kernel where the ops table has one."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+
+
+_SDPA_ORDER = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+    SDPBackend.CUDNN_ATTENTION,
+]
+_SDPA_BACKENDS = {
+    SdpaBackend.cudnn: SDPBackend.CUDNN_ATTENTION,
+    SdpaBackend.flash: SDPBackend.FLASH_ATTENTION,
+    SdpaBackend.efficient: SDPBackend.EFFICIENT_ATTENTION,
+    SdpaBackend.math: SDPBackend.MATH,
+}
+
+
+def sdpa_priority(choice: SdpaBackend | str) -> list[SDPBackend] | None:
+    """The SDPA backends in the order CUDA tries them: ``choice`` first, then torch's own order."""
+    choice = SdpaBackend(choice)
+    if choice == SdpaBackend.auto:
+        return None
+    first = _SDPA_BACKENDS[choice]
+    return [first] + [b for b in _SDPA_ORDER if b != first]
+
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads.
 
     A windowed layer (``cfg.is_windowed``) lets each query see itself and the
     ``sliding_window - 1`` positions before it, as transformers' sliding-window mask does.
+
+    How the scores are computed is ``cfg.attention`` (all choices give the same outputs): SDPA
+    reads the grouped key/value heads in place (``enable_gqa``), except where its kernel for the
+    call cannot (a dense mask on CUDA, which only the memory-efficient kernel takes, without
+    grouped heads; soft-capped scores, written out); FlexAttention takes the forward's block
+    masks (orchestra/model/flex.py); repeat_kv copies the heads as transformers' eager code.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, ops: DeviceOps) -> None:
@@ -151,6 +186,8 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.is_windowed(layer_idx) else None
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.head_dim**-0.5
         self.softcap = cfg.attn_softcap
+        self.repeat_kv = AttentionImpl(cfg.attention) == AttentionImpl.repeat_kv
+        self.sdpa_backends = sdpa_priority(cfg.sdpa_backend)
         # The attention kernel, replaceable from outside the model: context parallelism
         # (orchestra/train/context_parallel.py) gathers the other ranks' keys in it.
         self.sdpa: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
@@ -170,7 +207,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None,
         start_pos: int | RowPositions,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMasks | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # [B, T, H*hd] -> [B, T, H, hd] (q/k norm acts here) -> [B, H, T, hd]. Head counts come
@@ -190,26 +227,39 @@ class Attention(nn.Module):
             # The cache has its own dtype; under autocast q may be bf16 while the cache is fp32.
             k, v = k.to(q.dtype), v.to(q.dtype)
 
-        # Repeat kv heads rather than SDPA's enable_gqa: every SDPA backend (flash,
-        # mem-efficient, math) accepts equal head counts, and it is HF's repeat_kv exactly.
-        n_rep = q.shape[1] // k.shape[1]
-        if n_rep > 1:
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
+        if isinstance(attn_mask, BlockMasks):  # FlexAttention: training rows, no KV cache
+            if kv_cache is not None or isinstance(start_pos, RowPositions):
+                raise ValueError("FlexAttention block masks are for forwards without a KV cache")
+            y = flex_attention(q, k, v, attn_mask.of(self.window), self.scale, self.softcap)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
         if isinstance(start_pos, RowPositions):
             mask: torch.Tensor | str | None = self._row_mask(start_pos, k.shape[2])
         else:
             pad_mask = kv_cache.key_mask(k.shape[2]) if kv_cache is not None else None
             mask = self._mask(T, k.shape[2], x.device, attn_mask, pad_mask)
-        if self.softcap is not None:
-            y = self._softcapped(q, k, v, mask)
-        elif isinstance(mask, torch.Tensor):
-            y = self.sdpa(q, k, v, attn_mask=mask, scale=self.scale)
-        else:
-            y = self.sdpa(q, k, v, is_causal=mask == "causal", scale=self.scale)
+        n_rep = q.shape[1] // k.shape[1]
+        dense_on_cuda = isinstance(mask, torch.Tensor) and q.is_cuda
+        if n_rep > 1 and (self.repeat_kv or self.softcap is not None or dense_on_cuda):
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        y = self._softcapped(q, k, v, mask) if self.softcap is not None else self._sdpa(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None
+    ) -> torch.Tensor:
+        """SDPA with the mask or is_causal, grouped heads read in place; the preferred kernel on CUDA."""
+        kwargs: dict[str, object] = {"scale": self.scale, "enable_gqa": q.shape[1] != k.shape[1]}
+        if isinstance(mask, torch.Tensor):
+            kwargs["attn_mask"] = mask
+        else:
+            kwargs["is_causal"] = mask == "causal"
+        if self.sdpa_backends is not None and q.is_cuda:
+            with sdpa_kernel(self.sdpa_backends, set_priority=True):
+                return self.sdpa(q, k, v, **kwargs)
+        return self.sdpa(q, k, v, **kwargs)
 
     def _mask(
         self,
@@ -291,7 +341,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm decoder layer; the unit that FSDP wrapping and activation checkpointing use.
 
-    With ``sandwich_norm`` each sublayer's output is normed again before the residual add.
+    With ``sandwich_norm`` each sublayer's output is normed again before the residual add. The
+    attention's residual add and the MLP's norm run as one fused op (``RMSNorm.add``) unless
+    ``fuse_residual_norm`` is turned off from outside: tensor parallelism (train/strategy.py)
+    does, because its sequence-parallel norms are entered through their module call.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, ops: DeviceOps) -> None:
@@ -303,6 +356,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, ops)
         self.attention_post_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops, offset) if cfg.sandwich_norm else None
         self.mlp_post_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops, offset) if cfg.sandwich_norm else None
+        self.fuse_residual_norm = True
 
     def forward(
         self,
@@ -311,11 +365,17 @@ class Block(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int | RowPositions = 0,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMasks | None = None,
     ) -> torch.Tensor:
         a = self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask)
-        h = x + (a if self.attention_post_norm is None else self.attention_post_norm(a))
-        m = self.mlp(self.mlp_norm(h))
+        if self.attention_post_norm is not None:
+            a = self.attention_post_norm(a)
+        if self.fuse_residual_norm:
+            normed, h = self.mlp_norm.add(x, a)
+        else:
+            h = x + a
+            normed = self.mlp_norm(h)
+        m = self.mlp(normed)
         return h + (m if self.mlp_post_norm is None else self.mlp_post_norm(m))
 
 
@@ -489,14 +549,14 @@ class Transformer(nn.Module):
                 f"KV cache holds batch {kv_cache.batch_size} x {kv_cache.max_len} positions; "
                 f"got batch {B} at positions {start_pos}..{start_pos + n - 1}"
             )
-        attn_mask = None
-        if segment_ids is not None:
-            if kv_cache is not None or prefix_embeds is not None or segment_ids.shape != tokens.shape:
-                raise ValueError(
-                    f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache "
-                    "or prefix_embeds"
-                )
-            attn_mask = segment_mask(segment_ids)
+        if segment_ids is not None and (
+            kv_cache is not None or prefix_embeds is not None or segment_ids.shape != tokens.shape
+        ):
+            raise ValueError(
+                f"segment_ids must be [B, T] = {tuple(tokens.shape)} and used without a KV cache "
+                "or prefix_embeds"
+            )
+        attn_mask = None if kv_cache is not None else self.attention_masks(segment_ids, B, n, tokens.device)
 
         h = self.embed(tokens, prefix_embeds)
         cos, sin, local = self.rope_window(start_pos, start_pos + n, tokens.device)
@@ -505,6 +565,28 @@ class Transformer(nn.Module):
             h = layer(h, c, s, kv_cache, start_pos, attn_mask)
         h = self.norm(h)
         return h[:, P:] if P else h
+
+    def attention_masks(
+        self, segment_ids: torch.Tensor | None, batch: int, length: int, device: torch.device
+    ) -> torch.Tensor | BlockMasks | None:
+        """The masks every layer of a forward without a KV cache shares (``model.attention``).
+
+        FlexAttention block masks (under flex, and under auto on CUDA for packed rows, sliding
+        windows and soft-capped scores, which dense masks would push off the fast kernels); else
+        the dense mask of packed rows, or None (each layer then uses is_causal or its window).
+        """
+        impl = AttentionImpl(self.cfg.attention)
+        window = self.cfg.sliding_window
+        needs_mask = (
+            segment_ids is not None
+            or (window is not None and window < length)
+            or self.cfg.attn_softcap is not None
+        )
+        if impl == AttentionImpl.flex or (
+            impl == AttentionImpl.auto and device.type == "cuda" and needs_mask
+        ):
+            return block_masks(segment_ids, batch, length, window, device)
+        return segment_mask(segment_ids) if segment_ids is not None else None
 
     def rope_window(
         self, start: int, end: int, device: torch.device

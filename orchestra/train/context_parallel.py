@@ -129,17 +129,25 @@ class ContextParallel:
         dropout_p: float = 0.0,
         is_causal: bool = False,
         scale: float | None = None,
+        enable_gqa: bool = False,
         kv_groups: int = 1,
     ) -> torch.Tensor:
         """SDPA; while :meth:`active`, local causal queries against the whole group's keys and values.
 
-        The block hands SDPA keys and values repeated to the query heads (``kv_groups`` copies of
-        each under GQA); only one copy of each head is gathered, so the traffic is the key/value
-        heads', not the query heads'.
+        Under GQA the block hands SDPA the key/value heads (``enable_gqa``) or, under
+        model.attention=repeat_kv, ``kv_groups`` copies of each; only one copy of each head is
+        gathered, so the traffic is the key/value heads', not the query heads'.
         """
         if self._seq_len is None:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
             )
         if attn_mask is not None or not is_causal:
             raise RuntimeError(
@@ -148,11 +156,12 @@ class ContextParallel:
             )
         from torch.distributed._functional_collectives import all_gather_single_autograd
 
-        if kv_groups > 1:  # repeat_interleave laid the copies of a head side by side
+        if kv_groups > 1 and k.shape[1] == q.shape[1]:  # repeat_kv laid a head's copies side by side
             k, v = k[:, ::kv_groups], v[:, ::kv_groups]
         k = all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
         v = all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
         if kv_groups > 1:
+            # A dense mask: on CUDA only the memory-efficient kernel takes one, and not grouped heads.
             k, v = k.repeat_interleave(kv_groups, dim=1), v.repeat_interleave(kv_groups, dim=1)
         mask = self._mask(self._seq_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

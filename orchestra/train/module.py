@@ -313,7 +313,10 @@ class CausalLMModule(L.LightningModule):
             groups = layerwise_lr_groups(
                 self.net, self.cfg.optim.lr, self.cfg.finetune.layer_lr_decay, self.cfg.optim.weight_decay
             )
-        optimizer = build_optimizer(self.net, self.cfg.optim, cpu_offload=offload, groups=groups)
+        deepspeed = self.cfg.strategy.name.value.startswith("deepspeed")
+        optimizer = build_optimizer(
+            self.net, self.cfg.optim, cpu_offload=offload, groups=groups, deepspeed=deepspeed
+        )
         scheduler = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

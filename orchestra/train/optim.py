@@ -149,11 +149,19 @@ class L2SP:
         return self
 
 
+def fused_adamw(cfg: OptimConfig, groups: list[dict[str, Any]], deepspeed: bool = False) -> bool:
+    """``optim.fused``, or where it is null: fused when every parameter is on CUDA, outside DeepSpeed."""
+    if cfg.fused is not None:
+        return cfg.fused
+    return not deepspeed and all(p.is_cuda for group in groups for p in group["params"])
+
+
 def build_optimizer(
     model: nn.Module,
     cfg: OptimConfig,
     cpu_offload: bool = False,
     groups: list[dict[str, Any]] | None = None,
+    deepspeed: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (default: :func:`parameter_groups`; groups may carry their own lr)."""
     if groups is None:
@@ -165,8 +173,12 @@ def build_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(beta1, beta2), eps=cfg.eps, adamw_mode=True)
-    # foreach is the fast path on both CPU and GPU; fused AdamW is CUDA-only in older torch.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(beta1, beta2), eps=cfg.eps, foreach=True)
+    # The fused kernel updates every parameter in one launch per group; foreach, a few launches
+    # per op over lists of tensors. Both run on CPU too (the tests compare them there).
+    fused = fused_adamw(cfg, groups, deepspeed)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(beta1, beta2), eps=cfg.eps, foreach=not fused, fused=fused
+    )
 
 
 def lr_multiplier(cfg: SchedulerConfig, max_steps: int) -> Callable[[int], float]:

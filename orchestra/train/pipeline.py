@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestra.config import IGNORE_INDEX, PP_V_SCHEDULES, ConfigError
-from orchestra.model.transformer import Transformer, segment_mask
+from orchestra.model.transformer import Transformer
 
 
 def split_layers(block_costs: list[int], first_extra: int, last_extra: int, n_stages: int) -> list[range]:
@@ -100,7 +100,7 @@ class StageModule(nn.Module):
         decoder = self._decoder[0]
         h = decoder.embed(x) if self.tok_embeddings is not None else x
         cos, sin, local = decoder.rope_window(0, h.shape[1], h.device)
-        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        mask = decoder.attention_masks(segment_ids, h.shape[0], h.shape[1], h.device)
         for key, block in self.layers.items():
             c, s = local if decoder.cfg.is_windowed(int(key)) else (cos, sin)
             h = block(h, c, s, None, 0, mask)

@@ -85,6 +85,7 @@ from orchestra.train.lightning_compat import (
     slurm_plugins,
 )
 from orchestra.train.loggers import build_loggers
+from orchestra.train.memory_probe import check_probe, probe_plan
 from orchestra.train.methods import method_spec
 from orchestra.train.methods.spec import MethodSpec
 from orchestra.train.module import CausalLMModule
@@ -145,6 +146,7 @@ def validate_run(cfg: TrainConfig) -> None:
         _check_context_parallel_run(cfg, method, task)
     if cfg.strategy.pp > 1:
         _check_pipeline_parallel_run(cfg, method, task)
+    check_probe(cfg, task.model_parallel)
     task.validate(cfg)
 
 
@@ -368,7 +370,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     if resume_path is not None:  # the data windows the loss guard's rollbacks skipped in this dir
         skip_steps.update(GuardRecord.read(run_dir / GUARD_FILE).skip_steps)
 
-    return RunPlan(
+    plan = RunPlan(
         config=cfg,
         run_dir=run_dir,
         method=method,
@@ -390,6 +392,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         skip_steps=tuple(sorted(skip_steps)),
         eos_ids=eos_ids,
     )
+    # Measured on the device, so after every check above: a refused config costs no probe.
+    return probe_plan(plan) if cfg.trainer.memory_probe else plan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ RECORD_FORMAT = 1
 # budget (a finished run may be continued with a larger trainer.max_steps).
 _FREE = {
     "model.kernels",
+    "model.attention",
+    "model.sdpa_backend",
+    "optim.fused",
     "data.cache_dir",
     "data.tokenize_workers",
     "data.loader_workers",

@@ -591,6 +591,8 @@ class Kernels:
     loss: bool
     elementwise: bool
     """Elementwise traffic as fused kernels move it (Triton or compiled), for the time model."""
+    on_gpu: bool = False
+    """The run trains on CUDA, where model.attention=auto takes FlexAttention for masked rows."""
 
 
 def kernels_of(cfg: TrainConfig, tp: int = 1) -> Kernels:
@@ -600,7 +602,31 @@ def kernels_of(cfg: TrainConfig, tp: int = 1) -> Kernels:
     norm = triton and not m.norm_offset and tp == 1
     activation = triton and Activation(m.activation) == Activation.silu
     loss = triton and m.final_softcap is None and tp == 1
-    return Kernels(norm, activation, loss, triton or cfg.strategy.compile)
+    return Kernels(norm, activation, loss, triton or cfg.strategy.compile, on_gpu)
+
+
+def attention_path(m: ModelConfig, layer: int, seq: int, on_gpu: bool, packed: bool, cp: int = 1) -> str:
+    """How block ``layer``'s attention runs in training, as transformer.py decides it.
+
+    "flex" (FlexAttention: q, k, v, output and a log-sum-exp kept), "eager" (soft-capped scores
+    written out), "repeat" (SDPA on key/value heads copied to the query heads) or "gqa" (SDPA
+    reading the grouped heads in place).
+    """
+    from orchestra.model.config import AttentionImpl
+
+    impl = AttentionImpl(m.attention)
+    window = m.sliding_window
+    needs_mask = packed or (window is not None and window < seq) or m.attn_softcap is not None
+    if impl == AttentionImpl.flex or (impl == AttentionImpl.auto and on_gpu and needs_mask):
+        return "flex"
+    if m.attn_softcap is not None:
+        return "eager"
+    dense = packed or (m.is_windowed(layer) and window is not None and window < seq)
+    grouped = m.n_heads != m.n_kv_heads
+    # Context parallelism repeats the gathered heads for its dense mask (context_parallel.py).
+    if grouped and (impl == AttentionImpl.repeat_kv or (dense and on_gpu) or cp > 1):
+        return "repeat"
+    return "gqa"
 
 
 def layer_activation_bytes(
@@ -624,17 +650,18 @@ def layer_activation_bytes(
       1/rms, rh + 4), plus its output as the next linears save it: ch when r = c, a cast per
       consumer under autocast (3ch before q/k/v, 2ch before gate/up); under tensor parallelism
       the norm runs on a sequence shard (/tp) and its output is gathered whole (ch);
-    - attention: q after RoPE, k and v repeated to the query heads (GQA saves parameters, not
-      activations: SDPA receives the repeated tensors), SDPA's output (o_proj's input is a view of
-      it: flash and memory-efficient attention lay it out [B, T, H, hd]): 4cq for q = n_heads x
-      head_dim, plus an fp32 log-sum-exp per head; the torch RoPE keeps its two tables in c bytes
+    - attention: q after RoPE, k and v as SDPA or FlexAttention receives them (the key/value
+      heads, or copies for each query head where :func:`attention_path` repeats them), the output
+      (o_proj's input is a view of it: flash and memory-efficient attention lay it out
+      [B, T, H, hd]): c(2q + 2kv), or 4cq repeated, for q = n_heads x head_dim and kv =
+      n_kv_heads x head_dim, plus an fp32 log-sum-exp per head; the torch RoPE keeps its two tables in c bytes
       per layer. Soft-capped attention (Gemma 2) runs eagerly and keeps tanh, fp32 softmax and bf16
       probabilities, (2c + 4) bytes per head and key, and its bool mask; a windowed layer's
       explicit mask is kept by SDPA as a c-byte [T, S] tensor (per row with packed examples);
     - SwiGLU: gate, up, silu(gate) and the product (4cf; the Triton kernel recomputes silu: 3cf).
 
-    That is 16h + 8q + 8f (+ 4 n_heads + 8) bytes per token in bf16 with the torch ops
-    (8h + 8q + 6f with the Triton ones), against the 34h Korthikanti et al. count for a GPT block.
+    That is 16h + 4q + 4kv + 8f (+ 4 n_heads + 8) bytes per token in bf16 with the torch ops
+    (8h + 4q + 4kv + 6f with the Triton ones), against the 34h Korthikanti et al. count for a GPT block.
     """
     h, hd = m.dim, m.head_size
     q, kv, f = m.n_heads * hd, m.n_kv_heads * hd, m.ffn_dim
@@ -653,9 +680,10 @@ def layer_activation_bytes(
         per_token += 2 * ((8 if m.norm_offset else 4 + c) * h + 4) / tp
     if m.qk_norm:
         per_token += ((c if kernels.norm else 4 + c) * (q + kv) + 8 * m.n_heads) / tp
-    repeated = q if m.n_heads != m.n_kv_heads else kv
+    path = attention_path(m, layer, seq, kernels.on_gpu, packed, cp)
+    repeated = q if path in ("repeat", "eager") else kv
     keys = seq / cp
-    if m.attn_softcap is None:
+    if path != "eager":
         # Under context parallelism SDPA keeps the group's gathered keys and values: cp times the
         # local rows' (context_parallel.py).
         attention: float = c * (q + 2 * repeated * cp + q) + 4 * m.n_heads
@@ -670,10 +698,10 @@ def layer_activation_bytes(
     rows = micro_batch if packed else 1
     if cp > 1 and layer == 0:  # one bool mask of local queries against every key, shared by the blocks
         total += (seq / cp) * seq
-    if m.attn_softcap is not None:
+    if path == "eager":
         total += rows * (seq / cp) * keys  # the bool mask masked_fill keeps
-    elif (window is not None and window < seq) or packed:
-        total += c * rows * (seq / cp) * keys
+    elif path != "flex" and ((window is not None and window < seq) or packed):
+        total += c * rows * (seq / cp) * keys  # FlexAttention's block masks are per tile: negligible
     return total
 
 
@@ -803,8 +831,8 @@ def elementwise_bytes(m: ModelConfig, fused: bool, tp: int = 1) -> float:
     Counted op by op on the Llama block: fused (Triton or compiled) norms read and write the
     row once (4h bytes each in bf16), RoPE q and k (4(q + kv)), SwiGLU gate and up in, product
     out (6f); the torch ops upcast and write intermediates (36h per norm, 20(q + kv) for RoPE, 10f
-    for SwiGLU). Both repeat k/v to the query heads (4(q + kv) with GQA) and add two residuals
-    (12h). Tensor parallelism splits all of it but the residual stream's share (the norms run on
+    for SwiGLU), and add two residuals (12h); attention that repeats k/v to the query heads
+    (:func:`attention_path`) copies them too (4(q + kv) with GQA), counted where it does. Tensor parallelism splits all of it but the residual stream's share (the norms run on
     a sequence shard, so that is split too).
     """
     h, q, kv, f = m.dim, m.n_heads * m.head_size, m.n_kv_heads * m.head_size, m.ffn_dim
@@ -812,7 +840,9 @@ def elementwise_bytes(m: ModelConfig, fused: bool, tp: int = 1) -> float:
         norms, rope, act = 2 * 4 * h, 4 * (q + kv), 6 * f
     else:
         norms, rope, act = 2 * 36 * h, 20 * (q + kv), 10 * f
-    repeat = 4 * (q + kv) if m.n_heads != m.n_kv_heads else 0
+    # The time model is for GPU runs of full rows (pretraining's).
+    repeats = attention_path(m, 0, m.max_seq_len, on_gpu=True, packed=False) == "repeat"
+    repeat = 4 * (q + kv) if repeats else 0
     return (norms + rope + act + repeat + 12 * h) / tp
 
 

@@ -178,6 +178,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
                 # summed over the group, as a sequence-parallel norm's is.
                 plan[f"attention.{name}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
+        # The fused add + norm would bypass mlp_norm's module call, where sequence parallelism
+        # turns its input into the sharded DTensor; the block adds, then calls the norm.
+        block.fuse_residual_norm = False
 
 
 def fp8_capable() -> bool:
@@ -216,6 +219,23 @@ def apply_fp8(model: nn.Module, st: StrategyConfig) -> None:
     convert_to_float8_training(decoder_of(model), module_filter_fn=_fp8_target, config=config)
 
 
+def compile_options(block: nn.Module, st: StrategyConfig) -> dict[str, Any]:
+    """torch.compile's arguments for one block: fullgraph where it traces whole, CUDA graphs if asked.
+
+    Under strategy.compile_fullgraph=null a block is compiled as one graph when its linear layers
+    are the plain decoder's (nn.Linear itself); a fine-tuning method's or FP8's replacements may
+    break the graph, which torch then compiles in pieces instead of refusing.
+    """
+    fullgraph = st.compile_fullgraph
+    if fullgraph is None:
+        linears = [m for m in block.modules() if isinstance(m, nn.Linear) or "Linear" in type(m).__name__]
+        fullgraph = all(type(m) is nn.Linear for m in linears)
+    options: dict[str, Any] = {"fullgraph": fullgraph}
+    if st.cuda_graphs:
+        options["mode"] = "reduce-overhead"  # CUDA graph trees; ignored (with a warning) off CUDA
+    return options
+
+
 def parallelize(
     model: nn.Module, st: StrategyConfig, precision: str, device_mesh: Any | None = None
 ) -> nn.Module:
@@ -240,7 +260,7 @@ def parallelize(
     apply_activation_checkpointing(model, st.activation_checkpointing, st.ac_every_k)
     if st.compile:
         for _, block in blocks_of(model):
-            block.compile()
+            block.compile(**compile_options(block, st))
     if st.name == StrategyName.fsdp:
         if device_mesh is None:
             raise RuntimeError("strategy=fsdp needs the device mesh of Lightning's ModelParallelStrategy")

@@ -31,6 +31,7 @@ def test_triton_table_runs_the_fused_kernels() -> None:
         "RMSNormFunctionBackward": ops.rms_norm(x, torch.ones(8, device=DEVICE), 1e-5),
         "RopeFunctionBackward": ops.apply_rope(q, q, cos, sin)[0],
         "SwiGLUFunctionBackward": ops.swiglu(x, x),
+        "AddRMSNormFunctionBackward": ops.add_rms_norm(x, x, torch.ones(8, device=DEVICE), 1e-5)[0],
         "LinearCrossEntropyFunctionBackward": ops.linear_cross_entropy(x, x, targets),
     }
     assert {name: type(out.grad_fn).__name__ for name, out in nodes.items()} == {n: n for n in nodes}

@@ -99,3 +99,30 @@ def test_add_rms_norm_matches_float64_reference(shape, dtype, scale):
     assert_close(x.grad, x64.grad, dtype, "dx")
     assert_close(r.grad, r64.grad, dtype, "dresidual")
     assert_close(w.grad, w64.grad, dtype, "dw")
+
+
+def test_add_rms_norm_takes_a_narrower_residual_as_torch_promotes():
+    """The fp32 residual stream plus a bf16 sublayer output (autocast): the sum is torch's fp32 sum."""
+    x = leaf(torch.randn(6, 48), torch.float32)
+    r = leaf(torch.randn(6, 48), torch.bfloat16)
+    w = leaf(1 + 0.5 * torch.randn(48), torch.float32)
+    y, h = arn.add_rms_norm(x, r, w, EPS)
+    assert h.dtype == torch.float32 and y.dtype == torch.float32
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    torch.autograd.backward((y, h), (dy, dh))
+    xr, rr, wr = (t.detach().clone().requires_grad_(True) for t in (x, r, w))
+    h_ref = xr + rr  # torch: bf16 upcast, added in fp32
+    y_ref = torch_rms_norm(h_ref, wr, EPS)
+    torch.autograd.backward((y_ref, h_ref), (dy, dh))
+    assert r.grad is not None and r.grad.dtype == torch.bfloat16  # autograd casts it back
+    assert_close(h, h_ref, torch.float32, "h")
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(x.grad, xr.grad, torch.float32, "dx")
+    assert_close(r.grad, rr.grad, torch.bfloat16, "dresidual")
+    assert_close(w.grad, wr.grad, torch.float32, "dw")
+
+
+def test_add_rms_norm_refuses_a_wider_residual():
+    x, r = torch.randn(3, 8, device=DEVICE, dtype=torch.bfloat16), torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="no wider"):
+        arn.add_rms_norm(x, r, torch.ones(8, device=DEVICE), EPS)

@@ -35,6 +35,7 @@ class FakeKernels(SimpleNamespace):
             rms_norm=SimpleNamespace(rms_norm=counted("rms_norm", TORCH_OPS.rms_norm)),
             rope=SimpleNamespace(apply_rope=counted("apply_rope", TORCH_OPS.apply_rope)),
             swiglu=SimpleNamespace(swiglu=counted("swiglu", TORCH_OPS.swiglu)),
+            add_rms_norm=SimpleNamespace(add_rms_norm=counted("add_rms_norm", TORCH_OPS.add_rms_norm)),
             linear_cross_entropy=SimpleNamespace(
                 linear_cross_entropy=counted("linear_cross_entropy", TORCH_OPS.linear_cross_entropy)
             ),
@@ -44,10 +45,11 @@ class FakeKernels(SimpleNamespace):
         """The Triton table ops.py should build from these functions."""
         return Ops(
             "triton",
-            self.rms_norm.rms_norm,
-            self.rope.apply_rope,
-            self.swiglu.swiglu,
-            self.linear_cross_entropy.linear_cross_entropy,
+            rms_norm=self.rms_norm.rms_norm,
+            apply_rope=self.rope.apply_rope,
+            swiglu=self.swiglu.swiglu,
+            add_rms_norm=self.add_rms_norm.add_rms_norm,
+            linear_cross_entropy=self.linear_cross_entropy.linear_cross_entropy,
             unsupported=frozenset(VARIANTS),
         )
 
@@ -159,7 +161,7 @@ def test_model_built_on_a_gpu_machine_follows_the_tensors(
     on_cuda = tokens.as_subclass(OnCuda)
     assert model.ops.table(on_cuda) == fake.table()
     assert torch.equal(model(on_cuda, on_cuda), ref(tokens, tokens))  # the fakes compute torch's math
-    per_layer = ["rms_norm", "apply_rope", "rms_norm", "swiglu"]
+    per_layer = ["rms_norm", "apply_rope", "add_rms_norm", "swiglu"]
     assert fake.calls == per_layer * 2 + ["rms_norm", "linear_cross_entropy"]
 
 

@@ -124,6 +124,7 @@ def test_context_parallel_data_parallel_size(tmp_path: Path) -> None:
         ({"max_seq_len": 66}, "strategy.cp", "model.max_seq_len=66 does not split into 2 x 2"),
         ({"sliding_window": 16}, "strategy.cp", "model.sliding_window"),
         ({"attn_softcap": 50.0}, "strategy.cp", "model.attn_softcap"),
+        ({"attention": "flex"}, "model.attention", "strategy.cp"),
         ({"global": 6}, "trainer.global_batch_size", "strategy.cp"),
     ],
 )

@@ -109,3 +109,38 @@ def test_layerwise_groups_use_the_same_no_decay_rule(tied: bool) -> None:
     layered = layerwise_lr_groups(model, 1e-3, 0.5, weight_decay=0.1)
     assert decayed(layered, 0.1) == decayed(plain, 0.1)
     assert decayed(layered, 0.0) == decayed(plain, 0.0)
+
+
+def _adamw_run(fused: bool | None, steps: int = 6) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16), 50
+    )
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, fused=fused))
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_adamw_takes_foreach_steps() -> None:
+    """optim.fused: torch's fused kernel and its foreach path give the same weights, up to rounding."""
+    fused, fused_params = _adamw_run(True)
+    foreach, foreach_params = _adamw_run(False)
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    assert foreach.defaults["foreach"] and not foreach.defaults["fused"]
+    for a, b in zip(fused_params, foreach_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_default_follows_the_parameters() -> None:
+    """null: fused on CUDA parameters only, never inside DeepSpeed's wrapper unless asked for."""
+    from orchestra.train.optim import fused_adamw
+
+    cpu = [{"params": [torch.zeros(2)]}]
+    assert not fused_adamw(OptimConfig(), cpu)
+    assert fused_adamw(OptimConfig(fused=True), cpu, deepspeed=True)
+    opt, _ = _adamw_run(None, steps=1)
+    assert opt.defaults["foreach"] and not opt.defaults["fused"]

@@ -83,3 +83,33 @@ def test_cpu_offload_without_a_gpu_is_one_clear_error() -> None:
     cfg.strategy = StrategyConfig(name=StrategyName.fsdp, cpu_offload=True)
     with pytest.raises(ConfigError, match=r"strategy.cpu_offload: .* this run has no GPU"):
         build_strategy(cfg, "32-true")
+
+
+def test_compile_options_fullgraph_for_the_plain_blocks_only() -> None:
+    """fullgraph=null: one graph for the decoder's own blocks, breaks allowed once LoRA wraps them."""
+    from orchestra.model.peft.lora import LoraConfig, apply_lora
+    from orchestra.train.strategy import compile_options
+
+    model = Transformer(CFG, 128)
+    st = StrategyConfig(compile=True)
+    assert compile_options(model.layers[0], st) == {"fullgraph": True}
+    apply_lora(model, LoraConfig(rank=2, alpha=4, target_modules="all-linear"))
+    assert compile_options(model.layers[0], st) == {"fullgraph": False}
+    forced = StrategyConfig(compile=True, compile_fullgraph=True, cuda_graphs=True)
+    assert compile_options(model.layers[0], forced) == {"fullgraph": True, "mode": "reduce-overhead"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"cuda_graphs": True}, "strategy.cuda_graphs"),
+        ({"cuda_graphs": True, "compile": True, "name": StrategyName.ddp}, "strategy.cuda_graphs"),
+        ({"compile_fullgraph": True}, "strategy.compile_fullgraph"),
+    ],
+)
+def test_compile_switches_are_refused_where_they_do_not_apply(changes: dict[str, object], key: str) -> None:
+    from orchestra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        StrategyConfig(**changes).validate()  # type: ignore[arg-type]
+    StrategyConfig(compile=True, cuda_graphs=True).validate()
