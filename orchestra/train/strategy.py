@@ -222,14 +222,18 @@ def apply_fp8(model: nn.Module, st: StrategyConfig) -> None:
 def compile_options(block: nn.Module, st: StrategyConfig) -> dict[str, Any]:
     """torch.compile's arguments for one block: fullgraph where it traces whole, CUDA graphs if asked.
 
-    Under strategy.compile_fullgraph=null a block is compiled as one graph when its linear layers
-    are the plain decoder's (nn.Linear itself); a fine-tuning method's or FP8's replacements may
-    break the graph, which torch then compiles in pieces instead of refusing.
+    Under strategy.compile_fullgraph=null a block is compiled as one graph when it is the plain
+    decoder's: nn.Linear layers (a fine-tuning method's or FP8's replacements may break the
+    graph) and the torch ops on CUDA (the Triton kernels' launch code is not traced whole; with
+    torch's ops the compiler fuses the elementwise work itself). Elsewhere torch compiles the
+    block in pieces instead of refusing it.
     """
     fullgraph = st.compile_fullgraph
     if fullgraph is None:
         linears = [m for m in block.modules() if isinstance(m, nn.Linear) or "Linear" in type(m).__name__]
-        fullgraph = all(type(m) is nn.Linear for m in linears)
+        ops = next((m.ops for m in block.modules() if hasattr(m, "ops")), None)
+        torch_ops = ops is None or getattr(ops.cuda, "name", "torch") == "torch"
+        fullgraph = torch_ops and all(type(m) is nn.Linear for m in linears)
     options: dict[str, Any] = {"fullgraph": fullgraph}
     if st.cuda_graphs:
         options["mode"] = "reduce-overhead"  # CUDA graph trees; ignored (with a warning) off CUDA

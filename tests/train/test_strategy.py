@@ -87,12 +87,19 @@ def test_cpu_offload_without_a_gpu_is_one_clear_error() -> None:
 
 def test_compile_options_fullgraph_for_the_plain_blocks_only() -> None:
     """fullgraph=null: one graph for the decoder's own blocks, breaks allowed once LoRA wraps them."""
+    from dataclasses import replace
+
+    from orchestra.model.ops import TORCH_OPS
     from orchestra.model.peft.lora import LoraConfig, apply_lora
     from orchestra.train.strategy import compile_options
 
-    model = Transformer(CFG, 128)
+    model = Transformer(replace(CFG, kernels="torch"), 128)  # type: ignore[arg-type]
     st = StrategyConfig(compile=True)
     assert compile_options(model.layers[0], st) == {"fullgraph": True}
+    # The Triton kernels on CUDA: graph breaks allowed.
+    triton = Transformer(CFG, 128)
+    triton.ops.cuda = replace(TORCH_OPS, name="triton")  # as a CUDA machine's kernels=auto builds it
+    assert compile_options(triton.layers[0], st) == {"fullgraph": False}
     apply_lora(model, LoraConfig(rank=2, alpha=4, target_modules="all-linear"))
     assert compile_options(model.layers[0], st) == {"fullgraph": False}
     forced = StrategyConfig(compile=True, compile_fullgraph=True, cuda_graphs=True)
