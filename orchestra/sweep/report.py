@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestra.io import atomic_write_text
 from orchestra.sweep.results import STUDY_FILE, TRIALS_FILE
 from orchestra.train.callbacks.pruning import open_storage
 
@@ -142,9 +143,7 @@ def write_study_report(study_dir: Path) -> tuple[Path, list[str]]:
         "",
     ]
     path = study_dir / REPORT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))  # its own temp name: workers may write it at once
     return path, list(figs)
 
 

@@ -15,6 +15,7 @@ front's trial that is best on the first objective.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,12 @@ def write_trials_csv(study: Any, settings: StudySettings, path: Path) -> None:
             round(t.duration.total_seconds(), 2) if t.duration else None,
             t.user_attrs.get(RUN_DIR_ATTR), t.user_attrs.get("failure"),
         ])  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(path)
+    # Workers of one study write this file at once: atomic_write_text gives each its own temp name.
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def experiment_yaml(
