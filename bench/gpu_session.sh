@@ -16,8 +16,11 @@
 # overall budget left is below its minimum; budgets and minimums in PLAN below), with the times
 # expected on one H100/H200:
 #   setup          nvidia-smi, versions, wheels from .whl/, corpus and task examples         ~40 s
+#   mfu            bench/mfu.py llama-1b, seq 2048, micro-batch 4, bf16, levers on: one table of
+#                  orchestra-train vs HF transformers + Liger vs a bare PyTorch loop (tokens/s,
+#                  MFU, peak memory, first-step loss; the HF and bare losses must agree)     ~140 s
 #   correctness    in parallel (correctness only, they share the GPU):                       ~100 s
-#                  kernel-tests: pytest tests/kernels on CUDA (-n 8)
+#                  kernel-tests: pytest tests/kernels and tests/gpu/test_speed_levers_cuda.py on CUDA (-n 8)
 #                  ds-zero3, ds-zero2: tests/gpu/deepspeed_check.py (train 40 steps, resume
 #                  from step 20, compare losses, orchestra-export, compare logits with transformers)
 #   pretrain       bench/pretrain.py llama-125m, model.kernels=torch vs triton, 200 steps     ~90 s
@@ -54,6 +57,7 @@ START=$SECONDS
 # less of the time box is left) and is skipped when less than min_s is left.
 PLAN=(
     "setup 120 30"
+    "mfu 150 90"
     "correctness 130 60"
     "pretrain 110 60"
     "kernels 100 60"
@@ -72,7 +76,7 @@ for entry in "${PLAN[@]}"; do
 done
 STAGES="${GPU_SESSION_STAGES:-$(for entry in "${PLAN[@]}"; do printf '%s ' "${entry%% *}"; done)}"
 # Lines of each stage's log shown in the summary (the result tables are at the end of each log).
-declare -A TAIL=([setup]=18 [kernel-tests]=8 [ds-zero3]=12 [ds-zero2]=12 [pretrain]=10 [kernels]=45
+declare -A TAIL=([setup]=18 [mfu]=16 [kernel-tests]=8 [ds-zero3]=12 [ds-zero2]=12 [pretrain]=10 [kernels]=45
                  [energy]=16 [finetune]=12 [scaling]=8 [pretrain-debug]=10)
 SUMMARY_ROWS=()
 STAGE_PID=
@@ -238,7 +242,10 @@ for name in ["triton", "lightning", "deepspeed", "hydra", "omegaconf", "codecarb
         print(f"  {name:18s} MISSING: {type(e).__name__}: {e}")
 EOF
 }
-stage_kernel_tests() { "$PY" -m pytest -q -x -p no:cacheprovider -n 8 --timeout 120 tests/kernels; }
+stage_mfu() {  # the three loops of one shape in one table; few steps: start-up and compiles dominate
+    "$PY" bench/mfu.py --preset llama-1b --seq 2048 --micro-batch 4 --steps 10 --warmup 5 --out "$WORK/mfu"
+}
+stage_kernel_tests() { "$PY" -m pytest -q -x -p no:cacheprovider -n 8 --timeout 120 tests/kernels tests/gpu/test_speed_levers_cuda.py; }
 stage_ds_zero3() { "$PY" tests/gpu/deepspeed_check.py --strategies deepspeed_zero3 --steps 40 --out "$WORK/ds"; }
 stage_ds_zero2() { "$PY" tests/gpu/deepspeed_check.py --strategies deepspeed_zero2 --steps 40 --out "$WORK/ds"; }
 stage_pretrain() {
