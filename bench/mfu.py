@@ -208,6 +208,29 @@ def timed_loop(step: Callable[[], Any], warmup: int, steps: int, device: Any) ->
     return first, time.perf_counter() - start
 
 
+def plain_loop(
+    model: Any, loss_of: Callable[[], Any], optimizer: Any, clip: float, spec: dict[str, Any], device: Any
+) -> tuple[float, float]:
+    """(first loss, timed seconds) of forward, backward, clipping and the optimizer step, as a
+    training step takes them, in the precision of ``spec``; memory peaks counted from here."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> Any:
+        with _autocast(spec, device):
+            loss = loss_of()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    _memory_reset(device)
+    return timed_loop(step, spec["warmup"], spec["steps"], device)
+
+
 def _worker_setup(spec: dict[str, Any]) -> tuple[Any, Any, int, Any]:
     """(TrainConfig, torch device, vocab, Orchestra model built from the seed) of a worker row."""
     import torch
@@ -252,7 +275,6 @@ def _peak_gib(device: Any) -> float | None:
 
 def torch_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Orchestra's model in a plain loop: forward(tokens, targets), backward, clip, AdamW step."""
-    import torch
 
     from orchestra.train.optim import build_optimizer
     from orchestra.train.strategy import parallelize
@@ -263,21 +285,9 @@ def torch_row(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim)
     tokens = token_batch(vocab, spec["micro_batch"], spec["seq"], cfg.seed).to(device)
     targets = shifted_targets(tokens)
-    clip = cfg.trainer.grad_clip
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> torch.Tensor:
-        with _autocast(spec, device):
-            loss = model(tokens, targets)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    _memory_reset(device)
-    first, seconds = timed_loop(step, spec["warmup"], spec["steps"], device)
+    first, seconds = plain_loop(
+        model, lambda: model(tokens, targets), optimizer, cfg.trainer.grad_clip, spec, device
+    )
     return {
         "params": model.num_parameters(),
         "first_loss": first,
@@ -334,21 +344,14 @@ def hf_row(spec: dict[str, Any]) -> dict[str, Any]:
         fused=on_cuda, foreach=not on_cuda,
     )  # fmt: skip
     tokens = token_batch(vocab, spec["micro_batch"], spec["seq"], cfg.seed).to(device)
-    clip = cfg.trainer.grad_clip
-    params = [p for p in hf.parameters() if p.requires_grad]
-
-    def step() -> torch.Tensor:
-        with _autocast(spec, device):
-            loss = hf(input_ids=tokens, labels=tokens, use_cache=False).loss
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    _memory_reset(device)
-    first, seconds = timed_loop(step, spec["warmup"], spec["steps"], device)
+    first, seconds = plain_loop(
+        hf,
+        lambda: hf(input_ids=tokens, labels=tokens, use_cache=False).loss,
+        optimizer,
+        cfg.trainer.grad_clip,
+        spec,
+        device,
+    )
     return {
         "params": sum(p.numel() for p in hf.parameters()),
         "first_loss": first,
