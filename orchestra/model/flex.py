@@ -76,7 +76,23 @@ def block_masks(
     window: int | None,
     device: torch.device,
 ) -> BlockMasks:
-    """Block masks for rows of ``length`` tokens (``segment_ids`` [B, T] for packed rows)."""
+    """Block masks for rows of ``length`` tokens (``segment_ids`` [B, T] for packed rows).
+
+    Rows without documents have one mask per length and window: built once, then reused.
+    """
+    if segment_ids is None:
+        return _row_masks(length, window, device)
+    return _build(segment_ids, batch, length, window, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _row_masks(length: int, window: int | None, device: torch.device) -> BlockMasks:
+    return _build(None, 1, length, window, device)
+
+
+def _build(
+    segment_ids: torch.Tensor | None, batch: int, length: int, window: int | None, device: torch.device
+) -> BlockMasks:
     build = _compiled_block_mask() if device.type == "cuda" else create_block_mask
     # Without documents every row has the same mask: one batch entry, broadcast over the rows.
     rows = batch if segment_ids is not None else None
