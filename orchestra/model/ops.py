@@ -305,7 +305,7 @@ class DeviceOps:
         if offset:
             self.covers(table, "norm_offset")
             return torch_add_rms_norm(x, residual, weight, eps, offset)
-        if torch.promote_types(x.dtype, residual.dtype) != x.dtype or x.shape != residual.shape:
+        if torch.promote_types(x.dtype, residual.dtype) != x.dtype:
             return torch_add_rms_norm(x, residual, weight, eps)
         return table.add_rms_norm(x, residual, weight, eps)
 

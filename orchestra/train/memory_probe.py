@@ -273,9 +273,9 @@ class _Prober:
         gen = torch.Generator(device="cpu").manual_seed(size)
         tokens = torch.randint(0, vocab, (size, seq), generator=gen).to(self.device)
         labels = torch.randint(0, vocab, (size, seq), generator=gen).to(self.device)
-        if self.plan.task.name == "pretrain":
+        if self.plan.task.full_rows:  # the packed corpus's (inputs, targets) batches
             return tokens, labels
-        # SFT: a packed row is one document here; the dense mask of a packed row is held the same.
+        # Conversations: a packed row is one document here; its dense mask is held the same.
         return {"tokens": tokens, "labels": labels, "segment_ids": torch.zeros_like(tokens)}
 
     def _micro_batch(self, size: int) -> None:

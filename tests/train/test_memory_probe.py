@@ -71,7 +71,7 @@ def test_a_curve_that_bends_is_measured_not_extrapolated() -> None:
 
     mode, size, measured = choose(candidates(32, 1), measure, 140 * MB)
     assert (mode, size) == (NONE, 4)  # 116 MiB fits, 8 rows take 164 MiB
-    assert all(m.fits(140 * MB) == (m.peak_bytes <= 140 * MB) for m in measured)
+    assert any(m.micro_batch_size == 8 and not m.fits(140 * MB) for m in measured)
 
 
 def test_out_of_memory_counts_as_too_large_and_nothing_fitting_is_one_error() -> None:
